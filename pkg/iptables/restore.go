@@ -1,0 +1,312 @@
+// Package iptables models iptables-restore input and the tables it produces,
+// so that the packet tracer and the dataplane fake share one reading of the
+// text that the real iptables-restore is given.
+package iptables
+
+import (
+	"bufio"
+	"fmt"
+	"strings"
+)
+
+// Rule is one rule of a chain, split into arguments the way a shell would,
+// without the leading "-A CHAIN".
+type Rule []string
+
+// String renders the rule's arguments, quoting those that contain spaces.
+func (r Rule) String() string {
+	parts := make([]string, len(r))
+	for i, a := range r {
+		if strings.ContainsAny(a, " \t\"") {
+			a = `"` + strings.ReplaceAll(a, `"`, `\"`) + `"`
+		}
+		parts[i] = a
+	}
+	return strings.Join(parts, " ")
+}
+
+// Chain is a named, ordered list of rules.
+type Chain struct {
+	Name  string
+	Rules []Rule
+}
+
+// Table maps chain names to chains.
+type Table map[string]*Chain
+
+// State is the content of every table, as iptables-save would show it.
+type State map[string]Table
+
+// Op is one operation of a restore input.
+type Op struct {
+	// Kind is ':' (declare: create or flush), 'A' (append), 'I' (insert at the
+	// head), 'X' (delete chain) or 'F' (flush chain).
+	Kind  byte
+	Chain string
+	Rule  Rule
+	// Line is the 1-based line of the input this operation came from, so
+	// errors can point at the offending line.
+	Line int
+}
+
+// TableInput is the part of a restore input between "*table" and "COMMIT".
+type TableInput struct {
+	Table string
+	Ops   []Op
+}
+
+// ParseRestore reads iptables-restore input. It accepts what this project
+// writes and what iptables-save prints: "*table", ":CHAIN POLICY [p:b]",
+// "-A/-I/-X/-F", "COMMIT", comments and blank lines.
+func ParseRestore(text string) ([]TableInput, error) {
+	var out []TableInput
+	var cur *TableInput
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(make([]byte, 1024*1024), 64*1024*1024)
+	line := 0
+	for sc.Scan() {
+		line++
+		l := strings.TrimSpace(sc.Text())
+		if l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(l, "*"):
+			if cur != nil {
+				return nil, fmt.Errorf("line %d: table %q started before COMMIT of %q", line, l[1:], cur.Table)
+			}
+			cur = &TableInput{Table: l[1:]}
+		case l == "COMMIT":
+			if cur == nil {
+				return nil, fmt.Errorf("line %d: COMMIT outside a table", line)
+			}
+			out = append(out, *cur)
+			cur = nil
+		default:
+			if cur == nil {
+				return nil, fmt.Errorf("line %d: %q outside a table", line, l)
+			}
+			op, err := parseOp(l)
+			if err != nil {
+				return nil, fmt.Errorf("line %d: %w", line, err)
+			}
+			op.Line = line
+			cur.Ops = append(cur.Ops, op)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read restore input: %w", err)
+	}
+	if cur != nil {
+		return nil, fmt.Errorf("table %q has no COMMIT", cur.Table)
+	}
+	return out, nil
+}
+
+func parseOp(l string) (Op, error) {
+	if strings.HasPrefix(l, ":") {
+		f := strings.Fields(l[1:])
+		if len(f) == 0 {
+			return Op{}, fmt.Errorf("chain declaration without a name")
+		}
+		return Op{Kind: ':', Chain: f[0]}, nil
+	}
+	args, err := SplitArgs(l)
+	if err != nil {
+		return Op{}, err
+	}
+	if len(args) < 2 {
+		return Op{}, fmt.Errorf("%q: want an operation and a chain", l)
+	}
+	switch args[0] {
+	case "-A", "--append":
+		return Op{Kind: 'A', Chain: args[1], Rule: Rule(args[2:])}, nil
+	case "-I", "--insert":
+		return Op{Kind: 'I', Chain: args[1], Rule: Rule(args[2:])}, nil
+	case "-X", "--delete-chain":
+		return Op{Kind: 'X', Chain: args[1]}, nil
+	case "-F", "--flush":
+		return Op{Kind: 'F', Chain: args[1]}, nil
+	}
+	return Op{}, fmt.Errorf("%q: unsupported operation %q", l, args[0])
+}
+
+// SplitArgs splits a rule line into arguments, honouring double quotes as
+// iptables-restore does.
+func SplitArgs(l string) ([]string, error) {
+	var args []string
+	var b strings.Builder
+	inQuote, have := false, false
+	for i := 0; i < len(l); i++ {
+		c := l[i]
+		switch {
+		case c == '\\' && inQuote && i+1 < len(l) && l[i+1] == '"':
+			b.WriteByte('"')
+			i++
+		case c == '"':
+			inQuote = !inQuote
+			have = true
+		case (c == ' ' || c == '\t') && !inQuote:
+			if have {
+				args = append(args, b.String())
+				b.Reset()
+				have = false
+			}
+		default:
+			b.WriteByte(c)
+			have = true
+		}
+	}
+	if inQuote {
+		return nil, fmt.Errorf("%q: unterminated quote", l)
+	}
+	if have {
+		args = append(args, b.String())
+	}
+	return args, nil
+}
+
+// builtinChains are the chains each table has before anyone writes to it.
+var builtinChains = map[string][]string{
+	"filter": {"INPUT", "FORWARD", "OUTPUT"},
+	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+	"mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+	"raw":    {"PREROUTING", "OUTPUT"},
+}
+
+// IsBuiltin says whether chain is one of table's built-in chains.
+func IsBuiltin(table, chain string) bool {
+	for _, c := range builtinChains[table] {
+		if c == chain {
+			return true
+		}
+	}
+	return false
+}
+
+// NewState returns the tables of a fresh network namespace: built-in chains only.
+func NewState() State {
+	s := State{}
+	for t, chains := range builtinChains {
+		s[t] = Table{}
+		for _, c := range chains {
+			s[t][c] = &Chain{Name: c}
+		}
+	}
+	return s
+}
+
+// Clone returns a deep copy, so a failed apply can be thrown away.
+func (s State) Clone() State {
+	out := State{}
+	for t, tab := range s {
+		out[t] = Table{}
+		for n, c := range tab {
+			out[t][n] = &Chain{Name: c.Name, Rules: append([]Rule(nil), c.Rules...)}
+		}
+	}
+	return out
+}
+
+// Apply performs a restore input with iptables-restore's semantics and
+// returns the new state; s is left unchanged. With noflush, tables are kept
+// and only the chains the input declares are flushed; without it each table
+// named in the input is emptied first. Like the kernel, it refuses the whole
+// input if any rule jumps to a chain that does not exist, a chain is deleted
+// while referenced, or a built-in chain is deleted.
+func (s State) Apply(inputs []TableInput, noflush bool) (State, error) {
+	next := s.Clone()
+	for _, in := range inputs {
+		tab, ok := next[in.Table]
+		if !ok {
+			return s, fmt.Errorf("table %q does not exist", in.Table)
+		}
+		if !noflush {
+			for name, c := range tab {
+				if IsBuiltin(in.Table, name) {
+					c.Rules = nil
+				} else {
+					delete(tab, name)
+				}
+			}
+		}
+		for _, op := range in.Ops {
+			if err := applyOp(in.Table, tab, op); err != nil {
+				return s, fmt.Errorf("line %d: %w", op.Line, err)
+			}
+		}
+		if err := checkJumps(in.Table, tab); err != nil {
+			return s, err
+		}
+	}
+	return next, nil
+}
+
+func applyOp(table string, tab Table, op Op) error {
+	switch op.Kind {
+	case ':':
+		if c, ok := tab[op.Chain]; ok {
+			c.Rules = nil
+		} else {
+			tab[op.Chain] = &Chain{Name: op.Chain}
+		}
+	case 'A', 'I':
+		c, ok := tab[op.Chain]
+		if !ok {
+			return fmt.Errorf("chain %q does not exist in table %q", op.Chain, table)
+		}
+		if op.Kind == 'A' {
+			c.Rules = append(c.Rules, op.Rule)
+		} else {
+			c.Rules = append([]Rule{op.Rule}, c.Rules...)
+		}
+	case 'F':
+		c, ok := tab[op.Chain]
+		if !ok {
+			return fmt.Errorf("chain %q does not exist in table %q", op.Chain, table)
+		}
+		c.Rules = nil
+	case 'X':
+		if IsBuiltin(table, op.Chain) {
+			return fmt.Errorf("cannot delete built-in chain %q", op.Chain)
+		}
+		if _, ok := tab[op.Chain]; !ok {
+			return fmt.Errorf("chain %q does not exist in table %q", op.Chain, table)
+		}
+		delete(tab, op.Chain)
+	}
+	return nil
+}
+
+// Target returns the rule's -j/-g argument, or "" when it has none.
+func (r Rule) Target() string {
+	for i := 0; i+1 < len(r); i++ {
+		if r[i] == "-j" || r[i] == "--jump" || r[i] == "-g" || r[i] == "--goto" {
+			return r[i+1]
+		}
+	}
+	return ""
+}
+
+// standardTargets are targets that are not chains.
+var standardTargets = map[string]bool{
+	"ACCEPT": true, "DROP": true, "RETURN": true, "REJECT": true, "DNAT": true, "SNAT": true,
+	"MASQUERADE": true, "MARK": true, "CONNMARK": true, "LOG": true, "NOTRACK": true, "CT": true,
+	"REDIRECT": true, "TPROXY": true, "QUEUE": true, "NFQUEUE": true, "TRACE": true, "CHECKSUM": true,
+	"TCPMSS": true, "NFLOG": true, "ULOG": true,
+}
+
+func checkJumps(table string, tab Table) error {
+	for _, c := range tab {
+		for _, r := range c.Rules {
+			t := r.Target()
+			if t == "" || standardTargets[t] {
+				continue
+			}
+			if _, ok := tab[t]; !ok {
+				return fmt.Errorf("chain %q in table %q jumps to %q, which does not exist", c.Name, table, t)
+			}
+		}
+	}
+	return nil
+}
