@@ -1,0 +1,456 @@
+// Package rules computes, as a pure function of the cluster state and the
+// node's configuration, every iptables chain miniproxy wants, and traces
+// packets through them. It never touches the kernel.
+//
+// The layout (docs/rule-layout.md explains it with an example) avoids the
+// two costs of upstream's: a chain per Service and per endpoint (chain count
+// is what makes iptables-nft-restore slow) and one linear list of every
+// Service (what makes partial syncs and first packets O(N)). Destinations
+// are dispatched on the last byte of the address (16 + 256 small chains at
+// most) and NodePorts on 64-port blocks; the endpoint choice is written
+// inline in those leaf chains.
+package rules
+
+import (
+	"crypto/sha256"
+	"encoding/base32"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+)
+
+// Prefix starts the name of every chain miniproxy owns, so that it can share
+// the tables with anyone else and `--cleanup` finds exactly its own chains.
+const Prefix = "MP-"
+
+// The fixed chains. The same name may exist in nat and in filter.
+const (
+	ChainServices    = Prefix + "SERVICES"    // nat and filter: entry for service traffic
+	ChainNodePorts   = Prefix + "NODEPORTS"   // nat and filter: traffic to a local address
+	ChainMarkMasq    = Prefix + "MARK-MASQ"   // nat: marks a packet for masquerade
+	ChainPostrouting = Prefix + "POSTROUTING" // nat: masquerades marked packets
+	ChainHairpin     = Prefix + "HAIRPIN"     // nat: masquerades pods reaching themselves
+	ChainForward     = Prefix + "FORWARD"     // filter: accepts what we forward
+)
+
+// DefaultMasqueradeBit is kube-proxy's default --iptables-masquerade-bit.
+const DefaultMasqueradeBit = 14
+
+// Config is what the rules depend on besides the cluster state.
+type Config struct {
+	Family iptables.Family
+	// ClusterCIDR is the pods' range of this family; traffic from outside it
+	// to a ClusterIP is masqueraded. Invalid (zero) when unknown.
+	ClusterCIDR netip.Prefix
+	// MasqueradeAll masquerades all traffic to service IPs.
+	MasqueradeAll bool
+	// MasqueradeBit is the packet mark bit used to request masquerade.
+	MasqueradeBit int
+	// NodePortAddresses restricts NodePorts to these local addresses; nil
+	// means every local address but loopback.
+	NodePortAddresses []netip.Addr
+	// NodeIPs are the node's own addresses of this family; a load balancer
+	// source range containing one also admits the node's own traffic to the
+	// load balancer IP, as upstream does.
+	NodeIPs []netip.Addr
+	// RandomFully adds --random-fully to MASQUERADE where iptables supports it.
+	RandomFully bool
+}
+
+func (c Config) markHex() string {
+	bit := c.MasqueradeBit
+	if bit <= 0 || bit > 31 {
+		bit = DefaultMasqueradeBit
+	}
+	return fmt.Sprintf("0x%x", uint32(1)<<bit)
+}
+
+// Jumps returns the rules that lead from the built-in chains into ours.
+func Jumps() []iptables.Jump {
+	newConn := []string{"-m", "conntrack", "--ctstate", "NEW"}
+	portals := []string{"-m", "comment", "--comment", "miniproxy service portals"}
+	svcJump := append(append(append([]string{}, newConn...), portals...), "-j", ChainServices)
+	return []iptables.Jump{
+		{Table: "nat", Chain: "PREROUTING", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
+		{Table: "nat", Chain: "OUTPUT", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
+		{Table: "nat", Chain: "POSTROUTING", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy postrouting rules", "-j", ChainPostrouting}},
+		{Table: "filter", Chain: "INPUT", Rule: iptables.Rule(svcJump)},
+		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule(svcJump)},
+		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy forwarding rules", "-j", ChainForward}},
+		{Table: "filter", Chain: "OUTPUT", Rule: iptables.Rule(svcJump)},
+	}
+}
+
+// Build computes the ruleset of one family for a snapshot. It is pure: the
+// same snapshot and config always give the same rules, in the same order.
+func Build(snap *endpoints.Snapshot, cfg Config) *iptables.Ruleset {
+	b := &builder{
+		cfg:       cfg,
+		natVIP:    newVIPDispatch(Prefix+"VIP-", cfg.Family),
+		filterVIP: newVIPDispatch(Prefix+"VIPF-", cfg.Family),
+		natNP:     newPortDispatch(Prefix + "NP-"),
+		filterNP:  newPortDispatch(Prefix + "NPF-"),
+		hairpin:   map[netip.Addr]bool{},
+	}
+	for _, name := range snap.SortedNames() {
+		svc := snap.Services[name]
+		b.addServicePort(svc, ofFamily(snap.Endpoints[name], cfg.Family), snap.Node.Zone)
+	}
+	return b.finish()
+}
+
+type builder struct {
+	cfg               Config
+	natVIP, filterVIP *vipDispatch
+	natNP, filterNP   *portDispatch
+	natExtra          []iptables.Chain
+	hairpin           map[netip.Addr]bool
+}
+
+func ofFamily(eps []endpoints.Endpoint, fam iptables.Family) []endpoints.Endpoint {
+	return filter(eps, func(ep endpoints.Endpoint) bool { return familyOf(ep.IP) == fam })
+}
+
+func familyOf(a netip.Addr) iptables.Family {
+	if a.Unmap().Is4() {
+		return iptables.IPv4
+	}
+	return iptables.IPv6
+}
+
+func (b *builder) addrsOfFamily(addrs []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range addrs {
+		if familyOf(a) == b.cfg.Family {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+// hostPrefix spells a single address the way iptables-save prints it.
+func (b *builder) hostPrefix(a netip.Addr) string {
+	return netip.PrefixFrom(a, a.BitLen()).String()
+}
+
+// servicePortRules is everything needed to write one service port's rules.
+type servicePortRules struct {
+	svc      *endpoints.ServicePort
+	sets     endpointSets
+	internal []endpoints.Endpoint // where ClusterIP traffic goes
+	external []endpoints.Endpoint // where outside traffic goes
+	proto    string
+	comment  string
+	key      string // stable identity for hashed names
+}
+
+func (s *servicePortRules) portMatch(port int32) []string {
+	return []string{"-p", s.proto, "-m", s.proto, "--dport", strconv.Itoa(int(port))}
+}
+
+func (b *builder) addServicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoint, zone string) {
+	sets := categorize(svc, eps, zone)
+	s := &servicePortRules{
+		svc:      svc,
+		sets:     sets,
+		internal: sets.cluster,
+		external: sets.cluster,
+		proto:    strings.ToLower(string(svc.Protocol)),
+		comment:  svc.Name.String(),
+		key:      svc.Name.String() + "/" + string(svc.Protocol),
+	}
+	if svc.InternalPolicyLocal {
+		s.internal = sets.local
+	}
+	if svc.ExternalPolicyLocal {
+		s.external = sets.local
+	}
+	for _, set := range [][]endpoints.Endpoint{sets.cluster, sets.local} {
+		for _, ep := range set {
+			if ep.Local {
+				b.hairpin[ep.IP.Unmap()] = true
+			}
+		}
+	}
+
+	for _, ip := range b.addrsOfFamily(svc.ClusterIPs) {
+		b.addClusterIP(s, ip)
+	}
+	for _, ip := range b.addrsOfFamily(svc.ExternalIPs) {
+		match := append([]string{"-d", b.hostPrefix(ip)}, s.portMatch(svc.Port)...)
+		b.addExternal(s, match, "external IP", func(r []iptables.Rule) { b.natVIP.add(ip, r...) }, func(r iptables.Rule) { b.filterVIP.add(ip, r) })
+	}
+	b.addLoadBalancerIPs(s)
+	if svc.NodePort != 0 {
+		np := portKey{proto: s.proto, port: int(svc.NodePort)}
+		b.addExternal(s, s.portMatch(svc.NodePort), "nodePort", func(r []iptables.Rule) { b.natNP.add(np, r...) }, func(r iptables.Rule) { b.filterNP.add(np, r) })
+	}
+}
+
+// rejectOrDrop is what happens to traffic that has no endpoint to go to:
+// rejected at once when the service port has no usable endpoint at all,
+// dropped when endpoints exist but none that this traffic may use (so that a
+// client or load balancer tries another node instead of giving up).
+func rejectOrDrop(s *servicePortRules, what string) (target, comment string) {
+	if s.sets.any {
+		return "DROP", fmt.Sprintf("%s %s has no local endpoints", s.comment, what)
+	}
+	return "REJECT", fmt.Sprintf("%s %s has no endpoints", s.comment, what)
+}
+
+func (b *builder) addClusterIP(s *servicePortRules, ip netip.Addr) {
+	match := append([]string{"-d", b.hostPrefix(ip)}, s.portMatch(s.svc.Port)...)
+	if len(s.internal) == 0 {
+		target, comment := rejectOrDrop(s, "cluster IP")
+		b.filterVIP.add(ip, rule(comment, match, nil, "-j", target))
+		return
+	}
+	comment := s.comment + " cluster IP"
+	var out []iptables.Rule
+	switch {
+	case b.cfg.MasqueradeAll:
+		out = append(out, rule(comment, match, nil, "-j", ChainMarkMasq))
+	case b.cfg.ClusterCIDR.IsValid():
+		out = append(out, rule(comment, match, []string{"!", "-s", b.cfg.ClusterCIDR.String()}, "-j", ChainMarkMasq))
+	}
+	out = append(out, b.pick(s, comment, match, nil, s.internal)...)
+	b.natVIP.add(ip, out...)
+}
+
+// addExternal writes the rules for one external entry point (an external IP,
+// a load balancer IP without source ranges, or the NodePort): the nat rules
+// through addNat and, when this traffic has nowhere to go, the filter verdict
+// through addFilter.
+func (b *builder) addExternal(s *servicePortRules, match []string, what string, addNat func([]iptables.Rule), addFilter func(iptables.Rule)) {
+	if s.sets.any {
+		addNat(b.externalRules(s, s.comment+" "+what, match))
+	}
+	if len(s.external) == 0 {
+		target, comment := rejectOrDrop(s, what)
+		addFilter(rule(comment, match, nil, "-j", target))
+	}
+}
+
+// externalRules is the endpoint choice for traffic arriving at an external
+// address. Cluster policy: masquerade, any endpoint. Local policy: no
+// masquerade and local endpoints only, except for traffic from pods (which
+// goes anywhere, unmasqueraded) and from the node itself (which goes
+// anywhere, masqueraded because its source is a local address).
+func (b *builder) externalRules(s *servicePortRules, comment string, match []string) []iptables.Rule {
+	if !s.svc.ExternalPolicyLocal {
+		if len(s.external) == 0 {
+			return nil
+		}
+		out := []iptables.Rule{rule(comment, match, nil, "-j", ChainMarkMasq)}
+		return append(out, b.pick(s, comment, match, nil, s.external)...)
+	}
+	podSet := s.sets.cluster
+	if len(podSet) == 0 {
+		podSet = s.sets.local
+	}
+	var out []iptables.Rule
+	if len(podSet) > 0 {
+		if b.cfg.ClusterCIDR.IsValid() {
+			out = append(out, b.pick(s, comment+" from pods", match, []string{"-s", b.cfg.ClusterCIDR.String()}, podSet)...)
+		}
+		fromNode := []string{"-m", "addrtype", "--src-type", "LOCAL"}
+		out = append(out, rule(comment+" from this node", match, fromNode, "-j", ChainMarkMasq))
+		out = append(out, b.pick(s, comment+" from this node", match, fromNode, podSet)...)
+	}
+	return append(out, b.pick(s, comment, match, nil, s.external)...)
+}
+
+// addLoadBalancerIPs handles status.loadBalancer.ingress. With source ranges,
+// the entry jumps to a firewall chain that sends admitted sources on to the
+// external rules; anything else is left untranslated and dropped in filter.
+func (b *builder) addLoadBalancerIPs(s *servicePortRules) {
+	lbIPs := b.addrsOfFamily(s.svc.LoadBalancerIPs)
+	if len(lbIPs) == 0 {
+		return
+	}
+	if len(s.svc.LoadBalancerSourceRanges) == 0 {
+		for _, ip := range lbIPs {
+			match := append([]string{"-d", b.hostPrefix(ip)}, s.portMatch(s.svc.Port)...)
+			b.addExternal(s, match, "loadbalancer IP", func(r []iptables.Rule) { b.natVIP.add(ip, r...) }, func(r iptables.Rule) { b.filterVIP.add(ip, r) })
+		}
+		return
+	}
+	// Ranges of the other family admit nobody of this one: a Service that
+	// restricts its sources never becomes open in one family.
+	var allowed []string
+	allowFromNode := false
+	for _, r := range s.svc.LoadBalancerSourceRanges {
+		if familyOf(r.Addr()) != b.cfg.Family {
+			continue
+		}
+		allowed = append(allowed, r.Masked().String())
+		for _, n := range b.cfg.NodeIPs {
+			allowFromNode = allowFromNode || r.Contains(n)
+		}
+	}
+	if allowFromNode {
+		for _, ip := range lbIPs {
+			allowed = append(allowed, b.hostPrefix(ip))
+		}
+	}
+	fw := hashedName("FW-", s.key)
+	ext := hashedName("EXT-", s.key)
+	if s.sets.any {
+		fwChain := iptables.Chain{Name: fw}
+		for _, src := range allowed {
+			fwChain.Rules = append(fwChain.Rules, rule(s.comment+" loadbalancer IP", nil, []string{"-s", src}, "-j", ext))
+		}
+		b.natExtra = append(b.natExtra, fwChain, iptables.Chain{Name: ext, Rules: b.externalRules(s, s.comment+" loadbalancer IP", nil)})
+	}
+	for _, ip := range lbIPs {
+		match := append([]string{"-d", b.hostPrefix(ip)}, s.portMatch(s.svc.Port)...)
+		if s.sets.any {
+			b.natVIP.add(ip, rule(s.comment+" loadbalancer IP", match, nil, "-j", fw))
+			b.filterVIP.add(ip, rule(s.comment+" traffic not accepted by loadBalancerSourceRanges", match, nil, "-j", "DROP"))
+		}
+		if len(s.external) == 0 {
+			target, comment := rejectOrDrop(s, "loadbalancer IP")
+			b.filterVIP.add(ip, rule(comment, match, nil, "-j", target))
+		}
+	}
+}
+
+// pick writes the DNAT rules that choose one endpoint of set evenly (endpoint
+// i of n with probability 1/(n-i)), honouring ClientIP session affinity with
+// one recent list per endpoint.
+func (b *builder) pick(s *servicePortRules, comment string, match, extra []string, set []endpoints.Endpoint) []iptables.Rule {
+	var out []iptables.Rule
+	timeout := s.svc.AffinityTimeoutSeconds
+	if timeout > 0 {
+		for _, ep := range set {
+			name := affinityName(s.key, ep)
+			aff := append(append([]string{}, extra...),
+				"-m", "recent", "--name", name, "--rcheck", "--seconds", strconv.Itoa(int(timeout)), "--reap",
+				"-m", "recent", "--name", name, "--set")
+			out = append(out, rule(comment, match, aff, "-j", "DNAT", "--to-destination", ep.String()))
+		}
+	}
+	n := len(set)
+	for i, ep := range set {
+		more := append([]string{}, extra...)
+		if i < n-1 {
+			more = append(more, "-m", "statistic", "--mode", "random", "--probability", fmt.Sprintf("%0.10f", 1.0/float64(n-i)))
+		}
+		if timeout > 0 {
+			more = append(more, "-m", "recent", "--name", affinityName(s.key, ep), "--set")
+		}
+		out = append(out, rule(comment, match, more, "-j", "DNAT", "--to-destination", ep.String()))
+	}
+	return out
+}
+
+// rule assembles one rule: comment, entry match, extra matches, target.
+func rule(comment string, match, extra []string, target ...string) iptables.Rule {
+	r := make([]string, 0, 4+len(match)+len(extra)+len(target))
+	r = append(r, "-m", "comment", "--comment", comment)
+	r = append(r, match...)
+	r = append(r, extra...)
+	return append(r, target...)
+}
+
+// hashedName gives a per-service-port chain a stable name of bounded length
+// (chain names are limited to 28 characters).
+func hashedName(kind, key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return Prefix + kind + base32.StdEncoding.EncodeToString(sum[:])[:16]
+}
+
+// affinityName names the recent list that remembers which clients were sent
+// to one endpoint of one service port.
+func affinityName(key string, ep endpoints.Endpoint) string {
+	return hashedName("AFF-", key+"/"+ep.String())
+}
+
+func (b *builder) finish() *iptables.Ruleset {
+	mark := b.cfg.markHex()
+	masq := []string{"-j", "MASQUERADE"}
+	if b.cfg.RandomFully {
+		masq = append(masq, "--random-fully")
+	}
+
+	// nat
+	natServices := b.natVIP.topRules()
+	natServices = append(natServices, b.nodePortJumps()...)
+	nat := []iptables.Chain{
+		{Name: ChainServices, Rules: natServices},
+		{Name: ChainNodePorts, Rules: b.natNP.topRules()},
+		{Name: ChainMarkMasq, Rules: []iptables.Rule{{"-j", "MARK", "--or-mark", mark}}},
+		{Name: ChainPostrouting, Rules: []iptables.Rule{
+			{"-j", ChainHairpin},
+			{"-m", "mark", "!", "--mark", mark + "/" + mark, "-j", "RETURN"},
+			{"-j", "MARK", "--xor-mark", mark},
+			append(iptables.Rule{"-m", "comment", "--comment", "miniproxy service traffic requiring SNAT"}, masq...),
+		}},
+		{Name: ChainHairpin, Rules: b.hairpinRules(masq)},
+	}
+	nat = append(nat, b.natVIP.chains()...)
+	nat = append(nat, b.natNP.chains()...)
+	sort.Slice(b.natExtra, func(i, j int) bool { return b.natExtra[i].Name < b.natExtra[j].Name })
+	nat = append(nat, b.natExtra...)
+
+	// filter
+	filterServices := b.filterVIP.topRules()
+	filterServices = append(filterServices, b.nodePortJumps()...)
+	filt := []iptables.Chain{
+		{Name: ChainServices, Rules: filterServices},
+		{Name: ChainNodePorts, Rules: b.filterNP.topRules()},
+		{Name: ChainForward, Rules: []iptables.Rule{
+			{"-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"},
+			{"-m", "comment", "--comment", "miniproxy forwarding rules", "-m", "mark", "--mark", mark + "/" + mark, "-j", "ACCEPT"},
+			{"-m", "comment", "--comment", "miniproxy forwarding conntrack rule", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
+		}},
+	}
+	filt = append(filt, b.filterVIP.chains()...)
+	filt = append(filt, b.filterNP.chains()...)
+
+	return &iptables.Ruleset{
+		Family: b.cfg.Family,
+		Tables: []iptables.TableRules{{Table: "filter", Chains: filt}, {Table: "nat", Chains: nat}},
+		Jumps:  Jumps(),
+	}
+}
+
+// nodePortJumps sends traffic for the node's own addresses to the NodePort
+// dispatch: every local address but loopback, or only --nodeport-addresses.
+func (b *builder) nodePortJumps() []iptables.Rule {
+	comment := []string{"-m", "comment", "--comment", "miniproxy service nodeports; NOTE: this must be the last rule in this chain"}
+	if b.cfg.NodePortAddresses == nil {
+		loopback := "127.0.0.0/8"
+		if b.cfg.Family == iptables.IPv6 {
+			loopback = "::1/128"
+		}
+		return []iptables.Rule{append(append(iptables.Rule{}, comment...), "-m", "addrtype", "--dst-type", "LOCAL", "!", "-d", loopback, "-j", ChainNodePorts)}
+	}
+	var out []iptables.Rule
+	for _, a := range b.addrsOfFamily(b.cfg.NodePortAddresses) {
+		out = append(out, append(append(iptables.Rule{}, comment...), "-d", b.hostPrefix(a), "-j", ChainNodePorts))
+	}
+	return out
+}
+
+// hairpinRules masquerade a local pod that reached itself through a Service:
+// after DNAT its packet has the pod's address as source and destination,
+// and without SNAT the pod would answer itself directly.
+func (b *builder) hairpinRules(masq []string) []iptables.Rule {
+	ips := make([]netip.Addr, 0, len(b.hairpin))
+	for ip := range b.hairpin {
+		ips = append(ips, ip)
+	}
+	sort.Slice(ips, func(i, j int) bool { return ips[i].Less(ips[j]) })
+	var out []iptables.Rule
+	for _, ip := range ips {
+		p := b.hostPrefix(ip)
+		out = append(out, append(iptables.Rule{"-m", "comment", "--comment", "hairpin", "-s", p, "-d", p}, masq...))
+	}
+	return out
+}
