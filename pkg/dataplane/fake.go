@@ -1,0 +1,266 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+)
+
+// Fake is a Runner that keeps the tables in memory, so that the dataplane's
+// decisions (what it writes, what it deletes, when it resyncs) can be tested
+// without a kernel. It has the real tools' semantics where they matter:
+// restores go through iptables.ParseRestore and State.Apply with --noflush
+// and are all-or-nothing; rules may only jump to chains that exist; a
+// referenced chain cannot be deleted. It differs in one way: rules are
+// compared literally (the kernel normalises "-p tcp" into "-p tcp -m tcp" and
+// so on).
+//
+// A Fake starts with the built-in chains of every table, for both families.
+// It is safe for concurrent use.
+type Fake struct {
+	mu       sync.Mutex
+	states   map[iptables.Family]iptables.State
+	failNext int
+	inputs   []FakeInput
+	calls    []string
+}
+
+var _ Runner = (*Fake)(nil)
+
+// FakeInput is one restore input a Fake received, kept so tests can assert
+// on exactly what the dataplane wrote and how much.
+type FakeInput struct {
+	// Family is the family the input was for.
+	Family iptables.Family
+	// Text is the input exactly as received.
+	Text string
+	// Failed says whether the restore was refused (injected or invalid).
+	Failed bool
+}
+
+// NewFake returns a Fake whose tables hold only their built-in chains.
+func NewFake() *Fake {
+	return &Fake{states: map[iptables.Family]iptables.State{}}
+}
+
+func (f *Fake) state(family iptables.Family) iptables.State {
+	s, ok := f.states[family]
+	if !ok {
+		s = iptables.NewState()
+		f.states[family] = s
+	}
+	return s
+}
+
+// State returns a copy of family's current tables.
+func (f *Fake) State(family iptables.Family) iptables.State {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.state(family).Clone()
+}
+
+// SetState replaces family's tables, which lets a test play another program
+// (one that flushes tables or adds its own rules).
+func (f *Fake) SetState(family iptables.Family, s iptables.State) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.states[family] = s.Clone()
+}
+
+// FailNext makes the next n restores fail with a *RestoreError without
+// changing anything, as a refused iptables-restore does.
+func (f *Fake) FailNext(n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failNext = n
+}
+
+// Inputs returns every restore input received so far, in order, including
+// refused ones.
+func (f *Fake) Inputs() []FakeInput {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.inputs)
+}
+
+// Calls returns one line per Runner call received so far, in order (for
+// example "insert IPv4 nat PREROUTING 1 -j MP-SERVICES"), so tests can check
+// that a sync did no more work than needed.
+func (f *Fake) Calls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.calls)
+}
+
+func (f *Fake) record(format string, args ...any) {
+	f.calls = append(f.calls, fmt.Sprintf(format, args...))
+}
+
+var fakeLineRE = regexp.MustCompile(`^line (\d+): `)
+
+// errFakeRefused is the cause of a Fake restore refused for invalid input.
+var errFakeRefused = errors.New("fake: input refused")
+
+// Restore applies input to the family's tables with --noflush semantics, or
+// changes nothing and returns a *RestoreError.
+func (f *Fake) Restore(family iptables.Family, input []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("restore %s (%d bytes)", family, len(input))
+	in := FakeInput{Family: family, Text: string(input), Failed: true}
+	defer func() { f.inputs = append(f.inputs, in) }()
+	if f.failNext > 0 {
+		f.failNext--
+		return &RestoreError{Family: family, Output: "fake: refused on request", Err: errInjected}
+	}
+	fail := func(err error) error {
+		re := &RestoreError{Family: family, Output: err.Error(), Err: errFakeRefused}
+		if m := fakeLineRE.FindStringSubmatch(re.Output); m != nil {
+			re.Line, _ = strconv.Atoi(m[1])
+			re.Context = inputContext(input, re.Line, 2)
+		}
+		return re
+	}
+	tables, err := iptables.ParseRestore(string(input))
+	if err != nil {
+		return fail(err)
+	}
+	next, err := f.state(family).Apply(tables, true)
+	if err != nil {
+		return fail(err)
+	}
+	f.states[family] = next
+	in.Failed = false
+	return nil
+}
+
+// Save renders the family's tables as iptables-save prints them (without
+// the comment lines): built-in chains first with policy ACCEPT, then the
+// other chains sorted by name, then the rules chain by chain.
+func (f *Fake) Save(family iptables.Family, table string) ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("save %s %s", family, table)
+	s := f.state(family)
+	var names []string
+	if table != "" {
+		if _, ok := s[table]; !ok {
+			return nil, fmt.Errorf("fake %s: table %q does not exist", saveCommand(family), table)
+		}
+		names = []string{table}
+	} else {
+		for t := range s {
+			names = append(names, t)
+		}
+		sort.Strings(names)
+	}
+	var b strings.Builder
+	for _, t := range names {
+		fmt.Fprintf(&b, "*%s\n", t)
+		for _, c := range fakeChainOrder(t, s[t]) {
+			if iptables.IsBuiltin(t, c) {
+				fmt.Fprintf(&b, ":%s ACCEPT [0:0]\n", c)
+			} else {
+				fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+			}
+		}
+		for _, c := range fakeChainOrder(t, s[t]) {
+			b.WriteString(iptables.ChainText(s[t][c]))
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return []byte(b.String()), nil
+}
+
+// fakeChainOrder lists a table's chains: built-in ones in their usual
+// order, then the others sorted.
+func fakeChainOrder(table string, tab iptables.Table) []string {
+	var builtin, user []string
+	for _, c := range []string{"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"} {
+		if _, ok := tab[c]; ok && iptables.IsBuiltin(table, c) {
+			builtin = append(builtin, c)
+		}
+	}
+	for c := range tab {
+		if !iptables.IsBuiltin(table, c) {
+			user = append(user, c)
+		}
+	}
+	sort.Strings(user)
+	return append(builtin, user...)
+}
+
+// ChainExists says whether the family's table holds chain.
+func (f *Fake) ChainExists(family iptables.Family, table, chain string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("chain-exists %s %s %s", family, table, chain)
+	_, ok := f.state(family)[table][chain]
+	return ok, nil
+}
+
+// RuleExists says whether chain holds a rule with exactly these arguments.
+func (f *Fake) RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("exists %s %s %s %s", family, table, chain, rule)
+	c, ok := f.state(family)[table][chain]
+	if !ok {
+		return false, fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
+	}
+	for _, r := range c.Rules {
+		if slices.Equal(r, rule) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// InsertRule inserts rule at 1-based position pos; like iptables it refuses
+// a position past the end plus one and a jump to a chain that does not exist.
+func (f *Fake) InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("insert %s %s %s %d %s", family, table, chain, pos, rule)
+	next := f.state(family).Clone()
+	c, ok := next[table][chain]
+	if !ok {
+		return fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
+	}
+	if pos < 1 || pos > len(c.Rules)+1 {
+		return fmt.Errorf("fake iptables: index of insertion %d too big for %s", pos, chain)
+	}
+	c.Rules = slices.Insert(c.Rules, pos-1, slices.Clone(rule))
+	// An input with no operations only checks that every jump has a target.
+	if _, err := next.Apply([]iptables.TableInput{{Table: table}}, true); err != nil {
+		return fmt.Errorf("fake iptables: %w", err)
+	}
+	f.states[family] = next
+	return nil
+}
+
+// DeleteRule deletes the first rule of chain with exactly these arguments,
+// or fails as iptables -D does when there is none.
+func (f *Fake) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("delete %s %s %s %s", family, table, chain, rule)
+	c, ok := f.state(family)[table][chain]
+	if !ok {
+		return fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
+	}
+	for i, r := range c.Rules {
+		if slices.Equal(r, rule) {
+			c.Rules = slices.Delete(slices.Clone(c.Rules), i, i+1)
+			return nil
+		}
+	}
+	return fmt.Errorf("fake iptables: Bad rule (does a matching rule exist in that chain?): %s %s %s", table, chain, rule)
+}
