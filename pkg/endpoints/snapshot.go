@@ -96,8 +96,8 @@ type Endpoint struct {
 	IP   netip.Addr
 	Port int32
 	// Ready, Serving and Terminating are the EndpointSlice conditions, with
-	// upstream's defaults applied (nil ready means ready, nil serving means
-	// the value of ready, nil terminating means false).
+	// the API's and upstream's defaults applied (nil ready means true, nil
+	// serving means true, nil terminating means false).
 	Ready       bool
 	Serving     bool
 	Terminating bool
