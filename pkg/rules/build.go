@@ -154,6 +154,11 @@ func (s *servicePortRules) portMatch(port int32) []string {
 }
 
 func (b *builder) addServicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoint, zone string) {
+	// A Service exists in a family only through its ClusterIP of that
+	// family, as upstream: an external IP of the other family is ignored.
+	if len(b.addrsOfFamily(svc.ClusterIPs)) == 0 {
+		return
+	}
 	sets := categorize(svc, eps, zone)
 	s := &servicePortRules{
 		svc:      svc,

@@ -479,6 +479,20 @@ func TestIPv6ClusterIPAndNodePort(t *testing.T) {
 	}
 }
 
+func TestAServiceIsProgrammedOnlyInTheFamiliesOfItsClusterIPs(t *testing.T) {
+	v6ext := netip.MustParseAddr("2001:db8::10")
+	svc := sourceIPApp(func(s *endpoints.ServicePort) { s.ExternalIPs = []netip.Addr{v6ext} })
+	eps := []endpoints.Endpoint{ready(netip.MustParseAddr("fd00:10:244:2::6"), false)}
+	tr, err := NewTracer(Build(snapshotOf(svc, eps), Config{Family: iptables.IPv6}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	outs, _ := tr.Trace(tcpTo(netip.MustParseAddr("2001:db8::79"), v6ext, 80))
+	if got := fmt.Sprint(outs); got != "[ACCEPT [2001:db8::10]:80 (p=1.000)]" {
+		t.Errorf("an IPv6 external IP of an IPv4-only Service must be left alone, got %s", got)
+	}
+}
+
 // manyServices makes n ClusterIP Services with random addresses in
 // 10.96.0.0/12 and two endpoints each, like the benchmark's clusters.
 func manyServices(n int, seed int64) *endpoints.Snapshot {
