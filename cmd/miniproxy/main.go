@@ -1,0 +1,143 @@
+// Command miniproxy is the node daemon: it replaces kube-proxy's iptables
+// mode, watching Services, EndpointSlices and its own Node and keeping the
+// node's iptables in step.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+	"github.com/miniproxy/miniproxy/pkg/rules"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "miniproxy:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("miniproxy", flag.ContinueOnError)
+	var opts options
+	opts.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log := newLogger(opts.verbosity)
+	runner := dataplane.NewRunner()
+
+	if opts.cleanup {
+		if err := dataplane.Cleanup(runner, rules.Prefix); err != nil {
+			return fmt.Errorf("cleanup: %w", err)
+		}
+		log.Info("removed every rule and chain miniproxy had added")
+		return nil
+	}
+
+	popts, err := opts.proxyOptions()
+	if err != nil {
+		return err
+	}
+	nodeName, err := opts.nodeName()
+	if err != nil {
+		return err
+	}
+	client, err := newClient(opts.kubeconfig, opts.master)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	families, err := detectFamilies(runner, log)
+	if err != nil {
+		return err
+	}
+	planes := map[iptables.Family]proxy.Applier{}
+	for _, fam := range families {
+		dp, err := dataplane.New(runner, fam, rules.Prefix)
+		if err != nil {
+			return fmt.Errorf("set up %s dataplane: %w", fam, err)
+		}
+		planes[fam] = dp
+	}
+	popts.RandomFully = hasRandomFully(log)
+	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
+
+	events := newEventSink(ctx, client, nodeName, log)
+	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
+	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
+
+	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
+		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "syncPeriod", popts.SyncPeriod, "minSyncPeriod", popts.MinSyncPeriod)
+	if err := endpoints.Watch(ctx, client, tracker, 0); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("watch the API server: %w", err)
+	}
+	proxier.Run(ctx)
+	log.Info("stopping; rules are left in place so that traffic keeps flowing (use --cleanup to remove them)")
+	return nil
+}
+
+func newLogger(v int) *slog.Logger {
+	level := slog.LevelInfo
+	if v >= 4 {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// detectFamilies programs IPv4 always and IPv6 when the node has an IPv6
+// address that is not link-local and ip6tables works, as a dual-stack node.
+func detectFamilies(r dataplane.Runner, log *slog.Logger) ([]iptables.Family, error) {
+	if _, err := r.Save(iptables.IPv4, "nat"); err != nil {
+		return nil, fmt.Errorf("iptables does not work on this node: %w", err)
+	}
+	families := []iptables.Family{iptables.IPv4}
+	v6, err := localAddresses(iptables.IPv6)
+	if err != nil || len(v6) == 0 {
+		return families, nil
+	}
+	if _, err := r.Save(iptables.IPv6, "nat"); err != nil {
+		log.Warn("the node has IPv6 addresses but ip6tables does not work; IPv6 Services are not proxied", "err", err)
+		return families, nil
+	}
+	return append(families, iptables.IPv6), nil
+}
+
+// errUsage marks a flag value that cannot be used.
+var errUsage = errors.New("invalid flag")
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// durationAtLeast refuses periods that would make the loop spin.
+func durationAtLeast(name string, d, least time.Duration) error {
+	if d < least {
+		return fmt.Errorf("%w: --%s %s is shorter than %s", errUsage, name, d, least)
+	}
+	return nil
+}

@@ -1,0 +1,200 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
+)
+
+var (
+	nodeIP = netip.MustParseAddr("10.240.0.3")
+	client = netip.MustParseAddr("198.51.100.79")
+	aPod   = netip.MustParseAddr("10.244.1.9")
+)
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func service(name, ip string, proto v1.Protocol) *v1.Service {
+	return &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name},
+		Spec: v1.ServiceSpec{
+			Type:       v1.ServiceTypeClusterIP,
+			ClusterIP:  ip,
+			ClusterIPs: []string{ip},
+			Ports:      []v1.ServicePort{{Port: 80, Protocol: proto, TargetPort: intstrFrom(8080)}},
+		},
+	}
+}
+
+func slice(svc, ip, node string, proto v1.Protocol) *discoveryv1.EndpointSlice {
+	return &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: svc + "-abc", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{{
+			Addresses:  []string{ip},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)},
+			NodeName:   ptr.To(node),
+		}},
+		Ports: []discoveryv1.EndpointPort{{Port: ptr.To[int32](8080), Protocol: ptr.To(proto)}},
+	}
+}
+
+type lab struct {
+	fake    *dataplane.Fake
+	tracker *endpoints.Tracker
+	proxier *Proxier
+}
+
+func newLab(t *testing.T, opts Options) *lab {
+	t.Helper()
+	fake := dataplane.NewFake()
+	dp, err := dataplane.New(fake, iptables.IPv4, rules.Prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tracker := endpoints.NewTracker("node1", quietLog(), nil)
+	if opts.SyncPeriod == 0 {
+		opts.SyncPeriod = time.Minute
+	}
+	opts.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
+	addrs := func(f iptables.Family) ([]netip.Addr, error) {
+		if f == iptables.IPv4 {
+			return []netip.Addr{nodeIP, netip.MustParseAddr("127.0.0.1")}, nil
+		}
+		return nil, nil
+	}
+	p := New(opts, tracker, map[iptables.Family]Applier{iptables.IPv4: dp}, addrs, quietLog())
+	return &lab{fake: fake, tracker: tracker, proxier: p}
+}
+
+// trace follows a packet through what the fake kernel holds now.
+func (l *lab) trace(t *testing.T, p rules.Packet) string {
+	t.Helper()
+	tr := &rules.Tracer{State: l.fake.State(iptables.IPv4), LocalAddrs: []netip.Addr{nodeIP}}
+	outs, err := tr.Trace(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprint(outs)
+}
+
+func TestAFailedSyncKeepsTheOldRulesAndIsRetried(t *testing.T) {
+	l := newLab(t, Options{})
+	l.tracker.OnServiceAdd(service("web", "10.0.0.10", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	if res := l.proxier.Sync(false); res.Err != nil {
+		t.Fatalf("first sync: %v", res.Err)
+	}
+	pkt := rules.Packet{Src: aPod, Dst: netip.MustParseAddr("10.0.0.10"), Proto: "tcp", DPort: 80}
+	if got := l.trace(t, pkt); got != "[ACCEPT 10.244.2.6:8080 (p=1.000)]" {
+		t.Fatalf("after first sync: %s", got)
+	}
+
+	// The endpoint moves, but the restore fails.
+	l.tracker.OnEndpointSliceUpdate(nil, slice("web", "10.244.1.5", "node1", v1.ProtocolTCP))
+	l.fake.FailNext(1)
+	res := l.proxier.Sync(false)
+	if res.Err == nil {
+		t.Fatal("the sync should have failed")
+	}
+	if res.QueuedSince.IsZero() {
+		t.Error("a failed sync should report how long its change has been waiting")
+	}
+	if got := l.trace(t, pkt); got != "[ACCEPT 10.244.2.6:8080 (p=1.000)]" {
+		t.Fatalf("after a failed sync the old rules should be intact, got %s", got)
+	}
+
+	// The retry carries no new event, yet applies the move and is full.
+	res2 := l.proxier.Sync(false)
+	if res2.Err != nil {
+		t.Fatalf("retry: %v", res2.Err)
+	}
+	if !res2.Results[0].Full {
+		t.Error("the sync after a failure should rewrite every chain")
+	}
+	if !res2.QueuedSince.Equal(res.QueuedSince) {
+		t.Errorf("the retry still carries the change queued at %s, got %s", res.QueuedSince, res2.QueuedSince)
+	}
+	if got := l.trace(t, pkt); got != "[ACCEPT 10.244.1.5:8080 (p=1.000)]" {
+		t.Fatalf("after the retry: %s", got)
+	}
+}
+
+func TestAServiceOfAProtocolTheNodeCannotDoIsSkippedAlone(t *testing.T) {
+	l := newLab(t, Options{UnsupportedProtocols: map[endpoints.Protocol]bool{endpoints.SCTP: true}})
+	l.tracker.OnServiceAdd(service("web", "10.0.0.10", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	l.tracker.OnServiceAdd(service("sig", "10.0.0.11", v1.ProtocolSCTP))
+	l.tracker.OnEndpointSliceAdd(slice("sig", "10.244.2.7", "node2", v1.ProtocolSCTP))
+	res := l.proxier.Sync(false)
+	if res.Err != nil || res.Skipped != 1 {
+		t.Fatalf("want a successful sync skipping one port, got err=%v skipped=%d", res.Err, res.Skipped)
+	}
+	web := rules.Packet{Src: aPod, Dst: netip.MustParseAddr("10.0.0.10"), Proto: "tcp", DPort: 80}
+	if got := l.trace(t, web); got != "[ACCEPT 10.244.2.6:8080 (p=1.000)]" {
+		t.Errorf("the TCP Service should work: %s", got)
+	}
+	if strings.Contains(fmt.Sprint(l.fake.Inputs()), "sctp") {
+		t.Error("no SCTP rule should have been written")
+	}
+}
+
+func TestNodePortAddressesPickTheLocalAddressesInRange(t *testing.T) {
+	l := newLab(t, Options{NodePortAddresses: []netip.Prefix{netip.MustParsePrefix("192.168.99.0/24")}})
+	svc := service("web", "10.0.0.10", v1.ProtocolTCP)
+	svc.Spec.Type = v1.ServiceTypeNodePort
+	svc.Spec.Ports[0].NodePort = 30080
+	l.tracker.OnServiceAdd(svc)
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	if res := l.proxier.Sync(false); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	pkt := rules.Packet{Src: client, Dst: nodeIP, Proto: "tcp", DPort: 30080}
+	if got := l.trace(t, pkt); got != "[ACCEPT 10.240.0.3:30080 (p=1.000)]" {
+		t.Errorf("the node's address is outside --nodeport-addresses, so no NodePort: %s", got)
+	}
+}
+
+func TestRunSyncsEachChangeWithinAFewSeconds(t *testing.T) {
+	l := newLab(t, Options{MinSyncPeriod: 100 * time.Millisecond})
+	synced := make(chan SyncResult, 16)
+	l.proxier.OnSync(func(r SyncResult) { synced <- r })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go l.proxier.Run(ctx)
+	<-synced // the initial sync
+	l.tracker.OnServiceAdd(service("web", "10.0.0.10", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case r := <-synced:
+			if _, ok := r.Snapshot.Services[endpoints.ServicePortName{Namespace: "default", Name: "web"}]; ok && len(r.Snapshot.Endpoints[endpoints.ServicePortName{Namespace: "default", Name: "web"}]) == 1 {
+				if r.Err != nil {
+					t.Fatal(r.Err)
+				}
+				return
+			}
+		case <-deadline:
+			t.Fatal("the change was not synced within 10s")
+		}
+	}
+}
+
+func intstrFrom(i int) intstr.IntOrString { return intstr.FromInt32(int32(i)) }

@@ -1,0 +1,338 @@
+// Package integration applies miniproxy's rules with the real
+// iptables-restore inside network namespaces it creates, and checks with
+// real TCP and UDP traffic what the pods see. No API server is needed: the
+// rules are fed from snapshots.
+package integration
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
+	"github.com/miniproxy/miniproxy/test/netns"
+)
+
+var (
+	pfx  = netip.MustParsePrefix
+	addr = netip.MustParseAddr
+
+	clientIP   = addr("198.51.100.79")
+	nodeIP     = addr("198.51.100.1") // the node's address facing the client
+	pod1IP     = addr("10.244.1.5")   // on this node
+	pod1GW     = addr("10.244.1.1")   // the node, seen from pod1
+	pod2IP     = addr("10.244.2.6")   // "on node2": routed through this node, but not local
+	pod2GW     = addr("10.244.2.1")
+	clusterNet = pfx("10.244.0.0/16")
+)
+
+// topology is a client, a node and two pods, each pod behind the node on a
+// point-to-point link; the client's default route leads to the node.
+type topology struct {
+	client, node, pod1, pod2 *netns.Namespace
+	plane                    *dataplane.Dataplane
+}
+
+func setUp(t *testing.T) *topology {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	lab := netns.NewLab(t)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var top topology
+	var err error
+	for _, p := range []struct {
+		ns   **netns.Namespace
+		name string
+	}{{&top.client, "client"}, {&top.node, "node"}, {&top.pod1, "pod1"}, {&top.pod2, "pod2"}} {
+		*p.ns, err = lab.AddNamespace(p.name)
+		must(err)
+	}
+	must(lab.Link(top.client, top.node, pfx("198.51.100.79/24"), pfx("198.51.100.1/24")))
+	must(lab.Link(top.pod1, top.node, pfx("10.244.1.5/24"), pfx("10.244.1.1/24")))
+	must(lab.Link(top.pod2, top.node, pfx("10.244.2.6/24"), pfx("10.244.2.1/24")))
+	must(top.client.AddRoute(pfx("0.0.0.0/0"), nodeIP))
+	must(top.pod1.AddRoute(pfx("0.0.0.0/0"), pod1GW))
+	must(top.pod2.AddRoute(pfx("0.0.0.0/0"), pod2GW))
+	must(top.node.EnableForwarding())
+	// A real node has a default route through an uplink of its own (here a
+	// namespace that forwards nothing); without one the kernel answers "network unreachable" for Service IPs before any
+	// rule is consulted, and with one back through the client's link it
+	// sends ICMP redirects that use up the rate limit for the client, so
+	// that REJECT's "port unreachable" is suppressed.
+	uplink, err := lab.AddNamespace("uplink")
+	must(err)
+	must(lab.Link(top.node, uplink, pfx("192.0.2.2/30"), pfx("192.0.2.1/30")))
+	must(top.node.AddRoute(pfx("0.0.0.0/0"), addr("192.0.2.1")))
+
+	echo := netns.BuildBinary(t, "github.com/miniproxy/miniproxy/cmd/echoserver")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for name, ns := range map[string]*netns.Namespace{"pod1": top.pod1, "pod2": top.pod2} {
+		p, err := ns.Start(echo, "-listen", ":8080", "-udp-listen", ":8081", "-name", name)
+		must(err)
+		must(p.WaitForOutput(ctx, "listening on http"))
+	}
+	top.plane, err = dataplane.New(dataplane.NewRunner(), iptables.IPv4, rules.Prefix)
+	must(err)
+	return &top
+}
+
+func (top *topology) apply(t *testing.T, snap *endpoints.Snapshot) dataplane.Result {
+	t.Helper()
+	cfg := rules.Config{
+		Family:      iptables.IPv4,
+		ClusterCIDR: clusterNet,
+		NodeIPs:     []netip.Addr{nodeIP, pod1GW, pod2GW},
+	}
+	var res dataplane.Result
+	err := top.node.Do(func() error {
+		var err error
+		res, err = top.plane.Apply(rules.Build(snap, cfg), false)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("apply rules in %s: %v", top.node.Name(), err)
+	}
+	return res
+}
+
+// iptablesSave returns the node's tables without counters and comments, to
+// compare before and after.
+func (top *topology) iptablesSave(t *testing.T) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, _, err := top.node.Run(ctx, "iptables-save")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keep []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "#") || l == "" {
+			continue
+		}
+		keep = append(keep, regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(l, "[0:0]"))
+	}
+	return strings.Join(keep, "\n")
+}
+
+type svcOpt func(*endpoints.ServicePort)
+
+func svc(name, clusterIP string, port int32, opts ...svcOpt) *endpoints.ServicePort {
+	s := &endpoints.ServicePort{
+		Name:       endpoints.ServicePortName{Namespace: "default", Name: name},
+		Protocol:   endpoints.TCP,
+		Port:       port,
+		ClusterIPs: []netip.Addr{addr(clusterIP)},
+	}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+func nodePort(p int32) svcOpt              { return func(s *endpoints.ServicePort) { s.NodePort = p } }
+func localPolicy(s *endpoints.ServicePort) { s.ExternalPolicyLocal = true }
+func udp(s *endpoints.ServicePort)         { s.Protocol = endpoints.UDP }
+
+func ep(ip netip.Addr, port int32, local bool) endpoints.Endpoint {
+	node := "node2"
+	if local {
+		node = "node1"
+	}
+	return endpoints.Endpoint{IP: ip, Port: port, Ready: true, Serving: true, NodeName: node, Local: local}
+}
+
+type cluster map[*endpoints.ServicePort][]endpoints.Endpoint
+
+func (c cluster) snapshot() *endpoints.Snapshot {
+	s := &endpoints.Snapshot{
+		Node:      endpoints.Node{Name: "node1", Eligible: true},
+		Services:  map[endpoints.ServicePortName]*endpoints.ServicePort{},
+		Endpoints: map[endpoints.ServicePortName][]endpoints.Endpoint{},
+	}
+	for sp, eps := range c {
+		s.Services[sp.Name] = sp
+		s.Endpoints[sp.Name] = eps
+	}
+	return s
+}
+
+var clientAddress = regexp.MustCompile(`client_address=(\S+)`)
+var hostname = regexp.MustCompile(`hostname=(\S+)`)
+
+// get fetches url from ns and returns what the echo server saw.
+func get(t *testing.T, ns *netns.Namespace, url string) (client, server string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	body, err := ns.Curl(ctx, url, 3*time.Second)
+	if err != nil {
+		t.Fatalf("curl %s from %s: %v", url, ns.Short(), err)
+	}
+	c, h := clientAddress.FindStringSubmatch(body), hostname.FindStringSubmatch(body)
+	if c == nil || h == nil {
+		t.Fatalf("curl %s from %s: not an echo server answer:\n%s", url, ns.Short(), body)
+	}
+	return c[1], h[1]
+}
+
+// connectError tries a TCP connection and returns how it failed: "refused",
+// "timeout", or "" when it succeeded.
+func connectError(t *testing.T, ns *netns.Namespace, address string, timeout time.Duration) (string, time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	start := time.Now()
+	conn, err := ns.DialContext(ctx, "tcp", address)
+	took := time.Since(start)
+	switch {
+	case err == nil:
+		conn.Close()
+		return "", took
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.EHOSTUNREACH):
+		return "refused", took
+	case errors.Is(err, context.DeadlineExceeded), strings.Contains(err.Error(), "timeout"):
+		return "timeout", took
+	}
+	t.Fatalf("connect to %s from %s: unexpected error %v", address, ns.Short(), err)
+	return "", took
+}
+
+func TestRealRulesRealTraffic(t *testing.T) {
+	top := setUp(t)
+
+	// Someone else's rules, which miniproxy must leave exactly as they are.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, args := range [][]string{
+		{"-t", "filter", "-N", "FOREIGN"},
+		{"-t", "filter", "-A", "FOREIGN", "-s", "192.0.2.0/24", "-j", "RETURN"},
+		{"-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"},
+		{"-t", "nat", "-A", "POSTROUTING", "-s", "10.9.0.0/16", "-j", "MASQUERADE"},
+		{"-t", "nat", "-N", "FOREIGN-NAT"},
+		{"-t", "nat", "-A", "PREROUTING", "-d", "192.0.2.1", "-j", "FOREIGN-NAT"},
+	} {
+		if _, _, err := top.node.Run(ctx, "iptables", append([]string{"-w"}, args...)...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := top.iptablesSave(t)
+
+	web := svc("web", "10.96.0.10", 80)
+	webUDP := svc("web-udp", "10.96.0.11", 53, udp)
+	npCluster := svc("np-cluster", "10.96.0.20", 80, nodePort(30080))
+	npLocal := svc("np-local", "10.96.0.21", 80, nodePort(30081), localPolicy)
+	npLocalElsewhere := svc("np-local-elsewhere", "10.96.0.22", 80, nodePort(30082), localPolicy)
+	empty := svc("empty", "10.96.0.12", 80, nodePort(30083))
+	state := cluster{
+		web:              {ep(pod1IP, 8080, true)},
+		webUDP:           {ep(pod1IP, 8081, true)},
+		npCluster:        {ep(pod2IP, 8080, false)},
+		npLocal:          {ep(pod1IP, 8080, true)},
+		npLocalElsewhere: {ep(pod2IP, 8080, false)},
+		empty:            nil,
+	}
+	if res := top.apply(t, state.snapshot()); !res.Full {
+		t.Errorf("the first apply should be full: %+v", res)
+	}
+
+	t.Run("pod to ClusterIP: the pod's own address", func(t *testing.T) {
+		if c, s := get(t, top.pod2, "http://10.96.0.10/"); c != pod2IP.String() || s != "pod1" {
+			t.Errorf("got client_address=%s at %s, want %s at pod1", c, s, pod2IP)
+		}
+	})
+	t.Run("client outside the cluster CIDR to ClusterIP: masqueraded to the node", func(t *testing.T) {
+		if c, _ := get(t, top.client, "http://10.96.0.10/"); c != pod1GW.String() {
+			t.Errorf("got client_address=%s, want the node's %s", c, pod1GW)
+		}
+	})
+	t.Run("pod to its own Service, landing on itself (hairpin): works, masqueraded", func(t *testing.T) {
+		if c, s := get(t, top.pod1, "http://10.96.0.10/"); c != pod1GW.String() || s != "pod1" {
+			t.Errorf("got client_address=%s at %s, want %s at pod1", c, s, pod1GW)
+		}
+	})
+	t.Run("pod to a UDP ClusterIP: the pod's own address", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		got, err := top.pod2.UDPRequest(ctx, "10.96.0.11:53", "hello", 3*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(got, "client_address="+pod2IP.String()) || !strings.Contains(got, "server=pod1") {
+			t.Errorf("UDP answer %q, want client_address=%s from pod1", got, pod2IP)
+		}
+	})
+	t.Run("client outside, Cluster policy, NodePort: masqueraded", func(t *testing.T) {
+		if c, s := get(t, top.client, "http://198.51.100.1:30080/"); c != pod2GW.String() || s != "pod2" {
+			t.Errorf("got client_address=%s at %s, want the node's %s at pod2", c, s, pod2GW)
+		}
+	})
+	t.Run("client outside, Local policy, node with endpoint: the client's own address", func(t *testing.T) {
+		if c, _ := get(t, top.client, "http://198.51.100.1:30081/"); c != clientIP.String() {
+			t.Errorf("got client_address=%s, want %s", c, clientIP)
+		}
+	})
+	t.Run("client outside, Local policy, node without endpoint: dropped", func(t *testing.T) {
+		if how, _ := connectError(t, top.client, "198.51.100.1:30082", 1500*time.Millisecond); how != "timeout" {
+			t.Errorf("connection %q, want it dropped (timeout)", how)
+		}
+	})
+	t.Run("pod, Local policy, node without endpoint: still reaches the remote pod unmasqueraded", func(t *testing.T) {
+		if c, s := get(t, top.pod1, "http://10.244.1.1:30082/"); c != pod1IP.String() || s != "pod2" {
+			t.Errorf("got client_address=%s at %s, want %s at pod2", c, s, pod1IP)
+		}
+	})
+	t.Run("Service without endpoints: refused at once, ClusterIP and NodePort", func(t *testing.T) {
+		for _, a := range []string{"10.96.0.12:80", "198.51.100.1:30083"} {
+			how, took := connectError(t, top.client, a, 5*time.Second)
+			if how != "refused" || took > time.Second {
+				t.Errorf("%s: connection %q after %s, want refused within 1s", a, how, took)
+			}
+		}
+	})
+
+	// A partial change: web's endpoint moves from pod1 to pod2.
+	state[web] = []endpoints.Endpoint{ep(pod2IP, 8080, false)}
+	res := top.apply(t, state.snapshot())
+	if res.Full || res.ChainsWritten > 3 || res.RulesWritten > 10 {
+		t.Errorf("moving one endpoint should rewrite a leaf or two, got %+v", res)
+	}
+	t.Run("after a partial change, the ClusterIP leads to the new endpoint", func(t *testing.T) {
+		if c, s := get(t, top.pod1, "http://10.96.0.10/"); c != pod1IP.String() || s != "pod2" {
+			t.Errorf("got client_address=%s at %s, want %s at pod2", c, s, pod1IP)
+		}
+	})
+	t.Run("after a partial change, the other Services still work", func(t *testing.T) {
+		if c, _ := get(t, top.client, "http://198.51.100.1:30081/"); c != clientIP.String() {
+			t.Errorf("got client_address=%s, want %s", c, clientIP)
+		}
+	})
+
+	t.Run("cleanup leaves the foreign rules exactly as they were", func(t *testing.T) {
+		if err := top.node.Do(func() error {
+			return dataplane.Cleanup(dataplane.NewRunner(), rules.Prefix, iptables.IPv4)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if after := top.iptablesSave(t); after != before {
+			t.Errorf("tables differ after cleanup:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
+	})
+}
