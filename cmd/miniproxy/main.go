@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -77,6 +78,7 @@ func run(args []string) error {
 	}
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
+	popts.DeleteStaleFlows = conntrack.Delete
 
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -37,6 +38,9 @@ type Options struct {
 	// UnsupportedProtocols are protocols this node's iptables cannot match;
 	// service ports using them are skipped (with one log line each).
 	UnsupportedProtocols map[endpoints.Protocol]bool
+	// DeleteStaleFlows removes UDP conntrack entries that a successful sync
+	// made stale (conntrack.Delete); nil leaves conntrack alone.
+	DeleteStaleFlows func([]conntrack.Flow) (uint, error)
 }
 
 // Applier is the dataplane of one family, as the loop uses it.
@@ -82,6 +86,8 @@ type Proxier struct {
 	pendingSince time.Time
 	lastFull     time.Time
 	warned       map[endpoints.ServicePortName]bool
+	// applied is the last snapshot whose rules are all in the kernel.
+	applied *endpoints.Snapshot
 }
 
 // New wires a Proxier; planes holds one Applier per family to program.
@@ -203,6 +209,9 @@ func (p *Proxier) Sync(full bool) SyncResult {
 	res.Err = errors.Join(errs...)
 	res.End = time.Now()
 
+	if res.Err == nil {
+		p.deleteStaleFlows(snap)
+	}
 	p.mu.Lock()
 	if res.Err == nil {
 		p.pendingSince = time.Time{}
@@ -222,6 +231,26 @@ func (p *Proxier) Sync(full bool) SyncResult {
 		f(res)
 	}
 	return res
+}
+
+// deleteStaleFlows runs only after the new rules are in, so that the next
+// packet of a flow whose entry is deleted meets them.
+func (p *Proxier) deleteStaleFlows(snap *endpoints.Snapshot) {
+	prev := p.applied
+	p.applied = snap
+	if p.opts.DeleteStaleFlows == nil {
+		return
+	}
+	flows := conntrack.Stale(prev, snap)
+	if len(flows) == 0 {
+		return
+	}
+	n, err := p.opts.DeleteStaleFlows(flows)
+	if err != nil {
+		p.log.Warn("could not delete stale UDP conntrack entries; those flows keep their old endpoint until they idle out", "err", err)
+		return
+	}
+	p.log.Debug("deleted stale UDP conntrack entries", "selectors", len(flows), "deleted", n)
 }
 
 // withoutUnsupported drops service ports whose protocol this node cannot

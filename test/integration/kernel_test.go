@@ -7,6 +7,7 @@ package integration
 import (
 	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"regexp"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -322,6 +324,57 @@ func TestRealRulesRealTraffic(t *testing.T) {
 	t.Run("after a partial change, the other Services still work", func(t *testing.T) {
 		if c, _ := get(t, top.client, "http://198.51.100.1:30081/"); c != clientIP.String() {
 			t.Errorf("got client_address=%s, want %s", c, clientIP)
+		}
+	})
+
+	t.Run("a UDP flow follows its endpoint once the stale conntrack entry is deleted", func(t *testing.T) {
+		// The same client 5-tuple each time, as a long-lived UDP client has.
+		ask := func() string {
+			t.Helper()
+			var answer string
+			err := top.client.Do(func() error {
+				conn, err := net.DialUDP("udp", &net.UDPAddr{Port: 40053}, &net.UDPAddr{IP: net.ParseIP("10.96.0.11"), Port: 53})
+				if err != nil {
+					return err
+				}
+				defer conn.Close()
+				conn.SetDeadline(time.Now().Add(3 * time.Second))
+				if _, err := conn.Write([]byte("hello")); err != nil {
+					return err
+				}
+				buf := make([]byte, 1024)
+				n, err := conn.Read(buf)
+				answer = string(buf[:n])
+				return err
+			})
+			if err != nil {
+				t.Fatalf("UDP request to 10.96.0.11:53: %v", err)
+			}
+			return answer
+		}
+		if got := ask(); !strings.Contains(got, "server=pod1") {
+			t.Fatalf("before the change: %q, want pod1", got)
+		}
+		prev := state.snapshot()
+		state[webUDP] = []endpoints.Endpoint{ep(pod2IP, 8081, false)}
+		cur := state.snapshot()
+		top.apply(t, cur)
+		if got := ask(); !strings.Contains(got, "server=pod1") {
+			t.Fatalf("without cleanup the flow should still reach the removed endpoint (that is why cleanup exists), got %q", got)
+		}
+		var deleted uint
+		if err := top.node.Do(func() error {
+			var err error
+			deleted, err = conntrack.Delete(conntrack.Stale(prev, cur))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if deleted == 0 {
+			t.Error("expected at least one stale entry to be deleted")
+		}
+		if got := ask(); !strings.Contains(got, "server=pod2") {
+			t.Errorf("after cleanup: %q, want pod2", got)
 		}
 	})
 
