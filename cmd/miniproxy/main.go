@@ -74,7 +74,7 @@ func run(args []string) error {
 		if err != nil {
 			return fmt.Errorf("set up %s dataplane: %w", fam, err)
 		}
-		planes[fam] = dp
+		planes[fam] = opts.health.wrapApplier(fam, dp)
 	}
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
@@ -83,6 +83,12 @@ func run(args []string) error {
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
+	// Health and metrics servers come up before the informers sync, so that
+	// no sync result is missed.
+	opts.health.syncPeriod = popts.SyncPeriod
+	if err := startHealth(ctx, opts.health, proxier, tracker, popts.NodePortAddresses, events.recorder, log); err != nil {
+		return err
+	}
 
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
 		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "syncPeriod", popts.SyncPeriod, "minSyncPeriod", popts.MinSyncPeriod)

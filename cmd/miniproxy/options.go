@@ -26,6 +26,7 @@ type options struct {
 	minSyncPeriod     time.Duration
 	cleanup           bool
 	verbosity         int
+	health            healthOptions
 }
 
 func (o *options) register(fs *flag.FlagSet) {
@@ -40,6 +41,7 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", time.Second, "the shortest time between two syncs; changes arriving faster are batched")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every rule and chain miniproxy added, then exit")
 	fs.IntVar(&o.verbosity, "v", 2, "log verbosity; 4 and above logs every sync")
+	registerHealthFlags(fs, &o.health)
 }
 
 func (o *options) nodeName() (string, error) {

@@ -79,8 +79,9 @@ type Proxier struct {
 
 	kick chan struct{}
 
-	mu        sync.Mutex
-	listeners []func(SyncResult)
+	mu              sync.Mutex
+	listeners       []func(SyncResult)
+	changeListeners []func()
 	// pendingSince survives failed syncs: the changes they carried are
 	// still not in the kernel.
 	pendingSince time.Time
@@ -106,8 +107,26 @@ func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Ap
 			p.families = append(p.families, f)
 		}
 	}
-	tracker.SetOnChange(p.Kick)
+	tracker.SetOnChange(p.changed)
 	return p
+}
+
+// OnChange registers a function called whenever a change arrives from the
+// API server, before the sync it causes (the metrics' "last queued" time).
+func (p *Proxier) OnChange(f func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.changeListeners = append(p.changeListeners, f)
+}
+
+func (p *Proxier) changed() {
+	p.mu.Lock()
+	listeners := append([]func(){}, p.changeListeners...)
+	p.mu.Unlock()
+	for _, f := range listeners {
+		f()
+	}
+	p.Kick()
 }
 
 // OnSync registers a function called after every sync, successful or not

@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"k8s.io/client-go/tools/record"
+
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/healthcheck"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+)
+
+// The kube-proxy ports the two servers default to.
+const (
+	defaultHealthzPort = 10256
+	defaultMetricsPort = 10249
+)
+
+// healthOptions are the flags of the healthz and metrics servers, with
+// kube-proxy's names and defaults, plus what startHealth needs from the
+// other flags.
+type healthOptions struct {
+	healthzBindAddress string
+	metricsBindAddress string
+	// syncPeriod is --sync-period; the proxy is unhealthy when a change
+	// waits twice as long. It must be set before startHealth.
+	syncPeriod time.Duration
+	// metrics is made by wrapApplier (before the proxier exists) or by
+	// startHealth; a copy of the options shares it.
+	metrics *metrics.Metrics
+	// localAddresses lists the node's addresses of one family (the
+	// daemon's localAddresses when nil); tests replace it.
+	localAddresses func(iptables.Family) ([]netip.Addr, error)
+	// retry is how often a server port that cannot be opened is tried
+	// again (kube-proxy's 5 s when zero).
+	retry time.Duration
+}
+
+// registerHealthFlags adds --healthz-bind-address and --metrics-bind-address.
+func registerHealthFlags(fs *flag.FlagSet, o *healthOptions) {
+	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", fmt.Sprintf("0.0.0.0:%d", defaultHealthzPort),
+		"ip:port of the proxier health server (/healthz, /livez); a bare ip means port 10256; '[::]:10256' for IPv6; empty disables it")
+	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", fmt.Sprintf("127.0.0.1:%d", defaultMetricsPort),
+		"ip:port of the metrics server (/metrics, /proxyMode, /healthz); a bare ip means port 10249; '0.0.0.0:10249' for every interface; empty disables it")
+}
+
+// wrapApplier makes a family's dataplane report its rule counts and CPU
+// time to the metrics (kubeproxy_sync_proxy_rules_iptables_total cannot be
+// known otherwise). Call it on each dataplane before proxy.New; without it
+// that metric is simply absent.
+func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier) proxy.Applier {
+	if o.metrics == nil {
+		o.metrics = metrics.New(metrics.Options{})
+	}
+	return o.metrics.WrapApplier(fam, a)
+}
+
+// startHealth starts the healthz server, the metrics server and the
+// healthCheckNodePort listeners, and feeds them every sync of p. It returns
+// an error only when a flag is invalid. A server port that cannot be opened
+// is logged and retried every 5 s, as kube-proxy does (proxying matters
+// more than probes); a Service's healthCheckNodePort that cannot be opened
+// is reported on the Service and retried at every sync. Everything stops
+// when ctx ends.
+//
+// nodePortAddresses is --nodeport-addresses (nil: every address);
+// recorder receives Warning events on Services whose port is taken.
+//
+// It also re-registers t's change callback (proxy.New registered p.Kick) as
+// one that stamps kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds
+// and then calls p.Kick.
+func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endpoints.Tracker,
+	nodePortAddresses []netip.Prefix, recorder record.EventRecorder, log *slog.Logger) error {
+	if o.syncPeriod <= 0 {
+		return fmt.Errorf("start health servers: the sync period is not set")
+	}
+	healthzAddr, err := bindAddress("healthz-bind-address", o.healthzBindAddress, defaultHealthzPort)
+	if err != nil {
+		return err
+	}
+	metricsAddr, err := bindAddress("metrics-bind-address", o.metricsBindAddress, defaultMetricsPort)
+	if err != nil {
+		return err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	listAddrs := o.localAddresses
+	if listAddrs == nil {
+		listAddrs = localAddresses
+	}
+
+	m := o.metrics
+	if m == nil {
+		m = metrics.New(metrics.Options{Log: log})
+	}
+	m.TrackChanges(t)
+	ph := healthcheck.NewProxierHealth(healthcheck.ProxierHealthOptions{
+		Timeout:  2 * o.syncPeriod,
+		Pending:  t.OldestPending,
+		Observer: m,
+	})
+	sh := healthcheck.NewServiceHealth(healthcheck.ServiceHealthOptions{
+		NodePortAddresses: nodePortAddresses,
+		LocalAddresses: func() ([]netip.Addr, error) {
+			var all []netip.Addr
+			for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+				a, err := listAddrs(fam)
+				if err != nil {
+					return nil, err
+				}
+				all = append(all, a...)
+			}
+			return all, nil
+		},
+		ProxyHealthy: ph.IsHealthy,
+		Recorder:     recorder,
+		Log:          log,
+	})
+
+	retry := o.retry
+	if retry <= 0 {
+		retry = 5 * time.Second
+	}
+	if healthzAddr != "" {
+		healthcheck.KeepServing(ctx, "healthz", healthzAddr, ph.Handler(), retry, log)
+	}
+	if metricsAddr != "" {
+		healthcheck.KeepServing(ctx, "metrics", metricsAddr, m.Handler(), retry, log)
+	}
+
+	// The proxier's health first, so that the Service answers of this very
+	// sync see it; then the Service ports; then the numbers.
+	p.OnSync(func(res proxy.SyncResult) {
+		ph.OnSync(res)
+		sh.OnSync(res)
+		m.OnSync(res)
+	})
+	p.OnChange(m.ChangeQueued)
+	go func() {
+		<-ctx.Done()
+		sh.Close()
+	}()
+	return nil
+}
+
+// bindAddress checks a bind address flag and gives the address to listen
+// on: "" stays "" (disabled), a bare IP gets the default port, ip:port and
+// [ipv6]:port are kept, ":port" means every address. Port 0 is refused
+// (use an empty value to disable a server).
+func bindAddress(flagName, v string, defaultPort int) (string, error) {
+	if v == "" {
+		return "", nil
+	}
+	if ip, err := netip.ParseAddr(v); err == nil {
+		return netip.AddrPortFrom(ip, uint16(defaultPort)).String(), nil
+	}
+	host, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return "", fmt.Errorf("%w: --%s %q: want ip:port or ip", errUsage, flagName, v)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return "", fmt.Errorf("%w: --%s %q: %q is not an IP address", errUsage, flagName, v, host)
+		}
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 1 || n > 65535 {
+		return "", fmt.Errorf("%w: --%s %q: port must be 1..65535 (an empty value disables the server)", errUsage, flagName, v)
+	}
+	return net.JoinHostPort(host, port), nil
+}

@@ -1,0 +1,263 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/ptr"
+
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+	"github.com/miniproxy/miniproxy/pkg/rules"
+)
+
+func TestHealthFlagsHaveKubeProxysDefaults(t *testing.T) {
+	var o healthOptions
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	registerHealthFlags(fs, &o)
+	if err := fs.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	if o.healthzBindAddress != "0.0.0.0:10256" || o.metricsBindAddress != "127.0.0.1:10249" {
+		t.Errorf("defaults %q %q", o.healthzBindAddress, o.metricsBindAddress)
+	}
+}
+
+func TestBindAddress(t *testing.T) {
+	for _, tc := range []struct{ in, want, err string }{
+		{"", "", ""},
+		{"0.0.0.0:10256", "0.0.0.0:10256", ""},
+		{"0.0.0.0", "0.0.0.0:10256", ""},
+		{"10.240.0.3", "10.240.0.3:10256", ""},
+		{"::", "[::]:10256", ""},
+		{"[::]:10256", "[::]:10256", ""},
+		{"[fd00::3]:9999", "[fd00::3]:9999", ""},
+		{":10256", ":10256", ""},
+		{"localhost:10256", "", "not an IP address"},
+		{"0.0.0.0:0", "", "port must be 1..65535"},
+		{"0.0.0.0:99999", "", "port must be 1..65535"},
+		{"0.0.0.0:http", "", "port must be 1..65535"},
+		{"1.2.3", "", "want ip:port or ip"},
+	} {
+		got, err := bindAddress("healthz-bind-address", tc.in, defaultHealthzPort)
+		switch {
+		case tc.err == "" && err != nil:
+			t.Errorf("%q: %v", tc.in, err)
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err) || !errors.Is(err, errUsage)):
+			t.Errorf("%q: got %v, want an error about %q", tc.in, err, tc.err)
+		case got != tc.want:
+			t.Errorf("%q: got %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+func freeLoopbackPort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func httpGet(t *testing.T, url string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	res, err := c.Get(url)
+	if err != nil {
+		return -1, err.Error()
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return res.StatusCode, string(b)
+}
+
+func lbService(hcPort int) *v1.Service {
+	return &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web"},
+		Spec: v1.ServiceSpec{
+			Type:                  v1.ServiceTypeLoadBalancer,
+			ClusterIP:             "10.0.0.10",
+			ClusterIPs:            []string{"10.0.0.10"},
+			ExternalTrafficPolicy: v1.ServiceExternalTrafficPolicyLocal,
+			HealthCheckNodePort:   int32(hcPort),
+			Ports:                 []v1.ServicePort{{Port: 80, Protocol: v1.ProtocolTCP, NodePort: 30080}},
+		},
+		Status: v1.ServiceStatus{LoadBalancer: v1.LoadBalancerStatus{Ingress: []v1.LoadBalancerIngress{{IP: "203.0.113.140"}}}},
+	}
+}
+
+func webSlice(node string) *discoveryv1.EndpointSlice {
+	return &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: "web-1", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{{
+			Addresses:  []string{"10.244.1.5"},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)},
+			NodeName:   ptr.To(node),
+		}},
+		Ports: []discoveryv1.EndpointPort{{Port: ptr.To[int32](8080), Protocol: ptr.To(v1.ProtocolTCP)}},
+	}
+}
+
+// TestStartHealthFollowsTheSyncs wires everything as the daemon does, with
+// the fake dataplane, and checks the three servers after real syncs. Every
+// listener is on 127.0.0.1.
+func TestStartHealthFollowsTheSyncs(t *testing.T) {
+	healthzPort, metricsPort, hcPort := freeLoopbackPort(t), freeLoopbackPort(t), freeLoopbackPort(t)
+	var ho healthOptions
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	registerHealthFlags(fs, &ho)
+	if err := fs.Parse([]string{
+		fmt.Sprintf("--healthz-bind-address=127.0.0.1:%d", healthzPort),
+		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", metricsPort),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ho.syncPeriod = 30 * time.Second
+	addrs := func(f iptables.Family) ([]netip.Addr, error) {
+		if f == iptables.IPv4 {
+			return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
+		}
+		return nil, nil
+	}
+	ho.localAddresses = addrs
+
+	fake := dataplane.NewFake()
+	dp, err := dataplane.New(fake, iptables.IPv4, rules.Prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp)}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tracker := endpoints.NewTracker("node1", log, nil)
+	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}},
+		tracker, planes, addrs, log)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := startHealth(ctx, ho, p, tracker, []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, record.NewFakeRecorder(10), log); err != nil {
+		t.Fatal(err)
+	}
+	base := func(port int) string { return fmt.Sprintf("http://127.0.0.1:%d", port) }
+
+	if code, body := httpGet(t, base(metricsPort)+"/proxyMode"); code != 200 || body != "iptables" {
+		t.Errorf("/proxyMode: %d %q", code, body)
+	}
+	if code, _ := httpGet(t, base(healthzPort)+"/healthz"); code != 200 {
+		t.Errorf("/healthz at start: %d", code)
+	}
+
+	tracker.OnServiceAdd(lbService(hcPort))
+	tracker.OnEndpointSliceAdd(webSlice("node1"))
+	if code, _ := httpGet(t, base(hcPort)+"/"); code != -1 {
+		t.Errorf("the health check port must not open before the rules are in: %d", code)
+	}
+	if res := p.Sync(false); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	if code, body := httpGet(t, base(hcPort)+"/"); code != 200 || !strings.Contains(body, `"localEndpoints": 1`) {
+		t.Errorf("with a local endpoint: %d %s", code, body)
+	}
+
+	// The endpoint moves to another node; the first attempt fails, so the
+	// answer stays until a sync succeeds.
+	tracker.OnEndpointSliceUpdate(nil, webSlice("node2"))
+	fake.FailNext(1)
+	if res := p.Sync(false); res.Err == nil {
+		t.Fatal("the sync should have failed")
+	}
+	if code, _ := httpGet(t, base(hcPort)+"/"); code != 200 {
+		t.Errorf("after a failed sync the answer must not change: %d", code)
+	}
+	if res := p.Sync(false); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	if code, body := httpGet(t, base(hcPort)+"/"); code != 503 || !strings.Contains(body, `"localEndpoints": 0`) {
+		t.Errorf("without a local endpoint: %d %s", code, body)
+	}
+
+	_, page := httpGet(t, base(metricsPort)+"/metrics")
+	for _, want := range []string{
+		"kubeproxy_sync_proxy_rules_duration_seconds_count 3\n",
+		"kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1\n",
+		"kubeproxy_sync_proxy_rules_service_changes_total 1\n",
+		"kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n",
+		`kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"} 1` + "\n",
+		`kubeproxy_proxy_healthz_total{code="200"} 1` + "\n",
+		`kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"} `,
+		"process_cpu_seconds_total ",
+	} {
+		if !strings.Contains(page, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	if strings.Contains(page, `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"} 0`+"\n") {
+		t.Error("the nat table has rules")
+	}
+
+	cancel()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		code, _ := httpGet(t, base(hcPort)+"/")
+		if code == -1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the health check port stays open after the context ended")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestStartHealthRefusesBadOptionsAndRetriesTakenPorts(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tracker := endpoints.NewTracker("node1", log, nil)
+	p := proxy.New(proxy.Options{SyncPeriod: time.Minute}, tracker, map[iptables.Family]proxy.Applier{}, nil, log)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := startHealth(ctx, healthOptions{}, p, tracker, nil, nil, log); err == nil {
+		t.Error("no sync period: want an error")
+	}
+	if err := startHealth(ctx, healthOptions{syncPeriod: time.Minute, metricsBindAddress: "localhost:1"}, p, tracker, nil, nil, log); err == nil || !errors.Is(err, errUsage) {
+		t.Errorf("bad bind address: %v", err)
+	}
+
+	// The healthz port is taken by someone else: not fatal, served once free.
+	squatter, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := squatter.Addr().String()
+	o := healthOptions{healthzBindAddress: addr, syncPeriod: time.Minute, retry: 20 * time.Millisecond}
+	if err := startHealth(ctx, o, p, tracker, nil, nil, log); err != nil {
+		t.Fatalf("a taken port should be retried, not fatal: %v", err)
+	}
+	squatter.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if code, _ := httpGet(t, "http://"+addr+"/livez"); code == 200 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the healthz server never came up")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

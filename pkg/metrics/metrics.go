@@ -1,0 +1,393 @@
+// Package metrics exports what the sync loop does in Prometheus format, under
+// kube-proxy's metric names, so that dashboards and alerts written for
+// kube-proxy work unchanged on miniproxy. It also serves the metrics port's
+// other answers (/proxyMode, /healthz).
+//
+// Every value comes from something that happened: a SyncResult handed to
+// OnSync, an apply seen through WrapApplier, a probe answered by the health
+// server, or the change tracker's counters read at scrape time. Nothing is
+// kept in package-level state; each Metrics has its own registry.
+package metrics
+
+import (
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
+)
+
+// ProxyMode is what /proxyMode answers: the kube-proxy mode miniproxy
+// replaces, which is what scripts that check a node's proxy mode expect.
+const ProxyMode = "iptables"
+
+// The label values of kubeproxy_sync_proxy_rules_no_local_endpoints_total,
+// as kube-proxy spells them.
+const (
+	PolicyInternal = "internal"
+	PolicyExternal = "external"
+)
+
+const subsystem = "kubeproxy"
+
+// syncBuckets are kube-proxy's buckets for sync durations: 1 ms doubling up
+// to about 16 s.
+var syncBuckets = prometheus.ExponentialBuckets(0.001, 2, 15)
+
+// networkProgrammingBuckets are kube-proxy's buckets for
+// network_programming_duration_seconds: 0 (kept from its bucket merge
+// helper), 0.25 s, 0.5 s, every second to 59 s, every 5 s to 115 s, every
+// 30 s to 5 min.
+var networkProgrammingBuckets = func() []float64 {
+	b := []float64{0}
+	b = append(b, prometheus.LinearBuckets(0.25, 0.25, 2)...)
+	b = append(b, prometheus.LinearBuckets(1, 1, 59)...)
+	b = append(b, prometheus.LinearBuckets(60, 5, 12)...)
+	b = append(b, prometheus.LinearBuckets(120, 30, 7)...)
+	return b
+}()
+
+// ChangeCounter is what the metrics read from the change tracker when they
+// are scraped; *endpoints.Tracker implements it. It is an interface so that
+// the metrics need not own the tracker.
+type ChangeCounter interface {
+	ServiceChangesTotal() int64
+	EndpointChangesTotal() int64
+	PendingChanges() (services, endpoints int)
+}
+
+var _ ChangeCounter = (*endpoints.Tracker)(nil)
+
+// Metrics holds miniproxy's metrics and the registry that serves them. Its
+// methods are safe for concurrent use: OnSync runs in the sync loop, the
+// Observe methods in HTTP handlers, scrapes in the metrics server.
+type Metrics struct {
+	reg *prometheus.Registry
+	now func() time.Time
+	log *slog.Logger
+
+	syncDuration        prometheus.Histogram
+	syncFullDuration    prometheus.Histogram
+	syncPartialDuration prometheus.Histogram
+	networkProgramming  prometheus.Histogram
+	lastSync            prometheus.Gauge
+	lastQueued          prometheus.Gauge
+	restoreFailures     prometheus.Counter
+	rulesTotal          *prometheus.GaugeVec
+	noLocalEndpoints    *prometheus.GaugeVec
+	healthz             *prometheus.CounterVec
+	livez               *prometheus.CounterVec
+
+	restoreBytes    *prometheus.GaugeVec
+	rulesWritten    *prometheus.GaugeVec
+	chainsWritten   *prometheus.GaugeVec
+	restoreDuration *prometheus.HistogramVec
+	applyCPU        *prometheus.HistogramVec
+
+	mu             sync.Mutex
+	lastQueuedTime time.Time
+	// tables remembers, per family, the tables whose rule count was set, so
+	// that a table that disappears from the ruleset drops to 0.
+	tables  map[string]map[string]bool
+	tracked bool
+}
+
+// Options tune New; the zero value is the daemon's setting.
+type Options struct {
+	// Now is the clock (time.Now when nil); tests inject their own.
+	Now func() time.Time
+	// Log receives errors met while serving /metrics (discarded when nil).
+	Log *slog.Logger
+	// NoProcessMetrics leaves out the process_* and go_* metrics that
+	// kube-proxy also exports; tests use it to keep their output small.
+	NoProcessMetrics bool
+}
+
+// New creates the metrics with their registry. The last-queued timestamp
+// starts at the creation time, as kube-proxy sets it when its loop starts.
+func New(o Options) *Metrics {
+	now := o.Now
+	if now == nil {
+		now = time.Now
+	}
+	log := o.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m := &Metrics{
+		reg:    prometheus.NewRegistry(),
+		now:    now,
+		log:    log,
+		tables: map[string]map[string]bool{},
+
+		syncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_duration_seconds",
+			Help:    "SyncProxyRules latency in seconds",
+			Buckets: syncBuckets,
+		}),
+		syncFullDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: subsystem, Name: "sync_full_proxy_rules_duration_seconds",
+			Help:    "SyncProxyRules latency in seconds for full resyncs",
+			Buckets: syncBuckets,
+		}),
+		syncPartialDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: subsystem, Name: "sync_partial_proxy_rules_duration_seconds",
+			Help:    "SyncProxyRules latency in seconds for partial resyncs",
+			Buckets: syncBuckets,
+		}),
+		networkProgramming: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Subsystem: subsystem, Name: "network_programming_duration_seconds",
+			Help:    "In Cluster Network Programming Latency in seconds",
+			Buckets: networkProgrammingBuckets,
+		}),
+		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_last_timestamp_seconds",
+			Help: "The last time proxy rules were successfully synced",
+		}),
+		lastQueued: prometheus.NewGauge(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_last_queued_timestamp_seconds",
+			Help: "The last time a sync of proxy rules was queued",
+		}),
+		restoreFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_restore_failures_total",
+			Help: "Cumulative proxy iptables restore failures",
+		}),
+		rulesTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_total",
+			Help: "Total number of iptables rules owned by kube-proxy",
+		}, []string{"table", "ip_family"}),
+		noLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_no_local_endpoints_total",
+			Help: "Number of services with a Local traffic policy and no endpoints",
+		}, []string{"traffic_policy"}),
+		healthz: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "proxy_healthz_total",
+			Help: "Cumulative proxy healthz HTTP status",
+		}, []string{"code"}),
+		livez: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "proxy_livez_total",
+			Help: "Cumulative proxy livez HTTP status",
+		}, []string{"code"}),
+
+		restoreBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "miniproxy", Name: "sync_restore_bytes",
+			Help: "Size of the iptables-restore input of the last sync (0 when nothing had changed)",
+		}, []string{"ip_family"}),
+		rulesWritten: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "miniproxy", Name: "sync_rules_written",
+			Help: "Rules in the iptables-restore input of the last sync",
+		}, []string{"ip_family"}),
+		chainsWritten: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "miniproxy", Name: "sync_chains_written",
+			Help: "Chains written by the iptables-restore input of the last sync",
+		}, []string{"ip_family"}),
+		restoreDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "miniproxy", Name: "sync_restore_duration_seconds",
+			Help:    "Time iptables-restore took, per sync that ran it",
+			Buckets: syncBuckets,
+		}, []string{"ip_family"}),
+		applyCPU: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "miniproxy", Name: "sync_apply_cpu_seconds",
+			Help:    "CPU time (user+system, this process and its iptables children) consumed while applying one family's rules",
+			Buckets: syncBuckets,
+		}, []string{"ip_family"}),
+	}
+	m.reg.MustRegister(
+		m.syncDuration, m.syncFullDuration, m.syncPartialDuration, m.networkProgramming,
+		m.lastSync, m.lastQueued, m.restoreFailures, m.rulesTotal, m.noLocalEndpoints,
+		m.healthz, m.livez,
+		m.restoreBytes, m.rulesWritten, m.chainsWritten, m.restoreDuration, m.applyCPU,
+	)
+	// Both policies are always present, as kube-proxy sets both each sync.
+	m.noLocalEndpoints.WithLabelValues(PolicyInternal).Set(0)
+	m.noLocalEndpoints.WithLabelValues(PolicyExternal).Set(0)
+	if !o.NoProcessMetrics {
+		m.reg.MustRegister(
+			collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+			collectors.NewGoCollector(),
+		)
+	}
+	m.setLastQueued(now())
+	return m
+}
+
+// TrackChanges exports the tracker's event counters and pending changes
+// (kubeproxy_sync_proxy_rules_{service,endpoint}_changes_{total,pending}),
+// read at every scrape. Call it once; later calls do nothing.
+func (m *Metrics) TrackChanges(c ChangeCounter) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.tracked {
+		return
+	}
+	m.tracked = true
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_service_changes_total",
+			Help: "Cumulative proxy rules Service changes",
+		}, func() float64 { return float64(c.ServiceChangesTotal()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_endpoint_changes_total",
+			Help: "Cumulative proxy rules Endpoint changes",
+		}, func() float64 { return float64(c.EndpointChangesTotal()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_service_changes_pending",
+			Help: "Pending proxy rules Service changes",
+		}, func() float64 { s, _ := c.PendingChanges(); return float64(s) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_endpoint_changes_pending",
+			Help: "Pending proxy rules Endpoint changes",
+		}, func() float64 { _, e := c.PendingChanges(); return float64(e) }),
+	)
+}
+
+// ChangeQueued records that a change arrived and a sync was asked for
+// (kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds). It never
+// blocks for long, so it may be called from an informer handler.
+func (m *Metrics) ChangeQueued() { m.setLastQueued(m.now()) }
+
+func (m *Metrics) setLastQueued(t time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if t.After(m.lastQueuedTime) {
+		m.lastQueuedTime = t
+		m.lastQueued.Set(seconds(t))
+	}
+}
+
+// OnSync records one sync; register it with proxy.Proxier.OnSync.
+//
+// Every sync, failed or not, is timed (as kube-proxy times every run); it is
+// full when any family was written in full. Only a successful sync moves
+// the last-sync timestamp, observes the network programming latency (from
+// the oldest change it carried to its end) and recounts the Services
+// without local endpoints. A failed sync counts one restore failure.
+func (m *Metrics) OnSync(res proxy.SyncResult) {
+	d := res.End.Sub(res.Start).Seconds()
+	m.syncDuration.Observe(d)
+	full := false
+	for _, r := range res.Results {
+		full = full || r.Full
+	}
+	if full {
+		m.syncFullDuration.Observe(d)
+	} else {
+		m.syncPartialDuration.Observe(d)
+	}
+	if !res.QueuedSince.IsZero() {
+		m.setLastQueued(res.QueuedSince)
+	}
+	for _, r := range res.Results {
+		fam := r.Family.String()
+		m.restoreBytes.WithLabelValues(fam).Set(float64(r.Bytes))
+		m.rulesWritten.WithLabelValues(fam).Set(float64(r.RulesWritten))
+		m.chainsWritten.WithLabelValues(fam).Set(float64(r.ChainsWritten))
+		if r.Bytes > 0 {
+			m.restoreDuration.WithLabelValues(fam).Observe(r.RestoreDuration.Seconds())
+		}
+	}
+	if res.Err != nil {
+		m.restoreFailures.Inc()
+		return
+	}
+	m.lastSync.Set(seconds(res.End))
+	if !res.QueuedSince.IsZero() {
+		m.networkProgramming.Observe(max(res.End.Sub(res.QueuedSince).Seconds(), 0))
+	}
+	if res.Snapshot != nil {
+		internal, external := NoLocalEndpoints(res.Snapshot)
+		m.noLocalEndpoints.WithLabelValues(PolicyInternal).Set(float64(internal))
+		m.noLocalEndpoints.WithLabelValues(PolicyExternal).Set(float64(external))
+	}
+}
+
+// ObserveHealthz counts one answer of the proxier's /healthz
+// (kubeproxy_proxy_healthz_total{code}).
+func (m *Metrics) ObserveHealthz(code int) {
+	m.healthz.WithLabelValues(fmt.Sprint(code)).Inc()
+}
+
+// ObserveLivez counts one answer of the proxier's /livez
+// (kubeproxy_proxy_livez_total{code}).
+func (m *Metrics) ObserveLivez(code int) {
+	m.livez.WithLabelValues(fmt.Sprint(code)).Inc()
+}
+
+// Registry gives the registry, for tests and for whoever wants to add a
+// metric of their own.
+func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
+
+// Handler serves the metrics port as kube-proxy does: /metrics in
+// Prometheus format, /proxyMode answering "iptables", /healthz answering
+// "ok" (the metrics server is up; the proxier's health is on the healthz
+// port).
+func (m *Metrics) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
+		ErrorLog:      slogPrinter{m.log},
+		ErrorHandling: promhttp.ContinueOnError,
+	}))
+	mux.HandleFunc("/proxyMode", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		fmt.Fprint(w, ProxyMode)
+	})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		fmt.Fprint(w, "ok")
+	})
+	return mux
+}
+
+// NoLocalEndpoints counts the service ports whose internal or external
+// traffic policy is Local while this node has no endpoint that traffic may
+// use, as kube-proxy's no_local_endpoints_total does: the local ready
+// endpoints, or, when none is ready, the local serving-and-terminating ones
+// (the same fallback the rules use). The external policy only counts for
+// ports reachable from outside.
+func NoLocalEndpoints(snap *endpoints.Snapshot) (internal, external int) {
+	for name, svc := range snap.Services {
+		extLocal := svc.ExternalPolicyLocal && svc.ExternallyAccessible()
+		if !svc.InternalPolicyLocal && !extLocal {
+			continue
+		}
+		if hasLocalEndpoint(snap.Endpoints[name]) {
+			continue
+		}
+		if svc.InternalPolicyLocal {
+			internal++
+		}
+		if extLocal {
+			external++
+		}
+	}
+	return internal, external
+}
+
+func hasLocalEndpoint(eps []endpoints.Endpoint) bool {
+	for _, ep := range eps {
+		if ep.Local && (ep.Ready || (ep.Serving && ep.Terminating)) {
+			return true
+		}
+	}
+	return false
+}
+
+func seconds(t time.Time) float64 {
+	return float64(t.UnixNano()) / 1e9
+}
+
+// slogPrinter lets promhttp report scrape errors through slog.
+type slogPrinter struct{ log *slog.Logger }
+
+func (p slogPrinter) Println(v ...any) {
+	p.log.Error("serving metrics", "err", fmt.Sprint(v...))
+}
