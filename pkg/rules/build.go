@@ -200,19 +200,27 @@ func (b *builder) addServicePort(svc *endpoints.ServicePort, eps []endpoints.End
 // rejectOrDrop is what happens to traffic that has no endpoint to go to:
 // rejected at once when the service port has no usable endpoint at all,
 // dropped when endpoints exist but none that this traffic may use (so that a
-// client or load balancer tries another node instead of giving up).
-func rejectOrDrop(s *servicePortRules, what string) (target, comment string) {
+// client or load balancer tries another node instead of giving up). TCP is
+// rejected with a reset rather than upstream's ICMP port unreachable: the
+// kernel sends at most one ICMP error per second to a host, so a client
+// opening connections to a Service without endpoints would see most of them
+// hang for a SYN retransmit (a second or more) instead of being refused.
+func rejectOrDrop(s *servicePortRules, what string) (target []string, comment string) {
 	if s.sets.any {
-		return "DROP", fmt.Sprintf("%s %s has no local endpoints", s.comment, what)
+		return []string{"-j", "DROP"}, fmt.Sprintf("%s %s has no local endpoints", s.comment, what)
 	}
-	return "REJECT", fmt.Sprintf("%s %s has no endpoints", s.comment, what)
+	comment = fmt.Sprintf("%s %s has no endpoints", s.comment, what)
+	if s.proto == "tcp" {
+		return []string{"-j", "REJECT", "--reject-with", "tcp-reset"}, comment
+	}
+	return []string{"-j", "REJECT"}, comment
 }
 
 func (b *builder) addClusterIP(s *servicePortRules, ip netip.Addr) {
 	match := append([]string{"-d", b.hostPrefix(ip)}, s.portMatch(s.svc.Port)...)
 	if len(s.internal) == 0 {
 		target, comment := rejectOrDrop(s, "cluster IP")
-		b.filterVIP.add(ip, rule(comment, match, nil, "-j", target))
+		b.filterVIP.add(ip, rule(comment, match, nil, target...))
 		return
 	}
 	comment := s.comment + " cluster IP"
@@ -237,7 +245,7 @@ func (b *builder) addExternal(s *servicePortRules, match []string, what string, 
 	}
 	if len(s.external) == 0 {
 		target, comment := rejectOrDrop(s, what)
-		addFilter(rule(comment, match, nil, "-j", target))
+		addFilter(rule(comment, match, nil, target...))
 	}
 }
 
@@ -320,7 +328,7 @@ func (b *builder) addLoadBalancerIPs(s *servicePortRules) {
 		}
 		if len(s.external) == 0 {
 			target, comment := rejectOrDrop(s, "loadbalancer IP")
-			b.filterVIP.add(ip, rule(comment, match, nil, "-j", target))
+			b.filterVIP.add(ip, rule(comment, match, nil, target...))
 		}
 	}
 }
