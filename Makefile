@@ -3,7 +3,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: deps build test unit vet
+.PHONY: deps build demo test unit vet k8s-binaries
 
 deps:
 	./scripts/install-deps.sh
@@ -14,8 +14,16 @@ build: deps
 vet:
 	$(GO) vet ./...
 
+# kube-apiserver and kube-proxy for the lab, cached once per machine.
+k8s-binaries: deps
+	./scripts/build-k8s.sh
+
+# The tutorial, walked in the namespace lab with a real API server.
+demo: deps k8s-binaries
+	$(GO) run ./test/demo
+
 # Every test, the namespace tests included (they need root).
-test: deps vet
+test: deps vet k8s-binaries
 	$(GO) test -count=1 -timeout 25m ./...
 
 # Tests that need neither root nor the kernel.

@@ -51,6 +51,7 @@ type Lab struct {
 	closed     bool
 	namespaces []*Namespace
 	procs      []*Process
+	cleanups   []func() error // see addCleanup
 
 	closeOnce sync.Once
 	closeErr  error
@@ -190,6 +191,7 @@ func (l *Lab) Close() error {
 		l.closed = true
 		procs := l.procs
 		namespaces := l.namespaces
+		cleanups := l.cleanups
 		l.mu.Unlock()
 
 		var errs []error
@@ -203,6 +205,11 @@ func (l *Lab) Close() error {
 			}()
 		}
 		wg.Wait()
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			if err := cleanups[i](); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		for i := len(namespaces) - 1; i >= 0; i-- {
 			if err := namespaces[i].destroy(); err != nil {
 				errs = append(errs, err)

@@ -12,16 +12,20 @@ import (
 // records the namespaces announced with "add NAME" and forgotten with
 // "del NAME"; when the pipe reaches end of file, which happens however this
 // process ends (including SIGKILL and the panic of a test timeout), it kills
-// every process inside the namespaces still recorded and deletes them. It
+// every process inside the namespaces still recorded and deletes them, then
+// removes the lab's temporary directories announced with "dir PATH" and not
+// yet forgotten with "undir PATH" (see Lab.TempDir). It
 // ignores terminal signals and runs in its own process group so that Ctrl-C
 // does not kill it before it has done its job.
 const watchdogScript = `
 trap '' INT TERM HUP
-declare -A live
+declare -A live dirs
 while read -r op name; do
 	case "$op" in
 	add) live["$name"]=1 ;;
 	del) unset "live[$name]" ;;
+	dir) dirs["$name"]=1 ;;
+	undir) unset "dirs[$name]" ;;
 	esac
 done
 for n in "${!live[@]}"; do
@@ -32,6 +36,9 @@ for n in "${!live[@]}"; do
 		sleep 0.2
 	done
 	ip netns del "$n" 2>/dev/null
+done
+for d in "${!dirs[@]}"; do
+	rm -rf -- "$d"
 done
 exit 0
 `

@@ -1,0 +1,363 @@
+// Package cluster builds the tutorial's cluster out of network namespaces: a
+// router with the nodes' LAN, a client network and a load balancer VIP; a
+// control plane with a real etcd and kube-apiserver; nodes each running
+// miniproxy as its own process, exactly as the DaemonSet would; and pods
+// running the echo server behind their nodes. The lab plays the parts of the
+// kubelet (pods and their status), the EndpointSlice controller and a
+// packet-forwarding cloud load balancer that follows healthCheckNodePort.
+//
+// It is used by the end-to-end tests and by `make demo`.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/miniproxy/miniproxy/test/netns"
+)
+
+// The lab's addresses, the tutorial's where they fit.
+var (
+	LAN         = netip.MustParsePrefix("10.240.0.0/24")
+	RouterLAN   = netip.MustParseAddr("10.240.0.1")
+	ControlIP   = netip.MustParseAddr("10.240.0.2")
+	ClientNet   = netip.MustParsePrefix("198.51.100.0/24")
+	RouterWAN   = netip.MustParseAddr("198.51.100.1")
+	ClientIP    = netip.MustParseAddr("198.51.100.79")
+	FirstVIP    = netip.MustParseAddr("203.0.113.140")
+	ClusterCIDR = netip.MustParsePrefix("10.244.0.0/16")
+	ServiceCIDR = netip.MustParsePrefix("10.96.0.0/16")
+)
+
+// Options shape a cluster.
+type Options struct {
+	// Nodes is the number of nodes (at least 1; 2 when zero).
+	Nodes int
+	// Logf receives progress lines; nil discards them.
+	Logf func(format string, args ...any)
+	// ProxyArgs returns extra miniproxy arguments for a node, or the whole
+	// command line when Replace is true (used to run a node from a config
+	// file, as a DaemonSet would).
+	ProxyArgs func(n *Node) (args []string, replace bool)
+}
+
+// Cluster is a running lab cluster. Close tears everything down.
+type Cluster struct {
+	Lab     *netns.Lab
+	Control *netns.ControlPlane
+	Router  *netns.Namespace
+	Client  *netns.Namespace
+	CPNS    *netns.Namespace
+	Nodes   []*Node
+	// Kube is an admin client whose connections start inside the lab.
+	Kube kubernetes.Interface
+
+	logf     func(string, ...any)
+	echoBin  string
+	proxyBin string
+
+	mu   sync.Mutex
+	pods map[string]*Pod // namespace/name
+
+	slicesKick chan struct{}
+	slicesMu   sync.Mutex
+	lb         *loadBalancer
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+}
+
+// Node is one node namespace with its miniproxy.
+type Node struct {
+	Name    string
+	Index   int
+	IP      netip.Addr
+	PodCIDR netip.Prefix
+	Gateway netip.Addr // the node's address on its pods' links
+	NS      *netns.Namespace
+	Proxy   *netns.Process
+	nextPod int
+}
+
+// Start brings the whole cluster up; on error everything already made is
+// torn down.
+func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
+	if opts.Nodes <= 0 {
+		opts.Nodes = 2
+	}
+	logf := opts.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	lab, err := netns.New()
+	if err != nil {
+		return nil, fmt.Errorf("create lab: %w", err)
+	}
+	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}, slicesKick: make(chan struct{}, 1)}
+	defer func() {
+		if err != nil {
+			c.Close()
+			c = nil
+		}
+	}()
+
+	if c.echoBin, err = netns.Build("github.com/miniproxy/miniproxy/cmd/echoserver"); err != nil {
+		return c, err
+	}
+	if c.proxyBin, err = netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy"); err != nil {
+		return c, err
+	}
+	if err := c.buildNetwork(opts.Nodes); err != nil {
+		return c, err
+	}
+	logf("network up: router, client %s, control plane %s, %d nodes", ClientIP, ControlIP, opts.Nodes)
+
+	start := time.Now()
+	c.Control, err = netns.StartControlPlane(ctx, lab, c.CPNS, netns.ControlPlaneOptions{
+		Address:     ControlIP,
+		ServiceCIDR: ServiceCIDR,
+	})
+	if err != nil {
+		return c, fmt.Errorf("start control plane: %w", err)
+	}
+	c.Kube = c.Control.Client()
+	logf("etcd and kube-apiserver ready at %s in %s", c.Control.Server(), time.Since(start).Round(100*time.Millisecond))
+
+	if err := c.registerObjects(ctx); err != nil {
+		return c, err
+	}
+	bg, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+	c.lb = newLoadBalancer(c)
+	c.wg.Add(2)
+	go func() { defer c.wg.Done(); c.runSliceController(bg) }()
+	go func() { defer c.wg.Done(); c.lb.run(bg) }()
+
+	for _, n := range c.Nodes {
+		if err := c.StartProxy(ctx, n, opts.ProxyArgs); err != nil {
+			return c, err
+		}
+	}
+	logf("miniproxy running on %s", strings.Join(c.nodeNames(), ", "))
+	return c, nil
+}
+
+func (c *Cluster) nodeNames() []string {
+	var out []string
+	for _, n := range c.Nodes {
+		out = append(out, n.Name)
+	}
+	return out
+}
+
+func (c *Cluster) buildNetwork(nodes int) error {
+	var err error
+	add := func(short string) *netns.Namespace {
+		if err != nil {
+			return nil
+		}
+		var ns *netns.Namespace
+		ns, err = c.Lab.AddNamespace(short)
+		return ns
+	}
+	c.Router, c.Client, c.CPNS = add("router"), add("client"), add("cp")
+	for i := 1; i <= nodes; i++ {
+		n := &Node{
+			Name:    fmt.Sprintf("node%d", i),
+			Index:   i,
+			IP:      netip.AddrFrom4([4]byte{10, 240, 0, byte(2 + i)}),
+			PodCIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24),
+			Gateway: netip.AddrFrom4([4]byte{10, 244, byte(i), 1}),
+			nextPod: 5,
+		}
+		n.NS = add(n.Name)
+		c.Nodes = append(c.Nodes, n)
+	}
+	if err != nil {
+		return err
+	}
+	steps := []func() error{
+		func() error { return c.Router.AddBridge("lan", netip.PrefixFrom(RouterLAN, 24)) },
+		c.Router.EnableForwarding,
+		func() error {
+			return c.Lab.Link(c.Client, c.Router, netip.PrefixFrom(ClientIP, 24), netip.PrefixFrom(RouterWAN, 24))
+		},
+		func() error { return c.Client.AddRoute(netip.MustParsePrefix("0.0.0.0/0"), RouterWAN) },
+		func() error { return c.Lab.LinkBridge(c.CPNS, c.Router, "lan", netip.PrefixFrom(ControlIP, 24)) },
+		func() error { return c.CPNS.AddRoute(netip.MustParsePrefix("0.0.0.0/0"), RouterLAN) },
+	}
+	for _, n := range c.Nodes {
+		steps = append(steps,
+			func() error { return c.Lab.LinkBridge(n.NS, c.Router, "lan", netip.PrefixFrom(n.IP, 24)) },
+			n.NS.EnableForwarding,
+			func() error { return n.NS.AddRoute(netip.MustParsePrefix("0.0.0.0/0"), RouterLAN) },
+			func() error { return c.Router.AddRoute(n.PodCIDR, n.IP) },
+		)
+		for _, other := range c.Nodes {
+			if other != n {
+				steps = append(steps, func() error { return n.NS.AddRoute(other.PodCIDR, other.IP) })
+			}
+		}
+	}
+	for _, s := range steps {
+		if err := s(); err != nil {
+			return fmt.Errorf("build lab network: %w", err)
+		}
+	}
+	return nil
+}
+
+// registerObjects writes what kubelets and controllers would: the Node
+// objects and the default ServiceAccount.
+func (c *Cluster) registerObjects(ctx context.Context) error {
+	for _, n := range c.Nodes {
+		node := &v1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{
+				"kubernetes.io/hostname":      n.Name,
+				"topology.kubernetes.io/zone": "zone-" + n.Name,
+			}},
+			Spec: v1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+			Status: v1.NodeStatus{
+				Addresses:  []v1.NodeAddress{{Type: v1.NodeInternalIP, Address: n.IP.String()}, {Type: v1.NodeHostName, Address: n.Name}},
+				Conditions: []v1.NodeCondition{{Type: v1.NodeReady, Status: v1.ConditionTrue, LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}},
+			},
+		}
+		if _, err := c.Kube.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("register node %s: %w", n.Name, err)
+		}
+	}
+	sa := &v1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "default"}}
+	if _, err := c.Kube.CoreV1().ServiceAccounts("default").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !strings.Contains(err.Error(), "already exists") {
+		return fmt.Errorf("create default service account: %w", err)
+	}
+	return nil
+}
+
+// StartProxy runs miniproxy on a node, as the DaemonSet's container would,
+// and waits for its first sync.
+func (c *Cluster) StartProxy(ctx context.Context, n *Node, extra func(*Node) ([]string, bool)) error {
+	args := []string{
+		"--kubeconfig", c.Control.ProxyKubeconfig(),
+		"--hostname-override", n.Name,
+		"--cluster-cidr", ClusterCIDR.String(),
+	}
+	if extra != nil {
+		more, replace := extra(n)
+		if replace {
+			args = more
+		} else {
+			args = append(args, more...)
+		}
+	}
+	p, err := n.NS.Start(c.proxyBin, args...)
+	if err != nil {
+		return fmt.Errorf("start miniproxy on %s: %w", n.Name, err)
+	}
+	n.Proxy = p
+	wait, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	if err := p.WaitForOutput(wait, "rules synced"); err != nil {
+		return fmt.Errorf("miniproxy on %s did not sync: %w\n%s", n.Name, err, p.Output())
+	}
+	return nil
+}
+
+// StopProxy stops a node's miniproxy (its rules stay, as when a DaemonSet
+// pod is replaced).
+func (c *Cluster) StopProxy(n *Node) error {
+	if n.Proxy == nil {
+		return nil
+	}
+	err := n.Proxy.Stop()
+	n.Proxy = nil
+	return err
+}
+
+// Node returns the node with the given name.
+func (c *Cluster) Node(name string) *Node {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// Kubectl runs kubectl with the admin credentials from inside ns.
+func (c *Cluster) Kubectl(ctx context.Context, ns *netns.Namespace, args ...string) (string, error) {
+	return c.Control.Kubectl(ctx, ns, args...)
+}
+
+// Close stops the controllers and tears the lab down; it is safe to call
+// more than once.
+func (c *Cluster) Close() error {
+	if c == nil {
+		return nil
+	}
+	if c.cancel != nil {
+		c.cancel()
+		c.wg.Wait()
+		c.cancel = nil
+	}
+	if c.Lab == nil {
+		return nil
+	}
+	return c.Lab.Close()
+}
+
+// Outputs returns every lab process's recent output, for failure reports.
+func (c *Cluster) Outputs() string {
+	var b strings.Builder
+	for _, n := range c.Nodes {
+		if n.Proxy != nil {
+			fmt.Fprintf(&b, "--- miniproxy on %s:\n%s\n", n.Name, tail(n.Proxy.Output(), 40))
+		}
+	}
+	return b.String()
+}
+
+func tail(s string, lines int) string {
+	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(l) > lines {
+		l = l[len(l)-lines:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// Eventually polls f every 100ms until it returns nil or the timeout passes,
+// and returns f's last error.
+func Eventually(ctx context.Context, timeout time.Duration, f func() error) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+var errNoPod = errors.New("no such pod")
+
+func sortedKeys[M ~map[string]V, V any](m M) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}

@@ -1,0 +1,58 @@
+package netns
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// addCleanup registers fn to run when the lab is closed: after its processes
+// have been stopped and before its namespaces are deleted, the last
+// registered first. It fails, without registering fn, once the lab is
+// closed, so the caller cleans up itself.
+func (l *Lab) addCleanup(fn func() error) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return fmt.Errorf("lab %s is closed", l.prefix)
+	}
+	l.cleanups = append(l.cleanups, fn)
+	return nil
+}
+
+// TempDir creates a new directory for files the lab's processes need
+// (kubeconfigs, certificates, etcd's data) and returns its path. Its name
+// carries the lab's prefix and name, so a run's files are easy to recognise.
+// It is removed by Lab.Close after the processes have stopped or, should
+// the test process die without closing the lab (SIGKILL, a test timeout), by
+// the watchdog, so files do not outlive the lab any more than namespaces do.
+func (l *Lab) TempDir(name string) (string, error) {
+	if strings.ContainsAny(name, " \t\n/") {
+		return "", fmt.Errorf("create temp dir %q for lab %s: name must not contain spaces or slashes", name, l.prefix)
+	}
+	base := os.TempDir()
+	if strings.ContainsAny(base, " \t\n") || !filepath.IsAbs(base) {
+		base = "/tmp" // the watchdog protocol is line- and word-based
+	}
+	dir, err := os.MkdirTemp(base, "miniproxy-"+l.prefix+name+"-")
+	if err != nil {
+		return "", fmt.Errorf("create temp dir for lab %s: %w", l.prefix, err)
+	}
+	if err := watchdogNote("dir", dir); err != nil {
+		os.RemoveAll(dir)
+		return "", fmt.Errorf("create temp dir for lab %s: %w", l.prefix, err)
+	}
+	remove := func() error {
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("remove temp dir of lab %s: %w", l.prefix, err)
+		}
+		watchdogNote("undir", dir)
+		return nil
+	}
+	if err := l.addCleanup(remove); err != nil {
+		return "", errors.Join(fmt.Errorf("create temp dir: %w", err), remove())
+	}
+	return dir, nil
+}
