@@ -41,8 +41,19 @@ var (
 // point-to-point link; the client's default route leads to the node.
 type topology struct {
 	client, node, pod1, pod2 *netns.Namespace
-	plane                    *dataplane.Dataplane
+	plane, plane6            *dataplane.Dataplane
 }
+
+// The same topology in IPv6, for the dual-stack checks.
+var (
+	clientIP6   = addr("fd00:198::79")
+	nodeIP6     = addr("fd00:198::1")
+	pod1IP6     = addr("fd00:244:1::5")
+	pod1GW6     = addr("fd00:244:1::1")
+	pod2IP6     = addr("fd00:244:2::6")
+	pod2GW6     = addr("fd00:244:2::1")
+	clusterNet6 = pfx("fd00:244::/32")
+)
 
 func setUp(t *testing.T) *topology {
 	t.Helper()
@@ -73,14 +84,33 @@ func setUp(t *testing.T) *topology {
 	must(top.pod2.AddRoute(pfx("0.0.0.0/0"), pod2GW))
 	must(top.node.EnableForwarding())
 	// A real node has a default route through an uplink of its own (here a
-	// namespace that forwards nothing); without one the kernel answers "network unreachable" for Service IPs before any
-	// rule is consulted, and with one back through the client's link it
-	// sends ICMP redirects that use up the rate limit for the client, so
-	// that REJECT's "port unreachable" is suppressed.
+	// namespace that forwards nothing). Without one the kernel answers
+	// "network unreachable" for Service IPs before any rule is consulted;
+	// with one back through the client's link it sends ICMP redirects that
+	// use up the ICMP rate limit for the client.
 	uplink, err := lab.AddNamespace("uplink")
 	must(err)
 	must(lab.Link(top.node, uplink, pfx("192.0.2.2/30"), pfx("192.0.2.1/30")))
 	must(top.node.AddRoute(pfx("0.0.0.0/0"), addr("192.0.2.1")))
+
+	// Dual stack: the same links carry IPv6 (interfaces are named after the
+	// namespace at the other end).
+	for _, a := range []struct {
+		ns   *netns.Namespace
+		dev  string
+		addr netip.Prefix
+	}{
+		{top.client, "node", netip.PrefixFrom(clientIP6, 64)}, {top.node, "client", netip.PrefixFrom(nodeIP6, 64)},
+		{top.pod1, "node", netip.PrefixFrom(pod1IP6, 64)}, {top.node, "pod1", netip.PrefixFrom(pod1GW6, 64)},
+		{top.pod2, "node", netip.PrefixFrom(pod2IP6, 64)}, {top.node, "pod2", netip.PrefixFrom(pod2GW6, 64)},
+		{top.node, "uplink", pfx("fd00:192::2/64")}, {uplink, "node", pfx("fd00:192::1/64")},
+	} {
+		must(a.ns.AddAddr(a.dev, a.addr))
+	}
+	must(top.client.AddRoute(pfx("::/0"), nodeIP6))
+	must(top.pod1.AddRoute(pfx("::/0"), pod1GW6))
+	must(top.pod2.AddRoute(pfx("::/0"), pod2GW6))
+	must(top.node.AddRoute(pfx("::/0"), addr("fd00:192::1")))
 
 	echo := netns.BuildBinary(t, "github.com/miniproxy/miniproxy/cmd/echoserver")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -92,7 +122,28 @@ func setUp(t *testing.T) *topology {
 	}
 	top.plane, err = dataplane.New(dataplane.NewRunner(), iptables.IPv4, rules.Prefix)
 	must(err)
+	top.plane6, err = dataplane.New(dataplane.NewRunner(), iptables.IPv6, rules.Prefix)
+	must(err)
 	return &top
+}
+
+func (top *topology) apply6(t *testing.T, snap *endpoints.Snapshot) dataplane.Result {
+	t.Helper()
+	cfg := rules.Config{
+		Family:      iptables.IPv6,
+		ClusterCIDR: clusterNet6,
+		NodeIPs:     []netip.Addr{nodeIP6, pod1GW6, pod2GW6},
+	}
+	var res dataplane.Result
+	err := top.node.Do(func() error {
+		var err error
+		res, err = top.plane6.Apply(rules.Build(snap, cfg), false)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("apply IPv6 rules in %s: %v", top.node.Name(), err)
+	}
+	return res
 }
 
 func (top *topology) apply(t *testing.T, snap *endpoints.Snapshot) dataplane.Result {
@@ -120,16 +171,19 @@ func (top *topology) iptablesSave(t *testing.T) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	out, _, err := top.node.Run(ctx, "iptables-save")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var keep []string
-	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, "#") || l == "" {
-			continue
+	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
+		out, _, err := top.node.Run(ctx, tool)
+		if err != nil {
+			t.Fatal(err)
 		}
-		keep = append(keep, regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(l, "[0:0]"))
+		keep = append(keep, "# "+tool)
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "#") || l == "" {
+				continue
+			}
+			keep = append(keep, regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(l, "[0:0]"))
+		}
 	}
 	return strings.Join(keep, "\n")
 }
@@ -232,6 +286,14 @@ func TestRealRulesRealTraffic(t *testing.T) {
 		{"-t", "nat", "-A", "PREROUTING", "-d", "192.0.2.1", "-j", "FOREIGN-NAT"},
 	} {
 		if _, _, err := top.node.Run(ctx, "iptables", append([]string{"-w"}, args...)...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, args := range [][]string{
+		{"-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"},
+		{"-t", "nat", "-A", "POSTROUTING", "-s", "fd00:9::/64", "-j", "MASQUERADE"},
+	} {
+		if _, _, err := top.node.Run(ctx, "ip6tables", append([]string{"-w"}, args...)...); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -378,11 +440,31 @@ func TestRealRulesRealTraffic(t *testing.T) {
 		}
 	})
 
-	t.Run("cleanup leaves the foreign rules exactly as they were", func(t *testing.T) {
-		if err := top.node.Do(func() error {
-			return dataplane.Cleanup(dataplane.NewRunner(), rules.Prefix, iptables.IPv4)
-		}); err != nil {
-			t.Fatal(err)
+	t.Run("IPv6 through ip6tables: pods keep their address, outside clients are masqueraded, Local keeps the client", func(t *testing.T) {
+		web6 := svc("web6", "fd00:96::10", 80)
+		np6 := svc("np6-local", "fd00:96::21", 80, nodePort(30090), localPolicy)
+		v6 := cluster{web6: {ep(pod1IP6, 8080, true)}, np6: {ep(pod1IP6, 8080, true)}}
+		top.apply6(t, v6.snapshot())
+		if c, s := get(t, top.pod2, "http://[fd00:96::10]/"); c != pod2IP6.String() || s != "pod1" {
+			t.Errorf("pod to IPv6 ClusterIP: got client_address=%s at %s, want %s at pod1", c, s, pod2IP6)
+		}
+		if c, _ := get(t, top.client, "http://[fd00:96::10]/"); c != pod1GW6.String() {
+			t.Errorf("outside client to IPv6 ClusterIP: got client_address=%s, want the node's %s", c, pod1GW6)
+		}
+		if c, _ := get(t, top.client, "http://[fd00:198::1]:30090/"); c != clientIP6.String() {
+			t.Errorf("outside client, Local policy, IPv6 NodePort: got client_address=%s, want %s", c, clientIP6)
+		}
+	})
+
+	t.Run("miniproxy --cleanup leaves the foreign rules of both families exactly as they were", func(t *testing.T) {
+		bin := netns.BuildBinary(t, "github.com/miniproxy/miniproxy/cmd/miniproxy")
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if !strings.Contains(top.iptablesSave(t), ":MP-SERVICES") {
+			t.Fatal("miniproxy's chains should be there before the cleanup")
+		}
+		if out, errOut, err := top.node.Run(ctx, bin, "--cleanup"); err != nil {
+			t.Fatalf("miniproxy --cleanup: %v\n%s%s", err, out, errOut)
 		}
 		if after := top.iptablesSave(t); after != before {
 			t.Errorf("tables differ after cleanup:\nbefore:\n%s\nafter:\n%s", before, after)
