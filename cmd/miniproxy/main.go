@@ -11,10 +11,13 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
+	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
@@ -37,8 +40,29 @@ func run(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	var notes []string
+	var conntrackSettings *config.Conntrack
+	if opts.configFile != "" {
+		n, ct, err := opts.applyConfigFile(fs)
+		if err != nil {
+			return err
+		}
+		notes, conntrackSettings = n, &ct
+	}
 	log := newLogger(opts.verbosity)
+	for _, n := range notes {
+		log.Warn(n)
+	}
 	runner := dataplane.NewRunner()
+
+	if opts.cleanupKubeProxy {
+		families := iptablesFamilies(runner, log)
+		if err := dataplane.CleanupKubeProxy(runner, families...); err != nil {
+			return fmt.Errorf("remove kube-proxy's rules: %w", err)
+		}
+		log.Info("removed the rules and chains upstream kube-proxy (iptables mode) had left; nothing else was touched", "families", fmt.Sprint(families))
+		return nil
+	}
 
 	if opts.cleanup {
 		if err := dataplane.Cleanup(runner, rules.Prefix); err != nil {
@@ -59,6 +83,18 @@ func run(args []string) error {
 	client, err := newClient(opts.kubeconfig, opts.master)
 	if err != nil {
 		return err
+	}
+
+	// As kube-proxy: the configuration file's conntrack settings are applied
+	// before the proxy starts, and a node that refuses them is an error.
+	if conntrackSettings != nil {
+		changed, err := config.ApplySysctls("/", conntrackSettings.Sysctls(runtime.NumCPU()))
+		for _, c := range changed {
+			log.Info("set a conntrack parameter from the configuration file", "change", c)
+		}
+		if err != nil {
+			return fmt.Errorf("apply the configuration file's conntrack settings: %w", err)
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -83,6 +119,28 @@ func run(args []string) error {
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
+	// kube-proxy's stale rules go once miniproxy's are in (their jumps come
+	// first), so that the node is never without Service rules. In the
+	// background: deleting tens of thousands of chains takes a while on
+	// nf_tables, and the sync loop must not wait for it.
+	if opts.cleanupKubeProxyAfterSync {
+		var once sync.Once
+		proxier.OnSync(func(res proxy.SyncResult) {
+			if res.Err != nil {
+				return
+			}
+			once.Do(func() {
+				go func() {
+					families := iptablesFamilies(runner, log)
+					if err := dataplane.CleanupKubeProxy(runner, families...); err != nil {
+						log.Error("could not remove all of upstream kube-proxy's rules; run miniproxy --cleanup-kube-proxy on this node", "err", err)
+						return
+					}
+					log.Info("removed the rules upstream kube-proxy (iptables mode) had left, if any", "families", fmt.Sprint(families))
+				}()
+			})
+		})
+	}
 	// Health and metrics servers come up before the informers sync, so that
 	// no sync result is missed.
 	opts.health.syncPeriod = popts.SyncPeriod
@@ -148,4 +206,17 @@ func durationAtLeast(name string, d, least time.Duration) error {
 		return fmt.Errorf("%w: --%s %s is shorter than %s", errUsage, name, d, least)
 	}
 	return nil
+}
+
+// iptablesFamilies lists IPv4, and IPv6 when ip6tables works here: a node
+// without IPv6 has no ip6tables rules to clean, and removing kube-proxy's
+// rules (--cleanup-kube-proxy, --cleanup-kube-proxy-after-sync) must not
+// fail there.
+func iptablesFamilies(r dataplane.Runner, log *slog.Logger) []iptables.Family {
+	families := []iptables.Family{iptables.IPv4}
+	if _, err := r.Save(iptables.IPv6, ""); err != nil {
+		log.Info("ip6tables does not work on this node; only IPv4 is looked at", "err", err)
+		return families
+	}
+	return append(families, iptables.IPv6)
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -27,6 +28,13 @@ type options struct {
 	cleanup           bool
 	verbosity         int
 	health            healthOptions
+	// configFile is --config: a kube-proxy configuration file whose
+	// settings replace those of the flags in configFlags.
+	configFile string
+	// cleanupKubeProxy is --cleanup-kube-proxy (one-shot, then exit).
+	cleanupKubeProxy bool
+	// cleanupKubeProxyAfterSync is --cleanup-kube-proxy-after-sync.
+	cleanupKubeProxyAfterSync bool
 }
 
 func (o *options) register(fs *flag.FlagSet) {
@@ -42,6 +50,64 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every rule and chain miniproxy added, then exit")
 	fs.IntVar(&o.verbosity, "v", 2, "log verbosity; 4 and above logs every sync")
 	registerHealthFlags(fs, &o.health)
+	fs.StringVar(&o.configFile, "config", "", "path to a kube-proxy configuration file (kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration, such as kubeadm's config.conf); as with kube-proxy, it replaces --kubeconfig, --cluster-cidr, --masquerade-all, --iptables-masquerade-bit, --nodeport-addresses, --sync-period, --min-sync-period, --healthz-bind-address and --metrics-bind-address, while --hostname-override, --master and -v still apply")
+	fs.BoolVar(&o.cleanupKubeProxy, "cleanup-kube-proxy", false, "remove the rules and chains upstream kube-proxy (iptables mode) left on this node, and nothing else (not the kubelet's, not miniproxy's), then exit")
+	fs.BoolVar(&o.cleanupKubeProxyAfterSync, "cleanup-kube-proxy-after-sync", false, "once the first sync has put miniproxy's rules in, remove the rules upstream kube-proxy (iptables mode) left on this node, as --cleanup-kube-proxy does (for the DaemonSet that replaces kube-proxy)")
+}
+
+// configFlags are the flags whose settings a --config file replaces: as
+// kube-proxy with --config, miniproxy then ignores them even when given.
+var configFlags = []string{"kubeconfig", "cluster-cidr", "masquerade-all", "iptables-masquerade-bit",
+	"nodeport-addresses", "sync-period", "min-sync-period", "healthz-bind-address", "metrics-bind-address"}
+
+// applyConfigFile loads --config and puts its settings into the options,
+// as kube-proxy does: the file decides everything it can express and those
+// flags are ignored even when given (each one given is reported);
+// --hostname-override and -v given on the command line still win, and
+// --master still overrides the kubeconfig's server. It returns lines to log
+// as warnings (the file's own first) and the file's conntrack settings,
+// which kube-proxy applies at start-up. Call it right after fs.Parse.
+func (o *options) applyConfigFile(fs *flag.FlagSet) ([]string, config.Conntrack, error) {
+	c, warns, err := config.Load(o.configFile)
+	if err != nil {
+		return nil, config.Conntrack{}, fmt.Errorf("%w: --config: %v", errUsage, err)
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var notes []string
+	for _, w := range warns {
+		notes = append(notes, "config file "+o.configFile+": "+w.String())
+	}
+	for _, name := range configFlags {
+		if given[name] {
+			notes = append(notes, fmt.Sprintf("--%s is ignored: --config %s decides it, as with kube-proxy", name, o.configFile))
+		}
+	}
+	o.kubeconfig = c.Kubeconfig
+	if !given["hostname-override"] {
+		o.hostnameOverride = c.HostnameOverride
+	}
+	if !given["v"] {
+		o.verbosity = c.Verbosity
+	}
+	o.clusterCIDR = joinPrefixes(c.ClusterCIDRs)
+	o.nodePortAddresses = joinPrefixes(c.NodePortAddresses)
+	o.masqueradeAll = c.MasqueradeAll
+	o.masqueradeBit = c.MasqueradeBit
+	o.syncPeriod = c.SyncPeriod
+	o.minSyncPeriod = c.MinSyncPeriod
+	o.health.healthzBindAddress = c.HealthzBindAddress
+	o.health.metricsBindAddress = c.MetricsBindAddress
+	return notes, c.Conntrack, nil
+}
+
+// joinPrefixes writes ranges as a flag value ("" for none).
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }
 
 func (o *options) nodeName() (string, error) {

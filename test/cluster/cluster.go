@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"sort"
 	"strings"
 	"sync"
@@ -245,20 +246,32 @@ func (c *Cluster) registerObjects(ctx context.Context) error {
 // StartProxy runs miniproxy on a node, as the DaemonSet's container would,
 // and waits for its first sync.
 func (c *Cluster) StartProxy(ctx context.Context, n *Node, extra func(*Node) ([]string, bool)) error {
+	return c.StartProxyCmd(ctx, n, func(bin string, args []string) *exec.Cmd {
+		if extra != nil {
+			more, replace := extra(n)
+			if replace {
+				args = more
+			} else {
+				args = append(args, more...)
+			}
+		}
+		return exec.Command(bin, args...)
+	})
+}
+
+// StartProxyCmd is StartProxy for a command the caller builds from the
+// miniproxy binary and the lab's usual arguments (its kubeconfig, the
+// node's name, the cluster CIDR): to replace the arguments, to set the
+// environment (in-cluster credentials: KUBERNETES_SERVICE_HOST and
+// KUBERNETES_SERVICE_PORT) or to run the binary under another program. It
+// waits for the first sync as StartProxy does.
+func (c *Cluster) StartProxyCmd(ctx context.Context, n *Node, mk func(bin string, args []string) *exec.Cmd) error {
 	args := []string{
 		"--kubeconfig", c.Control.ProxyKubeconfig(),
 		"--hostname-override", n.Name,
 		"--cluster-cidr", ClusterCIDR.String(),
 	}
-	if extra != nil {
-		more, replace := extra(n)
-		if replace {
-			args = more
-		} else {
-			args = append(args, more...)
-		}
-	}
-	p, err := n.NS.Start(c.proxyBin, args...)
+	p, err := n.NS.StartCmd(mk(c.proxyBin, args))
 	if err != nil {
 		return fmt.Errorf("start miniproxy on %s: %w", n.Name, err)
 	}

@@ -75,8 +75,15 @@ func TestNodePort(t *testing.T) {
 		}
 	})
 	t.Run("Local policy: the node without endpoint drops", func(t *testing.T) {
-		if a, err := curlOnce(lab.Client, fmt.Sprintf("http://%s:%d/", lab.Node("node2").IP, port), time.Second); err == nil || !strings.Contains(err.Error(), "timed out") {
-			t.Errorf("want a timeout (dropped), saw %q, %v", a.client, err)
+		err := cluster.Eventually(testContext(t), 10*time.Second, func() error {
+			a, err := curlOnce(lab.Client, fmt.Sprintf("http://%s:%d/", lab.Node("node2").IP, port), time.Second)
+			if err == nil || !strings.Contains(err.Error(), "timed out") {
+				return fmt.Errorf("want a timeout (dropped), saw client_address=%q, %v", a.client, err)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Error(err)
 		}
 	})
 }

@@ -248,6 +248,9 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 		"--max-requests-inflight=1000",
 		"--max-mutating-requests-inflight=500",
 		"--profiling=false",
+		// As kubeadm does: the proxies' DaemonSets (kube-proxy's, deploy/'s)
+		// are privileged, and the manifests are validated against this server.
+		"--allow-privileged=true",
 	}
 	if opts.NodePortRange != "" {
 		args = append(args, "--service-node-port-range="+opts.NodePortRange)
