@@ -91,8 +91,8 @@ func CleanupKubeProxy(r Runner, families ...iptables.Family) error {
 }
 
 // cleanupOwned removes from one family every chain owns accepts and every
-// rule elsewhere that jumps to one of them. It is the ownership-agnostic
-// form of cleanupFamily.
+// rule elsewhere that jumps to one of them; Cleanup (our prefix) and
+// CleanupKubeProxy (kube-proxy's chains) differ only in owns.
 func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool) error {
 	out, err := r.Save(family, "")
 	if err != nil {
