@@ -73,6 +73,7 @@ type Proxier struct {
 	opts     Options
 	tracker  *endpoints.Tracker
 	planes   map[iptables.Family]Applier
+	builders map[iptables.Family]*rules.Builder
 	families []iptables.Family
 	addrs    AddrLister
 	log      *slog.Logger
@@ -102,9 +103,11 @@ func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Ap
 		kick:    make(chan struct{}, 1),
 		warned:  map[endpoints.ServicePortName]bool{},
 	}
+	p.builders = map[iptables.Family]*rules.Builder{}
 	for _, f := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
 		if _, ok := planes[f]; ok {
 			p.families = append(p.families, f)
+			p.builders[f] = new(rules.Builder)
 		}
 	}
 	tracker.SetOnChange(p.changed)
@@ -214,7 +217,7 @@ func (p *Proxier) Sync(full bool) SyncResult {
 			errs = append(errs, fmt.Errorf("%s: %w", fam, err))
 			continue
 		}
-		r, err := p.planes[fam].Apply(rules.Build(snap, cfg), full)
+		r, err := p.planes[fam].Apply(p.builders[fam].Build(snap, cfg), full)
 		r.Family = fam
 		res.Results = append(res.Results, r)
 		if err != nil {
