@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -148,6 +149,7 @@ func run(args []string) error {
 		return err
 	}
 
+	returnStartupMemory(proxier, log)
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
 		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "syncPeriod", popts.SyncPeriod, "minSyncPeriod", popts.MinSyncPeriod)
 	if err := endpoints.Watch(ctx, client, tracker, 0); err != nil {
@@ -185,6 +187,28 @@ func detectFamilies(r dataplane.Runner, log *slog.Logger) ([]iptables.Family, er
 		return families, nil
 	}
 	return append(families, iptables.IPv6), nil
+}
+
+// returnStartupMemory hands the memory of start-up back to the system once
+// the first sync is in: the initial lists of every Service and EndpointSlice
+// and the first full restore are transient, but the Go runtime would keep
+// most of those pages for a long while, and a node pays for resident
+// memory. It costs one garbage collection, once.
+func returnStartupMemory(p *proxy.Proxier, log *slog.Logger) {
+	var once sync.Once
+	p.OnSync(func(res proxy.SyncResult) {
+		if res.Err != nil {
+			return
+		}
+		once.Do(func() {
+			go func() {
+				debug.FreeOSMemory()
+				var m runtime.MemStats
+				runtime.ReadMemStats(&m)
+				log.Info("returned start-up memory to the system", "heapInUseMB", m.HeapInuse>>20)
+			}()
+		})
+	})
 }
 
 // errUsage marks a flag value that cannot be used.

@@ -60,7 +60,7 @@ func Watch(ctx context.Context, client kubernetes.Interface, t *Tracker, resync 
 		infs = append(infs, nodeInformer)
 	}
 	for _, inf := range infs {
-		if err := inf.SetTransform(dropManagedFields); err != nil {
+		if err := inf.SetTransform(dropUnusedFields); err != nil {
 			return fmt.Errorf("setting informer transform: %w", err)
 		}
 	}
@@ -145,12 +145,15 @@ func handlers[T any](log *slog.Logger, add func(T), update func(T, T), del func(
 	}
 }
 
-// dropManagedFields strips metadata.managedFields, which we never read,
-// before objects enter the informer caches: at tens of thousands of
-// Services and EndpointSlices it is a large share of the memory.
-func dropManagedFields(obj any) (any, error) {
+// dropUnusedFields strips metadata.managedFields and the annotations, which
+// miniproxy never reads, before objects enter the informer caches: at tens
+// of thousands of Services and EndpointSlices they are a large share of the
+// memory (kubectl's last-applied-configuration annotation alone is a copy of
+// the whole object).
+func dropUnusedFields(obj any) (any, error) {
 	if m, ok := obj.(metav1.Object); ok {
 		m.SetManagedFields(nil)
+		m.SetAnnotations(nil)
 	}
 	return obj, nil
 }

@@ -2,6 +2,7 @@ package endpoints
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,5 +131,23 @@ func TestWatchGivesUpWhenTheContextEnds(t *testing.T) {
 func TestProxyLabelSelector(t *testing.T) {
 	if got, want := ProxyLabelSelector().String(), "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"; got != want {
 		t.Errorf("selector = %q, want %q", got, want)
+	}
+}
+
+func TestCachedObjectsKeepNothingMiniproxyDoesNotRead(t *testing.T) {
+	svc := makeService("ns", "web", func(s *v1.Service) {
+		s.Annotations = map[string]string{"kubectl.kubernetes.io/last-applied-configuration": strings.Repeat("x", 4096)}
+		s.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
+	})
+	out, err := dropUnusedFields(svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := out.(*v1.Service)
+	if got.Annotations != nil || got.ManagedFields != nil {
+		t.Errorf("annotations and managedFields should be dropped, got %v / %v", got.Annotations, got.ManagedFields)
+	}
+	if got.Spec.ClusterIP != svc.Spec.ClusterIP || got.Name != "web" {
+		t.Error("everything else must stay")
 	}
 }
