@@ -120,28 +120,10 @@ func run(args []string) error {
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
-	// kube-proxy's stale rules go once miniproxy's are in (their jumps come
-	// first), so that the node is never without Service rules. In the
-	// background: deleting tens of thousands of chains takes a while on
-	// nf_tables, and the sync loop must not wait for it.
 	if opts.cleanupKubeProxyAfterSync {
-		var once sync.Once
-		proxier.OnSync(func(res proxy.SyncResult) {
-			if res.Err != nil {
-				return
-			}
-			once.Do(func() {
-				go func() {
-					families := iptablesFamilies(runner, log)
-					if err := dataplane.CleanupKubeProxy(runner, families...); err != nil {
-						log.Error("could not remove all of upstream kube-proxy's rules; run miniproxy --cleanup-kube-proxy on this node", "err", err)
-						return
-					}
-					log.Info("removed the rules upstream kube-proxy (iptables mode) had left, if any", "families", fmt.Sprint(families))
-				}()
-			})
-		})
+		afterFirstSync(proxier, func() { cleanupKubeProxy(runner, log) })
 	}
+	afterFirstSync(proxier, returnStartupMemory(log))
 	// Health and metrics servers come up before the informers sync, so that
 	// no sync result is missed.
 	opts.health.syncPeriod = popts.SyncPeriod
@@ -149,7 +131,6 @@ func run(args []string) error {
 		return err
 	}
 
-	returnStartupMemory(proxier, log)
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
 		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "syncPeriod", popts.SyncPeriod, "minSyncPeriod", popts.MinSyncPeriod)
 	if err := endpoints.Watch(ctx, client, tracker, 0); err != nil {
@@ -189,26 +170,44 @@ func detectFamilies(r dataplane.Runner, log *slog.Logger) ([]iptables.Family, er
 	return append(families, iptables.IPv6), nil
 }
 
-// returnStartupMemory hands the memory of start-up back to the system once
-// the first sync is in: the initial lists of every Service and EndpointSlice
-// and the first full restore are transient, but the Go runtime would keep
-// most of those pages for a long while, and a node pays for resident
-// memory. It costs one garbage collection, once.
-func returnStartupMemory(p *proxy.Proxier, log *slog.Logger) {
+// afterFirstSync runs f once, in the background, after the first sync that
+// put every rule in: the moment kube-proxy's leftovers can go without the
+// node ever lacking Service rules, and the start-up's memory is no longer
+// needed.
+func afterFirstSync(p *proxy.Proxier, f func()) {
 	var once sync.Once
 	p.OnSync(func(res proxy.SyncResult) {
-		if res.Err != nil {
-			return
+		if res.Err == nil {
+			once.Do(func() { go f() })
 		}
-		once.Do(func() {
-			go func() {
-				debug.FreeOSMemory()
-				var m runtime.MemStats
-				runtime.ReadMemStats(&m)
-				log.Info("returned start-up memory to the system", "heapInUseMB", m.HeapInuse>>20)
-			}()
-		})
 	})
+}
+
+// cleanupKubeProxy removes upstream kube-proxy's rules (miniproxy's jumps
+// come first, so after its first sync they no longer matter). It runs in the
+// background: deleting tens of thousands of chains takes a while on
+// nf_tables, and the sync loop must not wait for it.
+func cleanupKubeProxy(runner dataplane.Runner, log *slog.Logger) {
+	families := iptablesFamilies(runner, log)
+	if err := dataplane.CleanupKubeProxy(runner, families...); err != nil {
+		log.Error("could not remove all of upstream kube-proxy's rules; run miniproxy --cleanup-kube-proxy on this node", "err", err)
+		return
+	}
+	log.Info("removed the rules upstream kube-proxy (iptables mode) had left, if any", "families", fmt.Sprint(families))
+}
+
+// returnStartupMemory hands the memory of start-up back to the system: the
+// initial lists of every Service and EndpointSlice and the first full
+// restore are transient, but the Go runtime would keep most of those pages
+// for a long while, and a node pays for resident memory. It costs one
+// garbage collection, once.
+func returnStartupMemory(log *slog.Logger) func() {
+	return func() {
+		debug.FreeOSMemory()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		log.Info("returned start-up memory to the system", "heapInUseMB", m.HeapInuse>>20)
+	}
 }
 
 // errUsage marks a flag value that cannot be used.
