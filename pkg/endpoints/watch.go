@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
@@ -145,15 +147,28 @@ func handlers[T any](log *slog.Logger, add func(T), update func(T, T), del func(
 	}
 }
 
-// dropUnusedFields strips metadata.managedFields and the annotations, which
-// miniproxy never reads, before objects enter the informer caches: at tens
-// of thousands of Services and EndpointSlices they are a large share of the
-// memory (kubectl's last-applied-configuration annotation alone is a copy of
-// the whole object).
+// dropUnusedFields strips what miniproxy never reads before objects enter
+// the informer caches: at tens of thousands of Services and EndpointSlices
+// the caches are most of the daemon's memory, and managedFields, the
+// annotations (kubectl's last-applied-configuration alone is a copy of the
+// whole object), selectors and endpoints' targetRefs are most of the caches.
 func dropUnusedFields(obj any) (any, error) {
 	if m, ok := obj.(metav1.Object); ok {
 		m.SetManagedFields(nil)
 		m.SetAnnotations(nil)
+		m.SetOwnerReferences(nil)
+		m.SetFinalizers(nil)
+	}
+	switch o := obj.(type) {
+	case *v1.Service:
+		o.Spec.Selector = nil
+		o.Status.Conditions = nil
+	case *discoveryv1.EndpointSlice:
+		for i := range o.Endpoints {
+			o.Endpoints[i].TargetRef = nil
+			o.Endpoints[i].Hostname = nil
+			o.Endpoints[i].DeprecatedTopology = nil
+		}
 	}
 	return obj, nil
 }

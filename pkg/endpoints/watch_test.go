@@ -2,12 +2,15 @@ package endpoints
 
 import (
 	"context"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 )
@@ -149,5 +152,24 @@ func TestCachedObjectsKeepNothingMiniproxyDoesNotRead(t *testing.T) {
 	}
 	if got.Spec.ClusterIP != svc.Spec.ClusterIP || got.Name != "web" {
 		t.Error("everything else must stay")
+	}
+
+	// What is left converts exactly as the full objects do.
+	full := makeService("ns", "web", func(s *v1.Service) { s.Spec.Selector = map[string]string{"app": "web"} })
+	slice := makeSlice("ns", "web-abc", "web", withEndpoints(ready("10.244.1.5", "node1")), func(s *discoveryv1.EndpointSlice) {
+		s.Endpoints[0].TargetRef = &v1.ObjectReference{Kind: "Pod", Name: "web-1"}
+		s.Endpoints[0].Hostname = ptr("web-1")
+	})
+	whole := NewTracker("node1", nil, nil)
+	whole.OnServiceAdd(full.DeepCopy())
+	whole.OnEndpointSliceAdd(slice.DeepCopy())
+	stripped := NewTracker("node1", nil, nil)
+	strippedSvc, _ := dropUnusedFields(full.DeepCopy())
+	strippedSlice, _ := dropUnusedFields(slice.DeepCopy())
+	stripped.OnServiceAdd(strippedSvc.(*v1.Service))
+	stripped.OnEndpointSliceAdd(strippedSlice.(*discoveryv1.EndpointSlice))
+	a, b := whole.Snapshot(), stripped.Snapshot()
+	if diff := cmp.Diff(a, b, cmpopts.EquateComparable(netip.Addr{}, netip.Prefix{})); diff != "" || len(a.Endpoints[ServicePortName{Namespace: "ns", Name: "web"}]) != 1 {
+		t.Errorf("stripping changed what the tracker sees (-full +stripped):\n%s", diff)
 	}
 }
