@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"strconv"
 	"time"
@@ -31,6 +33,8 @@ const (
 type healthOptions struct {
 	healthzBindAddress string
 	metricsBindAddress string
+	// profiling is --profiling: /debug/pprof on the metrics address.
+	profiling bool
 	// syncPeriod is --sync-period; the proxy is unhealthy when a change
 	// waits twice as long. It must be set before startHealth.
 	syncPeriod time.Duration
@@ -49,6 +53,7 @@ type healthOptions struct {
 func registerHealthFlags(fs *flag.FlagSet, o *healthOptions) {
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", fmt.Sprintf("0.0.0.0:%d", defaultHealthzPort),
 		"ip:port of the proxier health server (/healthz, /livez); a bare ip means port 10256; '[::]:10256' for IPv6; empty disables it")
+	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's profiles under /debug/pprof/ on the metrics address, as kube-proxy's --profiling")
 	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", fmt.Sprintf("127.0.0.1:%d", defaultMetricsPort),
 		"ip:port of the metrics server (/metrics, /proxyMode, /healthz); a bare ip means port 10249; '0.0.0.0:10249' for every interface; empty disables it")
 }
@@ -135,7 +140,7 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 		healthcheck.KeepServing(ctx, "healthz", healthzAddr, ph.Handler(), retry, log)
 	}
 	if metricsAddr != "" {
-		healthcheck.KeepServing(ctx, "metrics", metricsAddr, m.Handler(), retry, log)
+		healthcheck.KeepServing(ctx, "metrics", metricsAddr, withProfiling(m.Handler(), o.profiling), retry, log)
 	}
 
 	// The proxier's health first, so that the Service answers of this very
@@ -178,4 +183,21 @@ func bindAddress(flagName, v string, defaultPort int) (string, error) {
 		return "", fmt.Errorf("%w: --%s %q: port must be 1..65535 (an empty value disables the server)", errUsage, flagName, v)
 	}
 	return net.JoinHostPort(host, port), nil
+}
+
+// withProfiling adds Go's profiling handlers to the metrics server when
+// asked, as kube-proxy does, so that an operator can see where a node's
+// proxy spends memory or CPU (the metrics address is loopback by default).
+func withProfiling(h http.Handler, on bool) http.Handler {
+	if !on {
+		return h
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/", h)
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }

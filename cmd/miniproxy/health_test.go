@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"testing"
@@ -259,5 +260,22 @@ func TestStartHealthRefusesBadOptionsAndRetriesTakenPorts(t *testing.T) {
 			t.Fatal("the healthz server never came up")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestProfilingIsServedOnlyWhenAsked(t *testing.T) {
+	base := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "metrics") })
+	for _, tc := range []struct{ on bool }{{false}, {true}} {
+		rec := httptest.NewRecorder()
+		withProfiling(base, tc.on).ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/", nil))
+		isPprof := strings.Contains(rec.Body.String(), "heap")
+		if isPprof != tc.on {
+			t.Errorf("--profiling=%v: /debug/pprof/ answered %q", tc.on, rec.Body.String())
+		}
+		rec = httptest.NewRecorder()
+		withProfiling(base, tc.on).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		if rec.Body.String() != "metrics" {
+			t.Errorf("--profiling=%v: the metrics must still be served, got %q", tc.on, rec.Body.String())
+		}
 	}
 }

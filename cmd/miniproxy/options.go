@@ -58,7 +58,7 @@ func (o *options) register(fs *flag.FlagSet) {
 // configFlags are the flags whose settings a --config file replaces: as
 // kube-proxy with --config, miniproxy then ignores them even when given.
 var configFlags = []string{"kubeconfig", "cluster-cidr", "masquerade-all", "iptables-masquerade-bit",
-	"nodeport-addresses", "sync-period", "min-sync-period", "healthz-bind-address", "metrics-bind-address"}
+	"nodeport-addresses", "sync-period", "min-sync-period", "healthz-bind-address", "metrics-bind-address", "profiling"}
 
 // applyConfigFile loads --config and puts its settings into the options,
 // as kube-proxy does: the file decides everything it can express and those
@@ -98,6 +98,7 @@ func (o *options) applyConfigFile(fs *flag.FlagSet) ([]string, config.Conntrack,
 	o.minSyncPeriod = c.MinSyncPeriod
 	o.health.healthzBindAddress = c.HealthzBindAddress
 	o.health.metricsBindAddress = c.MetricsBindAddress
+	o.health.profiling = c.EnableProfiling
 	return notes, c.Conntrack, nil
 }
 

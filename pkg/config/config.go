@@ -77,6 +77,8 @@ type Config struct {
 	// /proxyMode. Default 127.0.0.1:10249 ([::1]:10249 when bindAddress is
 	// IPv6); a bare IP gets port 10249.
 	MetricsBindAddress string
+	// EnableProfiling is enableProfiling: /debug/pprof on the metrics address.
+	EnableProfiling bool
 	// ClusterCIDRs is clusterCIDR (comma separated, at most one range per
 	// family): traffic from inside it is the pods'. nil when not set.
 	ClusterCIDRs []netip.Prefix
@@ -395,6 +397,7 @@ func (in *interpreter) addresses() {
 	}
 	in.c.HealthzBindAddress = in.hostPort("healthzBindAddress", healthzHost, DefaultHealthzPort)
 	in.c.MetricsBindAddress = in.hostPort("metricsBindAddress", metricsHost, DefaultMetricsPort)
+	in.c.EnableProfiling, _ = in.boolean("enableProfiling")
 }
 
 // hostPort reads a bind address as kube-proxy does: empty means the default
@@ -578,9 +581,6 @@ func (in *interpreter) ignored() {
 			gates = append(gates, fmt.Sprintf("%s=%v", k, v[k]))
 		}
 		in.warn("featureGates", "miniproxy has no feature gates; %s ignored", strings.Join(gates, ","))
-	}
-	if v, _ := in.boolean("enableProfiling"); v {
-		in.warn("enableProfiling", "miniproxy serves no /debug/pprof; ignored")
 	}
 	if v, _ := in.str("showHiddenMetricsForVersion"); v != "" {
 		in.warn("showHiddenMetricsForVersion", "miniproxy has no hidden metrics; ignored")
