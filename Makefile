@@ -3,7 +3,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: deps build demo test unit vet k8s-binaries
+.PHONY: deps build demo test unit vet k8s-binaries bench
 
 deps:
 	./scripts/install-deps.sh
@@ -29,3 +29,9 @@ test: deps vet k8s-binaries
 # Tests that need neither root nor the kernel.
 unit:
 	$(GO) test -count=1 ./pkg/...
+
+# miniproxy against upstream kube-proxy at 1k/10k/30k Services in the lab;
+# writes docs/performance.md and docs/performance.svg. Takes about an hour.
+# Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS="-sizes 100,1000".
+bench: deps k8s-binaries
+	$(GO) run ./test/bench $(BENCH_ARGS)
