@@ -71,7 +71,9 @@ func collectMachine(ctx context.Context, bl *benchLab) machineInfo {
 	if commit == "" {
 		commit = "unknown (not a git checkout)"
 	} else if strings.TrimSpace(command("git", "status", "--porcelain")) != "" {
-		commit += " with uncommitted changes in the working tree"
+		commit = "commit " + commit + " with uncommitted changes in the working tree"
+	} else {
+		commit = "commit " + commit
 	}
 	m.Commit = commit
 	return m

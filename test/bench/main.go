@@ -40,6 +40,7 @@ type options struct {
 	out, svg, json string
 	miniproxyBin   string
 	miniproxyRev   string
+	profileDir     string
 }
 
 type pick struct {
@@ -58,6 +59,7 @@ type bench struct {
 	started  time.Time
 	loadDur  map[int]time.Duration
 	done     bool
+	duration time.Duration // of the whole run so far
 	logf     func(string, ...any)
 }
 
@@ -74,6 +76,8 @@ func main() {
 	flag.StringVar(&o.json, "json", "", "also write the raw results as JSON to this file")
 	flag.StringVar(&o.miniproxyBin, "miniproxy", "", "run this miniproxy binary instead of building cmd/miniproxy from the working tree")
 	flag.StringVar(&o.miniproxyRev, "miniproxy-rev", "", "what the -miniproxy binary was built from (e.g. a commit), for the report")
+	flag.StringVar(&o.profileDir, "profile-dir", "", "run both proxies with --profiling and save a heap profile of each, once settled, to this directory (for diagnosis; profiling is noted in the report)")
+	render := flag.String("render", "", "do not measure: write the report and plot from the results a run saved with -json")
 	flag.Parse()
 	for _, f := range strings.Split(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
@@ -95,6 +99,13 @@ func main() {
 	if o.changes < 1 || o.connects < 10 {
 		fmt.Fprintln(os.Stderr, "bench: need at least 1 change and 10 connections")
 		os.Exit(2)
+	}
+	if *render != "" {
+		if err := renderSaved(*render, o); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "bench: run as root (it builds network namespaces)")
@@ -128,7 +139,7 @@ func run(ctx context.Context, o options) error {
 	}()
 	b.machine = collectMachine(ctx, b.bl)
 	if o.miniproxyBin != "" {
-		b.machine.Commit = fmt.Sprintf("%s (binary %s)", o.miniproxyRev, o.miniproxyBin)
+		b.machine.Commit = fmt.Sprintf("%s (the binary %s)", o.miniproxyRev, o.miniproxyBin)
 	}
 	b.load = &loader{bl: b.bl, logf: b.logf}
 	for _, n := range o.sizes {
@@ -160,23 +171,73 @@ func run(ctx context.Context, o options) error {
 	return nil
 }
 
+// saved is what -json writes and -render reads.
+type saved struct {
+	Machine machineInfo  `json:"machine"`
+	Run     runInfo      `json:"run"`
+	Results []*RunResult `json:"results"`
+}
+
+type runInfo struct {
+	Started         time.Time       `json:"started"`
+	DurationS       float64         `json:"duration_s"`
+	Done            bool            `json:"done"`
+	Sizes           []int           `json:"sizes"`
+	Proxies         []string        `json:"proxies"`
+	Changes         int             `json:"changes"`
+	Connects        int             `json:"connects"`
+	StartupTimeoutS float64         `json:"startup_timeout_s"`
+	LoadS           map[int]float64 `json:"load_s"`
+}
+
 // write renders the report and plot from the results so far.
 func (b *bench) write() error {
+	b.duration = time.Since(b.started)
 	if err := os.WriteFile(b.opts.svg, []byte(plotSVG(b.results, b.opts.sizes)), 0o644); err != nil {
 		return err
 	}
 	if err := os.WriteFile(b.opts.out, []byte(b.report()), 0o644); err != nil {
 		return err
 	}
-	if b.opts.json != "" {
-		j, err := json.MarshalIndent(struct {
-			Machine machineInfo  `json:"machine"`
-			Results []*RunResult `json:"results"`
-		}{b.machine, b.results}, "", "  ")
-		if err != nil {
-			return err
-		}
-		return os.WriteFile(b.opts.json, j, 0o644)
+	if b.opts.json == "" {
+		return nil
 	}
-	return nil
+	ri := runInfo{Started: b.started, DurationS: b.duration.Seconds(), Done: b.done, Sizes: b.opts.sizes,
+		Proxies: b.opts.proxies, Changes: b.opts.changes, Connects: b.opts.connects,
+		StartupTimeoutS: b.opts.startupTimeout.Seconds(), LoadS: map[int]float64{}}
+	for n, d := range b.loadDur {
+		ri.LoadS[n] = d.Seconds()
+	}
+	j, err := json.MarshalIndent(saved{b.machine, ri, b.results}, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(b.opts.json, j, 0o644)
+}
+
+// renderSaved writes the report and plot of a saved run again, with this
+// program's rendering (for changes to the report's wording).
+func renderSaved(path string, o options) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var sv saved
+	if err := json.Unmarshal(raw, &sv); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if len(sv.Run.Sizes) == 0 {
+		return fmt.Errorf("%s: no run information", path)
+	}
+	o.sizes, o.proxies, o.changes, o.connects = sv.Run.Sizes, sv.Run.Proxies, sv.Run.Changes, sv.Run.Connects
+	o.startupTimeout = time.Duration(sv.Run.StartupTimeoutS * float64(time.Second))
+	b := &bench{opts: o, machine: sv.Machine, results: sv.Results, started: sv.Run.Started, done: sv.Run.Done,
+		duration: time.Duration(sv.Run.DurationS * float64(time.Second)), loadDur: map[int]time.Duration{}}
+	for n, s := range sv.Run.LoadS {
+		b.loadDur[n] = time.Duration(s * float64(time.Second))
+	}
+	if err := os.WriteFile(o.svg, []byte(plotSVG(b.results, o.sizes)), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(o.out, []byte(b.report()), 0o644)
 }

@@ -25,11 +25,14 @@ type RunResult struct {
 	N     int    `json:"n"`
 	Err   string `json:"error,omitempty"`
 
-	StartupS    float64 `json:"startup_s"`
-	StartupDNF  bool    `json:"startup_dnf,omitempty"`
-	SampleFirst int     `json:"sample_ok_first_try"`
-	SampleTotal int     `json:"sample_total"`
-	SettleS     float64 `json:"settle_s"` // from programmed to idle
+	StartupS   float64 `json:"startup_s"`
+	StartupDNF bool    `json:"startup_dnf,omitempty"`
+	// RestoreRunning says, for a start-up that did not finish, that its
+	// first iptables-restore was still running when it was stopped.
+	RestoreRunning bool    `json:"restore_running_at_timeout,omitempty"`
+	SampleFirst    int     `json:"sample_ok_first_try"`
+	SampleTotal    int     `json:"sample_total"`
+	SettleS        float64 `json:"settle_s"` // from programmed to idle
 
 	EndpointsInRules  int `json:"endpoints_in_rules"`
 	EndpointsExpected int `json:"endpoints_expected"`
@@ -146,8 +149,9 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 			}
 			recs := readRestores(logPath)
 			r.FirstSync = sumRestores(recs, func(restoreRecord) bool { return true })
-			b.logf("  %s: not programmed after %s; giving up (restores so far: %d, running: %v)", kind,
-				time.Since(t0).Round(time.Second), len(recs), restoreRunning(pid))
+			r.RestoreRunning = restoreRunning(pid)
+			b.logf("  %s: not programmed after %s; giving up (restores finished: %d, one running: %v)", kind,
+				time.Since(t0).Round(time.Second), len(recs), r.RestoreRunning)
 			return nil
 		}
 		return fmt.Errorf("%w\n%s", err, tailOf(proc.Output(), 3000))
@@ -195,6 +199,9 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 		if v, ok := metric(m, "miniproxy_sync_rules_written"); ok {
 			r.MetricRulesWritten = v
 		}
+	}
+	if b.opts.profileDir != "" {
+		b.saveHeapProfile(ctx, nd, kind, n)
 	}
 	b.logf("  %s: settled %.1fs later: RSS %.0f MB, CPU %.2fs; first sync restore %d lines, %d bytes", kind,
 		r.SettleS, r.RSSMB, r.CPUStartupS, r.FirstSync.Lines, r.FirstSync.Bytes)
@@ -284,6 +291,9 @@ func (b *bench) proxyCmd(kind, logPath string) (*exec.Cmd, error) {
 		cmd = exec.Command(b.bl.bins.kubeProxy, kubeProxyArgs(kc)...)
 	default:
 		return nil, fmt.Errorf("unknown proxy %q", kind)
+	}
+	if b.opts.profileDir != "" {
+		cmd.Args = append(cmd.Args, "--profiling=true")
 	}
 	env := []string{"PATH=" + shimDir + ":" + os.Getenv("PATH"), "BENCH_REAL_DIR=" + b.bl.bins.realRestoreDir, "BENCH_RESTORE_LOG=" + logPath}
 	for _, kv := range os.Environ() {
@@ -674,6 +684,22 @@ func waitMoved(ctx context.Context, ns *netns.Namespace, dst netip.AddrPort, tim
 			return time.Time{}, polls, fmt.Errorf("traffic still reaches the old endpoints after %s", timeout)
 		}
 	}
+}
+
+// saveHeapProfile fetches the proxy's heap profile (after a GC, so it shows
+// what is live) from inside the node namespace.
+func (b *bench) saveHeapProfile(ctx context.Context, nd *node, kind string, n int) {
+	status, body, err := nd.ns.HTTPGet(ctx, "http://127.0.0.1:10249/debug/pprof/heap?gc=1", 30*time.Second)
+	if err != nil || status != 200 {
+		b.logf("  %s: heap profile: status %d, %v", kind, status, err)
+		return
+	}
+	path := filepath.Join(b.opts.profileDir, fmt.Sprintf("heap-%s-%d.pb.gz", kind, n))
+	if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+		b.logf("  %s: heap profile: %v", kind, err)
+		return
+	}
+	b.logf("  %s: heap profile in %s", kind, path)
 }
 
 // restoreRunning says whether an iptables-restore (or its shim) child of
