@@ -289,13 +289,28 @@ func (c *convertedSlice) equal(o *convertedSlice) bool {
 		})
 }
 
-// convertSlice validates an EndpointSlice. It returns nil (with the reason
+// sliceConversion is what convertSlice makes of an EndpointSlice.
+type sliceConversion struct {
+	// slice is the usable part; nil when the slice is not ours.
+	slice *convertedSlice
+	// skipped is why slice is nil, for the debug log.
+	skipped string
+	// problems lists the parts that were dropped as invalid.
+	problems []string
+}
+
+// convertSlice validates an EndpointSlice. Its slice is nil (with the reason
 // in skipped) when the slice is not ours: no kubernetes.io/service-name
 // label, addressType FQDN, or a label that makes us ignore it. Bad parts are
 // dropped with a problem each: an endpoint whose first address does not
 // parse, a port out of range. A port without a number is dropped silently
 // (it would mean "all ports", which kube-proxy does not implement either).
-func convertSlice(s *discoveryv1.EndpointSlice) (c *convertedSlice, skipped string, problems []string) {
+func convertSlice(s *discoveryv1.EndpointSlice) sliceConversion {
+	c, skipped, problems := convertSliceParts(s)
+	return sliceConversion{slice: c, skipped: skipped, problems: problems}
+}
+
+func convertSliceParts(s *discoveryv1.EndpointSlice) (c *convertedSlice, skipped string, problems []string) {
 	if ignored, why := ignoredByLabels(s.Labels); ignored {
 		return nil, why, nil
 	}

@@ -12,6 +12,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // objectKey names a namespaced object (a Service or an EndpointSlice).
@@ -48,8 +49,9 @@ type Tracker struct {
 	services map[objectKey][]*ServicePort
 	// slices holds every EndpointSlice we use, by the slice's own name.
 	slices map[objectKey]*convertedSlice
-	// slicesOf indexes slices by Service: service -> slice names.
-	slicesOf map[objectKey]map[string]bool
+	// slicesOf indexes slices by Service: service -> slice names, sorted
+	// (a Service has one or a few slices; a list costs less than a set).
+	slicesOf map[objectKey][]string
 	// reported holds the problems last reported per "kind/ns/name".
 	reported map[string][]string
 	node     Node
@@ -82,7 +84,7 @@ func NewTracker(nodeName string, logger *slog.Logger, onInvalid InvalidFunc) *Tr
 		onInvalid:      onInvalid,
 		services:       map[objectKey][]*ServicePort{},
 		slices:         map[objectKey]*convertedSlice{},
-		slicesOf:       map[objectKey]map[string]bool{},
+		slicesOf:       map[objectKey][]string{},
 		reported:       map[string][]string{},
 		node:           node,
 		dirtyServices:  map[objectKey]bool{},
@@ -109,16 +111,20 @@ func (t *Tracker) SetOnChange(f func()) {
 }
 
 // OnServiceAdd records a new Service.
-func (t *Tracker) OnServiceAdd(svc *v1.Service) { t.updateService(svc) }
+func (t *Tracker) OnServiceAdd(svc *v1.Service) { t.setService(keyOf(svc), convertService(svc)) }
 
 // OnServiceUpdate records a changed Service; only the new version matters.
-func (t *Tracker) OnServiceUpdate(_, svc *v1.Service) { t.updateService(svc) }
+func (t *Tracker) OnServiceUpdate(_, svc *v1.Service) { t.setService(keyOf(svc), convertService(svc)) }
 
 // OnServiceDelete forgets a Service; its ports appear in the next snapshot's
 // Changed and disappear from its Services.
-func (t *Tracker) OnServiceDelete(svc *v1.Service) {
+func (t *Tracker) OnServiceDelete(svc *v1.Service) { t.deleteService(keyOf(svc)) }
+
+// keyOf names an object by namespace and name.
+func keyOf(o metav1.Object) objectKey { return objectKey{o.GetNamespace(), o.GetName()} }
+
+func (t *Tracker) deleteService(key objectKey) {
 	t.serviceEvents.Add(1)
-	key := objectKey{svc.Namespace, svc.Name}
 	t.mu.Lock()
 	_, changed := t.services[key]
 	if changed {
@@ -133,10 +139,9 @@ func (t *Tracker) OnServiceDelete(svc *v1.Service) {
 	}
 }
 
-func (t *Tracker) updateService(svc *v1.Service) {
+// setService records what convertService made of the Service named key.
+func (t *Tracker) setService(key objectKey, conv convertedService) {
 	t.serviceEvents.Add(1)
-	key := objectKey{svc.Namespace, svc.Name}
-	conv := convertService(svc)
 	if conv.skipped != "" {
 		t.log.Debug("not proxying Service", "service", key.String(), "reason", conv.skipped)
 	}
@@ -160,16 +165,21 @@ func (t *Tracker) updateService(svc *v1.Service) {
 }
 
 // OnEndpointSliceAdd records a new EndpointSlice.
-func (t *Tracker) OnEndpointSliceAdd(s *discoveryv1.EndpointSlice) { t.updateSlice(s) }
+func (t *Tracker) OnEndpointSliceAdd(s *discoveryv1.EndpointSlice) {
+	t.setSlice(keyOf(s), convertSlice(s))
+}
 
 // OnEndpointSliceUpdate records a changed EndpointSlice; only the new
 // version matters (a slice may even move to another Service).
-func (t *Tracker) OnEndpointSliceUpdate(_, s *discoveryv1.EndpointSlice) { t.updateSlice(s) }
+func (t *Tracker) OnEndpointSliceUpdate(_, s *discoveryv1.EndpointSlice) {
+	t.setSlice(keyOf(s), convertSlice(s))
+}
 
 // OnEndpointSliceDelete forgets an EndpointSlice.
-func (t *Tracker) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) {
+func (t *Tracker) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) { t.deleteSlice(keyOf(s)) }
+
+func (t *Tracker) deleteSlice(key objectKey) {
 	t.endpointEvents.Add(1)
-	key := objectKey{s.Namespace, s.Name}
 	t.mu.Lock()
 	old := t.slices[key]
 	if old != nil {
@@ -183,13 +193,13 @@ func (t *Tracker) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) {
 	}
 }
 
-func (t *Tracker) updateSlice(s *discoveryv1.EndpointSlice) {
+// setSlice records what convertSlice made of the EndpointSlice named key.
+func (t *Tracker) setSlice(key objectKey, s sliceConversion) {
 	t.endpointEvents.Add(1)
-	key := objectKey{s.Namespace, s.Name}
-	conv, skipped, problems := convertSlice(s)
-	if skipped != "" {
-		t.log.Debug("not using EndpointSlice", "endpointSlice", key.String(), "reason", skipped)
+	if s.skipped != "" {
+		t.log.Debug("not using EndpointSlice", "endpointSlice", key.String(), "reason", s.skipped)
 	}
+	conv := s.slice
 	t.mu.Lock()
 	old := t.slices[key]
 	changed := false
@@ -206,7 +216,7 @@ func (t *Tracker) updateSlice(s *discoveryv1.EndpointSlice) {
 		t.addSliceLocked(key, conv)
 		changed = true
 	}
-	reports := t.reportLocked("EndpointSlice", key, problems)
+	reports := t.reportLocked("EndpointSlice", key, s.problems)
 	cb := t.onChange
 	t.mu.Unlock()
 	t.emit("EndpointSlice", key, reports)
@@ -218,19 +228,24 @@ func (t *Tracker) updateSlice(s *discoveryv1.EndpointSlice) {
 func (t *Tracker) addSliceLocked(key objectKey, s *convertedSlice) {
 	svc := objectKey{s.service.Namespace, s.service.Name}
 	t.slices[key] = s
-	if t.slicesOf[svc] == nil {
-		t.slicesOf[svc] = map[string]bool{}
+	names := t.slicesOf[svc]
+	if i, found := slices.BinarySearch(names, key.name); !found {
+		t.slicesOf[svc] = slices.Insert(names, i, key.name)
 	}
-	t.slicesOf[svc][key.name] = true
 	t.markDirtyLocked(t.dirtyEndpoints, svc)
 }
 
 func (t *Tracker) removeSliceLocked(key objectKey, s *convertedSlice) {
 	svc := objectKey{s.service.Namespace, s.service.Name}
 	delete(t.slices, key)
-	delete(t.slicesOf[svc], key.name)
-	if len(t.slicesOf[svc]) == 0 {
+	names := t.slicesOf[svc]
+	if i, found := slices.BinarySearch(names, key.name); found {
+		names = slices.Delete(names, i, i+1)
+	}
+	if len(names) == 0 {
 		delete(t.slicesOf, svc)
+	} else {
+		t.slicesOf[svc] = names
 	}
 	t.markDirtyLocked(t.dirtyEndpoints, svc)
 }
@@ -386,10 +401,12 @@ func (t *Tracker) Snapshot() *Snapshot {
 			snap.Changed[n] = true
 		}
 	}
-	clear(t.dirtyServices)
-	clear(t.dirtyEndpoints)
+	// Fresh sets rather than clear(): a map keeps its largest size, and
+	// the first snapshot had every Service in them.
+	t.dirtyServices = map[objectKey]bool{}
+	t.dirtyEndpoints = map[objectKey]bool{}
 	t.oldest = time.Time{}
-	t.prev = snap
+	t.prev = snap.withoutChanges()
 	return snap
 }
 
@@ -439,7 +456,7 @@ func (t *Tracker) endpointsLocked(key objectKey, ports []*ServicePort) map[Servi
 	for _, p := range ports {
 		byName[p.Name.Port] = p
 	}
-	sliceNames := slices.Sorted(maps.Keys(t.slicesOf[key]))
+	sliceNames := t.slicesOf[key]
 	sets := map[ServicePortName]map[netip.AddrPort]Endpoint{}
 	for _, sn := range sliceNames {
 		s := t.slices[objectKey{key.namespace, sn}]

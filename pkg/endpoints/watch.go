@@ -12,8 +12,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/selection"
-	"k8s.io/client-go/informers"
+	coreinformers "k8s.io/client-go/informers/core/v1"
+	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 )
@@ -43,26 +46,28 @@ func ProxyLabelSelector() labels.Selector {
 // period (0 disables it; resyncs cost little since no-op updates are
 // recognised). Watch returns an error when ctx ends before the caches
 // synced or a handler cannot be registered.
+//
+// The informers cache what the Tracker keeps, not API objects: their
+// transform converts each Service and EndpointSlice as it arrives (see
+// cachedService), and they keep no namespace index, which nothing here
+// would read.
 func Watch(ctx context.Context, client kubernetes.Interface, t *Tracker, resync time.Duration) error {
 	selector := ProxyLabelSelector().String()
-	factory := informers.NewSharedInformerFactoryWithOptions(client, resync,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = selector }))
+	byLabels := func(o *metav1.ListOptions) { o.LabelSelector = selector }
+	noIndexes := cache.Indexers{}
 
-	svcInformer := factory.Core().V1().Services().Informer()
-	sliceInformer := factory.Discovery().V1().EndpointSlices().Informer()
+	svcInformer := coreinformers.NewFilteredServiceInformer(client, metav1.NamespaceAll, resync, noIndexes, byLabels)
+	sliceInformer := discoveryinformers.NewFilteredEndpointSliceInformer(client, metav1.NamespaceAll, resync, noIndexes, byLabels)
 	infs := []cache.SharedIndexInformer{svcInformer, sliceInformer}
-
-	var nodeFactory informers.SharedInformerFactory
 	var nodeInformer cache.SharedIndexInformer
 	if t.nodeName != "" {
 		nodeSelector := fields.OneTermEqualSelector("metadata.name", t.nodeName).String()
-		nodeFactory = informers.NewSharedInformerFactoryWithOptions(client, resync,
-			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = nodeSelector }))
-		nodeInformer = nodeFactory.Core().V1().Nodes().Informer()
+		nodeInformer = coreinformers.NewFilteredNodeInformer(client, resync, noIndexes,
+			func(o *metav1.ListOptions) { o.FieldSelector = nodeSelector })
 		infs = append(infs, nodeInformer)
 	}
 	for _, inf := range infs {
-		if err := inf.SetTransform(dropUnusedFields); err != nil {
+		if err := inf.SetTransform(compact); err != nil {
 			return fmt.Errorf("setting informer transform: %w", err)
 		}
 	}
@@ -76,10 +81,18 @@ func Watch(ctx context.Context, client kubernetes.Interface, t *Tracker, resync 
 		synced = append(synced, reg.HasSynced)
 		return nil
 	}
-	if err := register("Service", svcInformer, handlers(t.log, t.OnServiceAdd, t.OnServiceUpdate, t.OnServiceDelete)); err != nil {
+	setService := func(c *cachedService) { t.setService(c.key, c.conv) }
+	if err := register("Service", svcInformer, handlers(t.log,
+		setService,
+		func(_, c *cachedService) { setService(c) },
+		func(c *cachedService) { t.deleteService(c.key) })); err != nil {
 		return err
 	}
-	if err := register("EndpointSlice", sliceInformer, handlers(t.log, t.OnEndpointSliceAdd, t.OnEndpointSliceUpdate, t.OnEndpointSliceDelete)); err != nil {
+	setSlice := func(c *cachedSlice) { t.setSlice(c.key, c.conv) }
+	if err := register("EndpointSlice", sliceInformer, handlers(t.log,
+		setSlice,
+		func(_, c *cachedSlice) { setSlice(c) },
+		func(c *cachedSlice) { t.deleteSlice(c.key) })); err != nil {
 		return err
 	}
 	if nodeInformer != nil {
@@ -88,19 +101,11 @@ func Watch(ctx context.Context, client kubernetes.Interface, t *Tracker, resync 
 		}
 	}
 
-	factory.Start(ctx.Done())
-	if nodeFactory != nil {
-		nodeFactory.Start(ctx.Done())
+	// The informers stop when ctx is done; nothing outlives the caller's
+	// context.
+	for _, inf := range infs {
+		go inf.RunWithContext(ctx)
 	}
-	go func() {
-		// Wait for the informer goroutines to end once ctx is done, so that
-		// nothing outlives the caller's context.
-		<-ctx.Done()
-		factory.Shutdown()
-		if nodeFactory != nil {
-			nodeFactory.Shutdown()
-		}
-	}()
 
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		err := ctx.Err()
@@ -147,28 +152,76 @@ func handlers[T any](log *slog.Logger, add func(T), update func(T, T), del func(
 	}
 }
 
-// dropUnusedFields strips what miniproxy never reads before objects enter
-// the informer caches: at tens of thousands of Services and EndpointSlices
-// the caches are most of the daemon's memory, and managedFields, the
-// annotations (kubectl's last-applied-configuration alone is a copy of the
-// whole object), selectors and endpoints' targetRefs are most of the caches.
-func dropUnusedFields(obj any) (any, error) {
-	if m, ok := obj.(metav1.Object); ok {
-		m.SetManagedFields(nil)
-		m.SetAnnotations(nil)
-		m.SetOwnerReferences(nil)
-		m.SetFinalizers(nil)
-	}
+// cachedService is what the Service informer keeps of a Service: its name
+// and what convertService made of it, the very ports the Tracker keeps and
+// shares with its snapshots. Converting in the informer's transform,
+// instead of in the event handler, means no API object stays in memory: at
+// 10,000 Services and EndpointSlices the objects were a third of the
+// daemon's live heap (docs/performance.md).
+//
+// Its contents are never modified, so copies may share them.
+type cachedService struct {
+	key  objectKey
+	conv convertedService
+}
+
+// cachedSlice is what the EndpointSlice informer keeps of an EndpointSlice,
+// for the same reason as cachedService.
+type cachedSlice struct {
+	key  objectKey
+	conv sliceConversion
+}
+
+// GetObjectKind is part of runtime.Object, which the informer's store
+// requires; the kind is not needed.
+func (c *cachedService) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject is part of runtime.Object; the contents are immutable, so
+// a shallow copy is a deep one.
+func (c *cachedService) DeepCopyObject() runtime.Object { cp := *c; return &cp }
+
+// GetObjectMeta gives the informer the namespace and name it keys objects
+// by.
+func (c *cachedService) GetObjectMeta() metav1.Object { return c.key.objectMeta() }
+
+// GetObjectKind is part of runtime.Object; see cachedService.
+func (c *cachedSlice) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject is part of runtime.Object; see cachedService.
+func (c *cachedSlice) DeepCopyObject() runtime.Object { cp := *c; return &cp }
+
+// GetObjectMeta gives the informer the namespace and name it keys objects
+// by.
+func (c *cachedSlice) GetObjectMeta() metav1.Object { return c.key.objectMeta() }
+
+func (k objectKey) objectMeta() *metav1.ObjectMeta {
+	return &metav1.ObjectMeta{Namespace: k.namespace, Name: k.name}
+}
+
+// compact is the informers' transform: Services and EndpointSlices become
+// their cached forms, our Node loses what is never read. Objects already
+// compacted pass unchanged (client-go may hand an object to the transform
+// twice).
+func compact(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *v1.Service:
-		o.Spec.Selector = nil
-		o.Status.Conditions = nil
+		return &cachedService{key: keyOf(o), conv: convertService(o)}, nil
 	case *discoveryv1.EndpointSlice:
-		for i := range o.Endpoints {
-			o.Endpoints[i].TargetRef = nil
-			o.Endpoints[i].Hostname = nil
-			o.Endpoints[i].DeprecatedTopology = nil
-		}
+		return &cachedSlice{key: keyOf(o), conv: convertSlice(o)}, nil
+	}
+	return dropUnusedFields(obj)
+}
+
+// dropUnusedFields strips from our Node what miniproxy never reads (it
+// reads name, labels, taints and the deletion timestamp): managedFields,
+// annotations and the status, whose image list alone can be tens of
+// kilobytes. Only one Node is cached, but it is updated every few seconds.
+func dropUnusedFields(obj any) (any, error) {
+	if n, ok := obj.(*v1.Node); ok {
+		n.ManagedFields = nil
+		n.Annotations = nil
+		n.OwnerReferences = nil
+		n.Status = v1.NodeStatus{}
 	}
 	return obj, nil
 }

@@ -3,6 +3,7 @@ package endpoints
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 )
 
 // waitFor polls the tracker until cond holds for a snapshot (each poll takes
@@ -137,39 +139,75 @@ func TestProxyLabelSelector(t *testing.T) {
 	}
 }
 
-func TestCachedObjectsKeepNothingMiniproxyDoesNotRead(t *testing.T) {
+func TestInformerCachesHoldNoAPIObjects(t *testing.T) {
 	svc := makeService("ns", "web", func(s *v1.Service) {
 		s.Annotations = map[string]string{"kubectl.kubernetes.io/last-applied-configuration": strings.Repeat("x", 4096)}
 		s.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
+		s.Spec.Selector = map[string]string{"app": "web"}
 	})
-	out, err := dropUnusedFields(svc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := out.(*v1.Service)
-	if got.Annotations != nil || got.ManagedFields != nil {
-		t.Errorf("annotations and managedFields should be dropped, got %v / %v", got.Annotations, got.ManagedFields)
-	}
-	if got.Spec.ClusterIP != svc.Spec.ClusterIP || got.Name != "web" {
-		t.Error("everything else must stay")
-	}
-
-	// What is left converts exactly as the full objects do.
-	full := makeService("ns", "web", func(s *v1.Service) { s.Spec.Selector = map[string]string{"app": "web"} })
 	slice := makeSlice("ns", "web-abc", "web", withEndpoints(ready("10.244.1.5", "node1")), func(s *discoveryv1.EndpointSlice) {
 		s.Endpoints[0].TargetRef = &v1.ObjectReference{Kind: "Pod", Name: "web-1"}
 		s.Endpoints[0].Hostname = ptr("web-1")
 	})
-	whole := NewTracker("node1", nil, nil)
-	whole.OnServiceAdd(full.DeepCopy())
-	whole.OnEndpointSliceAdd(slice.DeepCopy())
-	stripped := NewTracker("node1", nil, nil)
-	strippedSvc, _ := dropUnusedFields(full.DeepCopy())
-	strippedSlice, _ := dropUnusedFields(slice.DeepCopy())
-	stripped.OnServiceAdd(strippedSvc.(*v1.Service))
-	stripped.OnEndpointSliceAdd(strippedSlice.(*discoveryv1.EndpointSlice))
-	a, b := whole.Snapshot(), stripped.Snapshot()
+	bad := makeSlice("ns", "web-bad", "web", withEndpoints(ready("10.244.1.300", "node1")))
+
+	cached := map[string]any{}
+	for name, obj := range map[string]any{"service": svc.DeepCopy(), "slice": slice.DeepCopy(), "bad": bad.DeepCopy()} {
+		c, err := compact(obj)
+		if err != nil {
+			t.Fatalf("compact %s: %v", name, err)
+		}
+		if again, _ := compact(c); again != c {
+			t.Errorf("compacting the cached %s again changed it", name)
+		}
+		// The store keys the cached forms as it would the objects.
+		key, err := cache.MetaNamespaceKeyFunc(c)
+		if err != nil {
+			t.Fatalf("key of cached %s: %v", name, err)
+		}
+		wantKey, _ := cache.MetaNamespaceKeyFunc(obj)
+		if key != wantKey {
+			t.Errorf("cached %s has key %q, want %q", name, key, wantKey)
+		}
+		cached[name] = c
+	}
+	if _, ok := cached["service"].(*cachedService); !ok {
+		t.Fatalf("a Service is cached as %T", cached["service"])
+	}
+	if _, ok := cached["slice"].(*cachedSlice); !ok {
+		t.Fatalf("an EndpointSlice is cached as %T", cached["slice"])
+	}
+
+	// The cached forms give the tracker exactly what the objects give it,
+	// problems included.
+	var fullProblems, cachedProblems []string
+	whole := NewTracker("node1", nil, func(_, _, _, reason string) { fullProblems = append(fullProblems, reason) })
+	whole.OnServiceAdd(svc)
+	whole.OnEndpointSliceAdd(slice)
+	whole.OnEndpointSliceAdd(bad)
+	fromCache := NewTracker("node1", nil, func(_, _, _, reason string) { cachedProblems = append(cachedProblems, reason) })
+	c := cached["service"].(*cachedService)
+	fromCache.setService(c.key, c.conv)
+	for _, name := range []string{"slice", "bad"} {
+		s := cached[name].(*cachedSlice)
+		fromCache.setSlice(s.key, s.conv)
+	}
+	a, b := whole.Snapshot(), fromCache.Snapshot()
 	if diff := cmp.Diff(a, b, cmpopts.EquateComparable(netip.Addr{}, netip.Prefix{})); diff != "" || len(a.Endpoints[ServicePortName{Namespace: "ns", Name: "web"}]) != 1 {
-		t.Errorf("stripping changed what the tracker sees (-full +stripped):\n%s", diff)
+		t.Errorf("the cached forms give another snapshot (-objects +cached):\n%s", diff)
+	}
+	if len(fullProblems) != 1 || !slices.Equal(fullProblems, cachedProblems) {
+		t.Errorf("problems reported: from objects %q, from the cache %q; want the same one", fullProblems, cachedProblems)
+	}
+
+	node := makeNode("node1", "zone-a")
+	node.Status.Images = []v1.ContainerImage{{Names: []string{"registry.example/big:1"}, SizeBytes: 1 << 30}}
+	node.Annotations = map[string]string{"node.alpha.kubernetes.io/ttl": "0"}
+	out, _ := compact(node.DeepCopy())
+	if got := out.(*v1.Node); len(got.Status.Images) != 0 || got.Annotations != nil {
+		t.Errorf("the cached Node keeps its status or annotations: %+v", got)
+	}
+	if got := convertNode(out.(*v1.Node)); got != convertNode(node) {
+		t.Errorf("the cached Node converts to %+v, the Node to %+v", got, convertNode(node))
 	}
 }

@@ -259,7 +259,9 @@ func (p *Proxier) Sync(full bool) SyncResult {
 // packet of a flow whose entry is deleted meets them.
 func (p *Proxier) deleteStaleFlows(snap *endpoints.Snapshot) {
 	prev := p.applied
-	p.applied = snap
+	// Stale needs the services and endpoints only; the Changed set (every
+	// service port, after the first sync) need not stay in memory.
+	p.applied = &endpoints.Snapshot{Node: snap.Node, Services: snap.Services, Endpoints: snap.Endpoints}
 	if p.opts.DeleteStaleFlows == nil {
 		return
 	}
