@@ -11,7 +11,9 @@
 // a per-run prefix, is recorded in its Lab, and is deleted by Lab.Close, by
 // the SIGINT/SIGTERM handler, or, when the test process dies without cleaning
 // up (SIGKILL, a test timeout, a panic in a goroutine), by a small watchdog
-// process that outlives it.
+// process that outlives it. Should the watchdog die too (the whole process
+// tree killed), the next lab created on the machine deletes what was left
+// (claim.go).
 //
 // Topology choice: links are point-to-point veth pairs (Lab.Link) routed by
 // namespaces that have forwarding enabled; a bridge (Namespace.AddBridge and
@@ -46,6 +48,7 @@ const netnsDir = "/run/netns"
 // their names never collide because each has its own random prefix.
 type Lab struct {
 	prefix string
+	claim  *os.File // see claim.go
 
 	mu         sync.Mutex
 	closed     bool
@@ -81,11 +84,24 @@ func New() (*Lab, error) {
 	if err := ensureWatchdog(); err != nil {
 		return nil, fmt.Errorf("create lab: %w", err)
 	}
+	// What a killed run left must not pile up; it never blocks this lab.
+	reaped, err := reapAbandoned()
+	if len(reaped) > 0 {
+		fmt.Fprintf(os.Stderr, "netns lab: deleted %d namespaces of labs whose process died without cleaning up: %s\n",
+			len(reaped), strings.Join(reaped, " "))
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "netns lab: %v\n", err)
+	}
 	prefix, err := newPrefix()
 	if err != nil {
 		return nil, fmt.Errorf("create lab: %w", err)
 	}
-	l := &Lab{prefix: prefix}
+	claimed, err := claim(prefix)
+	if err != nil {
+		return nil, fmt.Errorf("create lab: %w", err)
+	}
+	l := &Lab{prefix: prefix, claim: claimed}
 	registry.mu.Lock()
 	if registry.live == nil {
 		registry.live = map[*Lab]struct{}{}
@@ -126,7 +142,7 @@ func NewLab(t testing.TB) *Lab {
 func (l *Lab) Prefix() string { return l.prefix }
 
 // newPrefix returns "mp<pid%1000><4 hex>-", short enough to leave room for the
-// short name, and not used by any namespace that exists now.
+// short name, and used by no namespace and no lab's claim that exists now.
 func newPrefix() (string, error) {
 	for range 10 {
 		var b [2]byte
@@ -138,7 +154,8 @@ func newPrefix() (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if len(taken) == 0 {
+		_, err = os.Stat(filepath.Join(claimDir, p+claimSuffix))
+		if len(taken) == 0 && errors.Is(err, os.ErrNotExist) {
 			return p, nil
 		}
 	}
@@ -212,6 +229,13 @@ func (l *Lab) Close() error {
 		}
 		for i := len(namespaces) - 1; i >= 0; i-- {
 			if err := namespaces[i].destroy(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		// With namespaces left, the claim stays until this process ends;
+		// then the next lab reaps them.
+		if len(errs) == 0 {
+			if err := release(l.prefix, l.claim); err != nil {
 				errs = append(errs, err)
 			}
 		}

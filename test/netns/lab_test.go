@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"runtime"
 	"sort"
@@ -484,7 +485,7 @@ func TestHelperLab(t *testing.T) {
 	must(t, err)
 	p, err := n.Start("sleep", "1000")
 	must(t, err)
-	fmt.Printf("READY %s %d\n", n.Name(), p.Pid())
+	fmt.Printf("READY %s %d %d\n", n.Name(), p.Pid(), watchdog.pid)
 	time.Sleep(60 * time.Second)
 	t.Fatal("not killed")
 }
@@ -492,6 +493,13 @@ func TestHelperLab(t *testing.T) {
 // startHelper runs TestHelperLab in a child process and returns it with the
 // namespace it created and the pid of the process it started there.
 func startHelper(t *testing.T, extraArgs ...string) (*exec.Cmd, string, int) {
+	cmd, name, pid, _ := startHelperWithWatchdog(t, extraArgs...)
+	return cmd, name, pid
+}
+
+// startHelperWithWatchdog is startHelper that also returns the pid of the
+// helper's watchdog.
+func startHelperWithWatchdog(t *testing.T, extraArgs ...string) (*exec.Cmd, string, int, int) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
@@ -504,17 +512,17 @@ func startHelper(t *testing.T, extraArgs ...string) (*exec.Cmd, string, int) {
 	sc := bufio.NewScanner(stdout)
 	for sc.Scan() {
 		var name string
-		var pid int
-		if _, err := fmt.Sscanf(sc.Text(), "READY %s %d", &name, &pid); err == nil {
+		var pid, watchdogPid int
+		if _, err := fmt.Sscanf(sc.Text(), "READY %s %d %d", &name, &pid, &watchdogPid); err == nil {
 			go func() {
 				for sc.Scan() {
 				}
 			}()
-			return cmd, name, pid
+			return cmd, name, pid, watchdogPid
 		}
 	}
 	t.Fatalf("helper ended without READY: %v", sc.Err())
-	return nil, "", 0
+	return nil, "", 0, 0
 }
 
 // waitGone waits until namespace name and process pid are both gone.
@@ -566,4 +574,38 @@ func TestWatchdogCleansUpAfterTestTimeout(t *testing.T) {
 		t.Errorf("helper ended with %v, want the timeout panic", err)
 	}
 	waitGone(t, name, pid)
+}
+
+// TestNextLabReapsWhatAKilledRunLeft covers a run killed together with its
+// watchdog (a CI job or session stopped with SIGKILL to every process): its
+// namespace and the process inside stay, until the next lab is created.
+func TestNextLabReapsWhatAKilledRunLeft(t *testing.T) {
+	// A live lab of another process (this one) is never reaped.
+	live := NewLab(t)
+	liveNS := mustNS(t, live, "alive")
+
+	cmd, name, pid, watchdogPid := startHelperWithWatchdog(t)
+	if watchdogPid <= 0 {
+		t.Fatalf("helper reported no watchdog pid")
+	}
+	must(t, syscall.Kill(watchdogPid, syscall.SIGKILL))
+	must(t, cmd.Process.Kill())
+	cmd.Wait()
+	time.Sleep(500 * time.Millisecond) // the watchdog must have had its chance
+	if _, err := os.Stat("/run/netns/" + name); err != nil {
+		t.Fatalf("with its watchdog killed too, the helper's namespace should have stayed: %v", err)
+	}
+
+	next := NewLab(t)
+	waitGone(t, name, pid)
+	if _, err := os.Stat(liveNS.Path()); err != nil {
+		t.Errorf("a live lab's namespace was reaped: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(claimDir, next.Prefix()+claimSuffix)); err != nil {
+		t.Errorf("the new lab holds no claim: %v", err)
+	}
+	must(t, live.Close())
+	if _, err := os.Stat(filepath.Join(claimDir, live.Prefix()+claimSuffix)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a closed lab's claim is still there: %v", err)
+	}
 }

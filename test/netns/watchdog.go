@@ -51,6 +51,7 @@ var watchdog struct {
 	err  error
 	mu   sync.Mutex
 	pipe *os.File
+	pid  int
 }
 
 // ensureWatchdog starts the watchdog process if it is not running yet.
@@ -82,6 +83,7 @@ func ensureWatchdog() error {
 		r.Close()
 		go cmd.Wait() // reap it should it ever exit early
 		watchdog.pipe = w
+		watchdog.pid = cmd.Process.Pid
 	})
 	return watchdog.err
 }
