@@ -33,9 +33,16 @@ func claim(prefix string) (*os.File, error) {
 		os.Remove(f.Name())
 		return nil, fmt.Errorf("claim lab %s: lock: %w", prefix, err)
 	}
-	if err := os.Rename(f.Name(), filepath.Join(claimDir, prefix+claimSuffix)); err != nil {
+	path := filepath.Join(claimDir, prefix+claimSuffix)
+	if err := os.Rename(f.Name(), path); err != nil {
 		f.Close()
 		os.Remove(f.Name())
+		return nil, fmt.Errorf("claim lab %s: %w", prefix, err)
+	}
+	// The watchdog removes the claim with the namespaces, so that a run it
+	// cleaned up after leaves nothing at all.
+	if err := watchdogNote("claim", path); err != nil {
+		release(prefix, f)
 		return nil, fmt.Errorf("claim lab %s: %w", prefix, err)
 	}
 	return f, nil
@@ -46,8 +53,10 @@ func release(prefix string, f *os.File) error {
 	if f == nil {
 		return nil
 	}
-	err := os.Remove(filepath.Join(claimDir, prefix+claimSuffix))
+	path := filepath.Join(claimDir, prefix+claimSuffix)
+	err := os.Remove(path)
 	f.Close()
+	watchdogNote("unclaim", path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("release claim of lab %s: %w", prefix, err)
 	}

@@ -561,6 +561,18 @@ func TestWatchdogCleansUpAfterSIGKILL(t *testing.T) {
 	must(t, cmd.Process.Kill())
 	cmd.Wait()
 	waitGone(t, name, pid)
+	claimPath := filepath.Join(claimDir, strings.TrimSuffix(name, "victim")+claimSuffix)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		_, err := os.Stat(claimPath)
+		if errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the watchdog left the lab's claim %s: %v", claimPath, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // TestWatchdogCleansUpAfterTestTimeout covers "go test -timeout": the

@@ -14,18 +14,23 @@ import (
 // process ends (including SIGKILL and the panic of a test timeout), it kills
 // every process inside the namespaces still recorded and deletes them, then
 // removes the lab's temporary directories announced with "dir PATH" and not
-// yet forgotten with "undir PATH" (see Lab.TempDir). It
+// yet forgotten with "undir PATH" (see Lab.TempDir), and last the claim
+// files announced with "claim PATH" and not forgotten with "unclaim PATH"
+// (see claim.go), each only if no namespace with its lab's prefix is left,
+// so that the next lab can still reap it. It
 // ignores terminal signals and runs in its own process group so that Ctrl-C
 // does not kill it before it has done its job.
 const watchdogScript = `
 trap '' INT TERM HUP
-declare -A live dirs
+declare -A live dirs claims
 while read -r op name; do
 	case "$op" in
 	add) live["$name"]=1 ;;
 	del) unset "live[$name]" ;;
 	dir) dirs["$name"]=1 ;;
 	undir) unset "dirs[$name]" ;;
+	claim) claims["$name"]=1 ;;
+	unclaim) unset "claims[$name]" ;;
 	esac
 done
 for n in "${!live[@]}"; do
@@ -39,6 +44,10 @@ for n in "${!live[@]}"; do
 done
 for d in "${!dirs[@]}"; do
 	rm -rf -- "$d"
+done
+for c in "${!claims[@]}"; do
+	p=$(basename "$c" claim)
+	ls /run/netns 2>/dev/null | grep -q "^$p" || rm -f -- "$c"
 done
 exit 0
 `
