@@ -159,8 +159,9 @@ func LessName(a, b ServicePortName) bool {
 	return a.Port < b.Port
 }
 
-// withoutChanges is s without its Changed set, for keeping as the base of
-// the next snapshot: the first snapshot's set names every service port.
-func (s *Snapshot) withoutChanges() *Snapshot {
+// WithoutChanges is s without its Changed set, for keeping a snapshot
+// around (the base of the next one, what the kernel holds): the first
+// snapshot's set names every service port.
+func (s *Snapshot) WithoutChanges() *Snapshot {
 	return &Snapshot{Node: s.Node, Services: s.Services, Endpoints: s.Endpoints}
 }

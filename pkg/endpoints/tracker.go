@@ -406,7 +406,7 @@ func (t *Tracker) Snapshot() *Snapshot {
 	t.dirtyServices = map[objectKey]bool{}
 	t.dirtyEndpoints = map[objectKey]bool{}
 	t.oldest = time.Time{}
-	t.prev = snap.withoutChanges()
+	t.prev = snap.WithoutChanges()
 	return snap
 }
 

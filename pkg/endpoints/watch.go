@@ -209,14 +209,14 @@ func compact(obj any) (any, error) {
 	case *discoveryv1.EndpointSlice:
 		return &cachedSlice{key: keyOf(o), conv: convertSlice(o)}, nil
 	}
-	return dropUnusedFields(obj)
+	return dropUnusedNodeFields(obj)
 }
 
-// dropUnusedFields strips from our Node what miniproxy never reads (it
+// dropUnusedNodeFields strips from our Node what miniproxy never reads (it
 // reads name, labels, taints and the deletion timestamp): managedFields,
 // annotations and the status, whose image list alone can be tens of
 // kilobytes. Only one Node is cached, but it is updated every few seconds.
-func dropUnusedFields(obj any) (any, error) {
+func dropUnusedNodeFields(obj any) (any, error) {
 	if n, ok := obj.(*v1.Node); ok {
 		n.ManagedFields = nil
 		n.Annotations = nil

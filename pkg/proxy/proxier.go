@@ -259,9 +259,7 @@ func (p *Proxier) Sync(full bool) SyncResult {
 // packet of a flow whose entry is deleted meets them.
 func (p *Proxier) deleteStaleFlows(snap *endpoints.Snapshot) {
 	prev := p.applied
-	// Stale needs the services and endpoints only; the Changed set (every
-	// service port, after the first sync) need not stay in memory.
-	p.applied = &endpoints.Snapshot{Node: snap.Node, Services: snap.Services, Endpoints: snap.Endpoints}
+	p.applied = snap.WithoutChanges() // Stale reads no Changed set
 	if p.opts.DeleteStaleFlows == nil {
 		return
 	}

@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/miniproxy/miniproxy/test/cluster"
 	"github.com/miniproxy/miniproxy/test/netns"
 )
 
@@ -24,10 +25,10 @@ import (
 // a router, as in test/cluster; every proxy run gets a new node namespace
 // (clean tables) with a new address on that LAN.
 var (
-	routerLAN   = netip.MustParseAddr("10.240.0.1")
-	controlIP   = netip.MustParseAddr("10.240.0.2")
-	serviceCIDR = netip.MustParsePrefix("10.96.0.0/16")
-	clusterCIDR = netip.MustParsePrefix("10.244.0.0/16")
+	routerLAN   = cluster.RouterLAN
+	controlIP   = cluster.ControlIP
+	serviceCIDR = cluster.ServiceCIDR
+	clusterCIDR = cluster.ClusterCIDR
 	podGateway  = netip.MustParseAddr("10.244.1.1")
 	clientPodIP = netip.MustParseAddr("10.244.1.10")
 )

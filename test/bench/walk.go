@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+
+	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
 // natTable is the nat table of an iptables-save output, parsed just enough
@@ -54,8 +56,8 @@ func parseNAT(save string) *natTable {
 		case !strings.HasPrefix(line, "-A "):
 			continue
 		}
-		toks := tokenize(line)
-		if len(toks) < 2 {
+		toks, err := iptables.SplitArgs(line)
+		if err != nil || len(toks) < 2 {
 			continue
 		}
 		chain := toks[1]
@@ -111,31 +113,6 @@ func parseNAT(save string) *natTable {
 		t.rules++
 	}
 	return t
-}
-
-// tokenize splits a rule on spaces, keeping double-quoted comments whole.
-func tokenize(s string) []string {
-	var out []string
-	var cur strings.Builder
-	inQuote := false
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c == '"':
-			inQuote = !inQuote
-		case c == ' ' && !inQuote:
-			if cur.Len() > 0 {
-				out = append(out, cur.String())
-				cur.Reset()
-			}
-		default:
-			cur.WriteByte(c)
-		}
-	}
-	if cur.Len() > 0 {
-		out = append(out, cur.String())
-	}
-	return out
 }
 
 // parseAddrMask parses "10.96.0.1/32", "10.244.0.0/16" or a dotted mask as

@@ -124,11 +124,7 @@ func reapLab(prefix, path string) ([]string, error) {
 		}
 		deleted = append(deleted, n)
 	}
-	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "miniproxy-"+prefix+"*"))
-	if os.TempDir() != "/tmp" {
-		more, _ := filepath.Glob(filepath.Join("/tmp", "miniproxy-"+prefix+"*"))
-		dirs = append(dirs, more...)
-	}
+	dirs, _ := filepath.Glob(filepath.Join(tempBase(), tempDirPrefix(prefix)+"*"))
 	for _, d := range dirs {
 		if err := os.RemoveAll(d); err != nil {
 			errs = append(errs, fmt.Errorf("reap lab %s: %w", prefix, err))

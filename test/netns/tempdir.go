@@ -32,11 +32,7 @@ func (l *Lab) TempDir(name string) (string, error) {
 	if strings.ContainsAny(name, " \t\n/") {
 		return "", fmt.Errorf("create temp dir %q for lab %s: name must not contain spaces or slashes", name, l.prefix)
 	}
-	base := os.TempDir()
-	if strings.ContainsAny(base, " \t\n") || !filepath.IsAbs(base) {
-		base = "/tmp" // the watchdog protocol is line- and word-based
-	}
-	dir, err := os.MkdirTemp(base, "miniproxy-"+l.prefix+name+"-")
+	dir, err := os.MkdirTemp(tempBase(), tempDirPrefix(l.prefix)+name+"-")
 	if err != nil {
 		return "", fmt.Errorf("create temp dir for lab %s: %w", l.prefix, err)
 	}
@@ -56,3 +52,17 @@ func (l *Lab) TempDir(name string) (string, error) {
 	}
 	return dir, nil
 }
+
+// tempBase is the directory lab temp dirs are made in: the system's, unless
+// its path has blanks (the watchdog protocol is line- and word-based).
+func tempBase() string {
+	base := os.TempDir()
+	if strings.ContainsAny(base, " \t\n") || !filepath.IsAbs(base) {
+		return "/tmp"
+	}
+	return base
+}
+
+// tempDirPrefix starts the names of a lab's temp dirs, so that a run's files
+// are easy to recognise and an abandoned lab's can be found (claim.go).
+func tempDirPrefix(labPrefix string) string { return "miniproxy-" + labPrefix }
