@@ -15,12 +15,13 @@ import (
 
 // Fake is a Runner that keeps the tables in memory, so that the dataplane's
 // decisions (what it writes, what it deletes, when it resyncs) can be tested
-// without a kernel. It has the real tools' semantics where they matter:
-// restores go through iptables.ParseRestore and State.Apply with --noflush
-// and are all-or-nothing; rules may only jump to chains that exist; a
-// referenced chain cannot be deleted. It differs in one way: rules are
-// compared literally (the kernel normalises "-p tcp" into "-p tcp -m tcp" and
-// so on).
+// without a kernel. It refuses what the real tools refuse: restores go
+// through iptables.ParseRestore and State.Apply, which check every rule as
+// iptables-restore and the kernel do (TestFakeAndKernelGiveTheRecordedVerdicts
+// and TestFakeAndKernelAgreeOnEveryShapeAndItsMutations hold it to the real
+// tool), with --noflush, all or nothing. It differs in one way: rules are
+// compared literally (the kernel normalises "-p tcp" into "-p tcp -m tcp"
+// and so on).
 //
 // A Fake starts with the built-in chains of every table, for both families.
 // It is safe for concurrent use.
@@ -132,7 +133,7 @@ func (f *Fake) Restore(family iptables.Family, input []byte) error {
 	if err != nil {
 		return fail(err)
 	}
-	next, err := f.state(family).Apply(tables, true)
+	next, err := f.state(family).Apply(family, tables, true)
 	if err != nil {
 		return fail(err)
 	}
@@ -229,17 +230,8 @@ func (f *Fake) InsertRule(family iptables.Family, table, chain string, pos int, 
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("insert %s %s %s %d %s", family, table, chain, pos, rule)
-	next := f.state(family).Clone()
-	c, ok := next[table][chain]
-	if !ok {
-		return fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
-	}
-	if pos < 1 || pos > len(c.Rules)+1 {
-		return fmt.Errorf("fake iptables: index of insertion %d too big for %s", pos, chain)
-	}
-	c.Rules = slices.Insert(c.Rules, pos-1, slices.Clone(rule))
-	// An input with no operations only checks that every jump has a target.
-	if _, err := next.Apply([]iptables.TableInput{{Table: table}}, true); err != nil {
+	next, err := f.state(family).Insert(family, table, chain, pos, rule)
+	if err != nil {
 		return fmt.Errorf("fake iptables: %w", err)
 	}
 	f.states[family] = next

@@ -5,7 +5,9 @@ package iptables
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -53,6 +55,9 @@ type Op struct {
 type TableInput struct {
 	Table string
 	Ops   []Op
+	// CommitLine is the line of the COMMIT, where the real tool reports
+	// some refusals.
+	CommitLine int
 }
 
 // ParseRestore reads iptables-restore input. It accepts what this project
@@ -80,6 +85,7 @@ func ParseRestore(text string) ([]TableInput, error) {
 			if cur == nil {
 				return nil, fmt.Errorf("line %d: COMMIT outside a table", line)
 			}
+			cur.CommitLine = line
 			out = append(out, *cur)
 			cur = nil
 		default:
@@ -208,18 +214,21 @@ func (s State) Clone() State {
 	return out
 }
 
-// Apply performs a restore input with iptables-restore's semantics and
-// returns the new state; s is left unchanged. With noflush, tables are kept
-// and only the chains the input declares are flushed; without it each table
-// named in the input is emptied first. Like the kernel, it refuses the whole
-// input if any rule jumps to a chain that does not exist, a chain is deleted
-// while referenced, or a built-in chain is deleted.
-func (s State) Apply(inputs []TableInput, noflush bool) (State, error) {
+// Apply performs a restore input for family with iptables-restore's
+// semantics and returns the new state; s is left unchanged. With noflush,
+// tables are kept and only the chains the input declares are flushed;
+// without it each table named in the input is emptied first. Like the real
+// tool it refuses the whole input for anything the tool or the kernel
+// refuses (see check.go): a rule it cannot parse, a jump to a chain not
+// declared before the jump, a chain deleted while referenced or not empty, a
+// built-in chain deleted, a loop, or a target reached from a chain where it
+// is not valid.
+func (s State) Apply(family Family, inputs []TableInput, noflush bool) (State, error) {
 	next := s.Clone()
 	for _, in := range inputs {
 		tab, ok := next[in.Table]
 		if !ok {
-			return s, fmt.Errorf("table %q does not exist", in.Table)
+			return s, fmt.Errorf("unable to initialize table '%s'", in.Table)
 		}
 		if !noflush {
 			for name, c := range tab {
@@ -230,50 +239,112 @@ func (s State) Apply(inputs []TableInput, noflush bool) (State, error) {
 				}
 			}
 		}
+		refs := references(tab)
 		for _, op := range in.Ops {
-			if err := applyOp(in.Table, tab, op); err != nil {
-				return s, fmt.Errorf("line %d: %w", op.Line, err)
+			if err := applyOp(family, in.Table, tab, refs, op); err != nil {
+				line := op.Line
+				if errors.As(err, new(atCommit)) {
+					line = in.CommitLine
+				}
+				return s, fmt.Errorf("line %d: %w", line, err)
 			}
 		}
-		if err := checkJumps(in.Table, tab); err != nil {
-			return s, err
+		if err := checkReach(in.Table, tab); err != nil {
+			return s, fmt.Errorf("line %d: %w", in.CommitLine, err)
 		}
 	}
 	return next, nil
 }
 
-func applyOp(table string, tab Table, op Op) error {
+// atCommit marks refusals the real tool reports at the table's COMMIT line
+// rather than at the rule's.
+type atCommit struct{ error }
+
+// references counts, per chain, the rules jumping to it.
+func references(tab Table) map[string]int {
+	refs := map[string]int{}
+	for _, c := range tab {
+		for _, r := range c.Rules {
+			if t := r.Target(); t != "" {
+				refs[t]++
+			}
+		}
+	}
+	return refs
+}
+
+func flush(c *Chain, refs map[string]int) {
+	for _, r := range c.Rules {
+		if t := r.Target(); t != "" {
+			refs[t]--
+		}
+	}
+	c.Rules = nil
+}
+
+func applyOp(family Family, table string, tab Table, refs map[string]int, op Op) error {
 	switch op.Kind {
 	case ':':
+		if err := checkChainName(op.Chain); err != nil {
+			return err
+		}
 		if c, ok := tab[op.Chain]; ok {
-			c.Rules = nil
+			flush(c, refs)
 		} else {
 			tab[op.Chain] = &Chain{Name: op.Chain}
 		}
 	case 'A', 'I':
 		c, ok := tab[op.Chain]
 		if !ok {
-			return fmt.Errorf("chain %q does not exist in table %q", op.Chain, table)
+			return fmt.Errorf("No chain/target/match by that name (chain %q, table %q)", op.Chain, table)
+		}
+		if err := checkRuleIn(family, table, tab, op.Rule); err != nil {
+			return err
 		}
 		if op.Kind == 'A' {
 			c.Rules = append(c.Rules, op.Rule)
 		} else {
 			c.Rules = append([]Rule{op.Rule}, c.Rules...)
 		}
+		if t := op.Rule.Target(); t != "" {
+			refs[t]++
+		}
 	case 'F':
 		c, ok := tab[op.Chain]
 		if !ok {
-			return fmt.Errorf("chain %q does not exist in table %q", op.Chain, table)
+			return fmt.Errorf("No chain/target/match by that name (chain %q, table %q)", op.Chain, table)
 		}
-		c.Rules = nil
+		flush(c, refs)
 	case 'X':
-		if IsBuiltin(table, op.Chain) {
-			return fmt.Errorf("cannot delete built-in chain %q", op.Chain)
+		c, ok := tab[op.Chain]
+		switch {
+		case !ok:
+			return fmt.Errorf("No chain/target/match by that name (chain %q, table %q)", op.Chain, table)
+		case IsBuiltin(table, op.Chain):
+			return fmt.Errorf("CHAIN_DEL failed (Device or resource busy): chain %s is built in", op.Chain)
+		case len(c.Rules) > 0:
+			return fmt.Errorf("CHAIN_DEL failed (Device or resource busy): chain %s is not empty", op.Chain)
 		}
-		if _, ok := tab[op.Chain]; !ok {
-			return fmt.Errorf("chain %q does not exist in table %q", op.Chain, table)
+		if refs[op.Chain] > 0 {
+			return fmt.Errorf("CHAIN_DEL failed (Device or resource busy): chain %s is referenced", op.Chain)
 		}
 		delete(tab, op.Chain)
+	}
+	return nil
+}
+
+// checkRuleIn checks a rule about to be added to tab: the rule by itself,
+// and that the chain it jumps to exists already.
+func checkRuleIn(family Family, table string, tab Table, r Rule) error {
+	p, err := parseRule(family, table, r)
+	if err != nil {
+		return err
+	}
+	if p.jumpTo == "" || p.target != nil {
+		return nil
+	}
+	if _, ok := tab[p.jumpTo]; !ok {
+		return atCommit{fmt.Errorf("Chain '%s' does not exist", p.jumpTo)}
 	}
 	return nil
 }
@@ -288,25 +359,25 @@ func (r Rule) Target() string {
 	return ""
 }
 
-// standardTargets are targets that are not chains.
-var standardTargets = map[string]bool{
-	"ACCEPT": true, "DROP": true, "RETURN": true, "REJECT": true, "DNAT": true, "SNAT": true,
-	"MASQUERADE": true, "MARK": true, "CONNMARK": true, "LOG": true, "NOTRACK": true, "CT": true,
-	"REDIRECT": true, "TPROXY": true, "QUEUE": true, "NFQUEUE": true, "TRACE": true, "CHECKSUM": true,
-	"TCPMSS": true, "NFLOG": true, "ULOG": true,
-}
-
-func checkJumps(table string, tab Table) error {
-	for _, c := range tab {
-		for _, r := range c.Rules {
-			t := r.Target()
-			if t == "" || standardTargets[t] {
-				continue
-			}
-			if _, ok := tab[t]; !ok {
-				return fmt.Errorf("chain %q in table %q jumps to %q, which does not exist", c.Name, table, t)
-			}
-		}
+// Insert returns s with rule inserted at 1-based position pos of chain, as
+// `iptables -I` does, refusing what iptables refuses: a position past the
+// end plus one, a rule it cannot parse, a jump to a chain that does not
+// exist, a target reached from where it is not valid, a loop.
+func (s State) Insert(family Family, table, chain string, pos int, r Rule) (State, error) {
+	next := s.Clone()
+	c, ok := next[table][chain]
+	if !ok {
+		return s, fmt.Errorf("chain %q does not exist in table %q", chain, table)
 	}
-	return nil
+	if pos < 1 || pos > len(c.Rules)+1 {
+		return s, fmt.Errorf("index of insertion %d too big for %s", pos, chain)
+	}
+	if err := checkRuleIn(family, table, next[table], r); err != nil {
+		return s, err
+	}
+	c.Rules = slices.Insert(c.Rules, pos-1, slices.Clone(r))
+	if err := checkReach(table, next[table]); err != nil {
+		return s, err
+	}
+	return next, nil
 }

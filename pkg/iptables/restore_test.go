@@ -36,7 +36,7 @@ func mustApply(t *testing.T, s State, text string, noflush bool) State {
 	if err != nil {
 		t.Fatalf("parse: %v", err)
 	}
-	next, err := s.Apply(in, noflush)
+	next, err := s.Apply(IPv4, in, noflush)
 	if err != nil {
 		t.Fatalf("apply: %v", err)
 	}
@@ -48,7 +48,7 @@ func TestApplyFollowsIptablesRestoreSemantics(t *testing.T) {
 :FOREIGN - [0:0]
 :MP-A - [0:0]
 -A FOREIGN -j RETURN
--A MP-A -d 10.0.0.1/32 -j DNAT --to-destination 10.1.0.1:80
+-A MP-A -d 10.0.0.1/32 -p tcp -j DNAT --to-destination 10.1.0.1:80
 -A PREROUTING -j MP-A
 COMMIT
 `, true)
@@ -75,19 +75,19 @@ COMMIT
 			name:    "a chain still referenced cannot be deleted",
 			noflush: true,
 			input:   "*nat\n:MP-A - [0:0]\n-X MP-A\nCOMMIT\n",
-			want:    `error: chain "PREROUTING" in table "nat" jumps to "MP-A", which does not exist`,
+			want:    `error: line 3: CHAIN_DEL failed (Device or resource busy): chain MP-A is referenced`,
 		},
 		{
 			name:    "a rule may not jump to a chain that does not exist",
 			noflush: true,
 			input:   "*nat\n:MP-C - [0:0]\n-A MP-C -j MP-NOWHERE\nCOMMIT\n",
-			want:    `error: chain "MP-C" in table "nat" jumps to "MP-NOWHERE", which does not exist`,
+			want:    `error: line 4: Chain 'MP-NOWHERE' does not exist`,
 		},
 		{
 			name:    "a built-in chain cannot be deleted",
 			noflush: true,
 			input:   "*nat\n-X PREROUTING\nCOMMIT\n",
-			want:    `error: line 2: cannot delete built-in chain "PREROUTING"`,
+			want:    `error: line 2: CHAIN_DEL failed (Device or resource busy): chain PREROUTING is built in`,
 		},
 	}
 	for _, tc := range tests {
@@ -96,7 +96,7 @@ COMMIT
 			if err != nil {
 				t.Fatal(err)
 			}
-			next, err := base.Apply(in, tc.noflush)
+			next, err := base.Apply(IPv4, in, tc.noflush)
 			got := dump(next, "nat")
 			if err != nil {
 				got = "error: " + err.Error()

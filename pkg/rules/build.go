@@ -16,6 +16,7 @@ import (
 	"encoding/base32"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -430,7 +431,7 @@ func (b *builder) pick(s *servicePortRules, comment string, match, extra []strin
 			aff := append(append([]string{}, extra...),
 				"-m", "recent", "--name", name, "--rcheck", "--seconds", strconv.Itoa(int(timeout)), "--reap",
 				"-m", "recent", "--name", name, "--set")
-			out = append(out, rule(comment, match, aff, "-j", "DNAT", "--to-destination", ep.String()))
+			out = append(out, dnat(s, comment, match, aff, ep))
 		}
 	}
 	n := len(set)
@@ -442,9 +443,20 @@ func (b *builder) pick(s *servicePortRules, comment string, match, extra []strin
 		if timeout > 0 {
 			more = append(more, "-m", "recent", "--name", affinityName(s.key, ep), "--set")
 		}
-		out = append(out, rule(comment, match, more, "-j", "DNAT", "--to-destination", ep.String()))
+		out = append(out, dnat(s, comment, match, more, ep))
 	}
 	return out
+}
+
+// dnat writes the rule that sends a packet to ep. A DNAT to a port is only
+// valid together with the protocol (iptables-restore refuses the whole
+// input otherwise), so the protocol is part of every such rule, also where
+// the chain is only reached by packets that matched it already.
+func dnat(s *servicePortRules, comment string, match, extra []string, ep endpoints.Endpoint) iptables.Rule {
+	if !slices.Contains(match, "-p") {
+		match = append([]string{"-p", s.proto}, match...)
+	}
+	return rule(comment, match, extra, "-j", "DNAT", "--to-destination", ep.String())
 }
 
 // rule assembles one rule: comment, entry match, extra matches, target.

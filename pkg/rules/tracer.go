@@ -66,14 +66,18 @@ func NewTracer(rs *iptables.Ruleset, localAddrs []netip.Addr) (*Tracer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse rules: %w", err)
 	}
-	st, err := iptables.NewState().Apply(in, true)
+	st, err := iptables.NewState().Apply(rs.Family, in, true)
 	if err != nil {
 		return nil, fmt.Errorf("load rules: %w", err)
 	}
-	for i := len(rs.Jumps) - 1; i >= 0; i-- {
-		j := rs.Jumps[i]
-		c := st[j.Table][j.Chain]
-		c.Rules = append([]iptables.Rule{j.Rule}, c.Rules...)
+	// Each chain gets its jumps at its head, in the order given.
+	placed := map[[2]string]int{}
+	for _, j := range rs.Jumps {
+		at := [2]string{j.Table, j.Chain}
+		placed[at]++
+		if st, err = st.Insert(rs.Family, j.Table, j.Chain, placed[at], j.Rule); err != nil {
+			return nil, fmt.Errorf("load jump into %s %s: %w", j.Table, j.Chain, err)
+		}
 	}
 	return &Tracer{State: st, LocalAddrs: localAddrs}, nil
 }

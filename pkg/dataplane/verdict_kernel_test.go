@@ -1,0 +1,224 @@
+package dataplane
+
+import (
+	"math/rand/v2"
+	"net/netip"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/iptables/iptablestest"
+	"github.com/miniproxy/miniproxy/pkg/rules"
+	"github.com/miniproxy/miniproxy/pkg/rules/rulestest"
+)
+
+// The fake refuses what the kernel refuses: every recorded verdict holds
+// for the real iptables-restore in a fresh namespace and for the Fake.
+func TestFakeAndKernelGiveTheRecordedVerdicts(t *testing.T) {
+	cases, err := iptablestest.Verdicts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cases {
+		t.Run(c.Name, func(t *testing.T) {
+			ns := enterTestNetns(t)
+			kernel, fake := NewRunner(), NewFake()
+			for i, input := range c.Inputs {
+				ns.check(t)
+				kerr := kernel.Restore(c.Family, []byte(input))
+				ferr := fake.Restore(c.Family, []byte(input))
+				if i < len(c.Inputs)-1 {
+					if kerr != nil || ferr != nil {
+						t.Fatalf("input %d of %d must be accepted: kernel %v, fake %v", i+1, len(c.Inputs), kerr, ferr)
+					}
+					continue
+				}
+				if (kerr == nil) != c.Accept {
+					t.Errorf("kernel: recorded %s, got %v", verdict(c.Accept), kerr)
+				}
+				if (ferr == nil) != (kerr == nil) {
+					t.Errorf("fake and kernel disagree:\n  kernel: %v\n  fake:   %v", kerr, ferr)
+				}
+			}
+		})
+	}
+}
+
+func verdict(accept bool) string {
+	if accept {
+		return "accept"
+	}
+	return "refuse"
+}
+
+// everyShapeInput renders the rules of one Service of every shape, both
+// families, as one full restore input per family.
+func everyShapeInput(t *testing.T) map[iptables.Family]string {
+	t.Helper()
+	out := map[iptables.Family]string{}
+	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+		a := rulestest.Addrs{
+			ServiceBase: netip.MustParseAddr("10.96.10.1"), LoadBalancerBase: netip.MustParseAddr("203.0.113.10"),
+			ExternalBase: netip.MustParseAddr("203.0.113.100"), NodePortBase: 30100,
+			LocalPod: netip.MustParseAddr("10.244.1.5"), RemotePod: netip.MustParseAddr("10.244.2.6"),
+			TCPPort: 8080, UDPPort: 8081, Admitted: netip.MustParsePrefix("198.51.100.0/24"), Zone: "zone-a",
+		}
+		cfg := rules.Config{Family: fam, ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16"), NodeIPs: []netip.Addr{netip.MustParseAddr("10.240.0.3")}, RandomFully: true}
+		if fam == iptables.IPv6 {
+			a.ServiceBase, a.LoadBalancerBase, a.ExternalBase = netip.MustParseAddr("fd00:96::10:1"), netip.MustParseAddr("fd00:203::10"), netip.MustParseAddr("fd00:203::100")
+			a.LocalPod, a.RemotePod, a.Admitted = netip.MustParseAddr("fd00:244:1::5"), netip.MustParseAddr("fd00:244:2::6"), netip.MustParsePrefix("fd00:198::/64")
+			cfg.ClusterCIDR, cfg.NodeIPs = netip.MustParsePrefix("fd00:244::/32"), []netip.Addr{netip.MustParseAddr("fd00:240::3")}
+		}
+		rs := rules.Build(rulestest.Snapshot("zone-a", rulestest.EveryShape(a)...), cfg)
+		text := iptables.RenderRestore(rs, func(string, string) bool { return true }, nil)
+		// The jumps from the built-in chains go in as the dataplane puts
+		// them, so that where each target is reached from is checked too.
+		for _, table := range []string{"filter", "nat"} {
+			var jumps strings.Builder
+			for _, j := range rs.Jumps {
+				if j.Table == table {
+					jumps.WriteString("-A " + j.Chain + " " + j.Rule.String() + "\n")
+				}
+			}
+			start := strings.Index(text, "*"+table+"\n")
+			end := start + strings.Index(text[start:], "COMMIT\n")
+			text = text[:end] + jumps.String() + text[end:]
+		}
+		out[fam] = text
+	}
+	return out
+}
+
+// mutation changes one line of a restore input into something the kernel
+// may or may not accept; it returns false when the line does not apply.
+type mutation struct {
+	name string
+	fn   func(fam iptables.Family, line string) (string, bool)
+}
+
+var (
+	protoRE = regexp.MustCompile(` -p (tcp|udp|sctp)`)
+	jumpRE  = regexp.MustCompile(` -j (MP-[A-Za-z0-9-]+)`)
+	portRE  = regexp.MustCompile(`--dport (\d+)\b`)
+	dstRE   = regexp.MustCompile(` -d ([0-9a-f.:]+)/(\d+)`)
+)
+
+var mutations = []mutation{
+	{"drop the protocol", func(_ iptables.Family, l string) (string, bool) {
+		return protoRE.ReplaceAllString(l, ""), protoRE.MatchString(l)
+	}},
+	{"drop the protocol but keep the port match", func(_ iptables.Family, l string) (string, bool) {
+		return strings.Replace(l, " -p tcp -m tcp", " -m tcp", 1), strings.Contains(l, " -p tcp -m tcp")
+	}},
+	{"jump to an undeclared chain", func(_ iptables.Family, l string) (string, bool) {
+		return jumpRE.ReplaceAllString(l, " -j MP-UNDECLARED"), jumpRE.MatchString(l)
+	}},
+	{"jump to an unknown target", func(_ iptables.Family, l string) (string, bool) {
+		return strings.Replace(l, "-j DNAT", "-j DNATX", 1), strings.Contains(l, "-j DNAT")
+	}},
+	{"a chain name over 28 characters", func(_ iptables.Family, l string) (string, bool) {
+		if !strings.HasPrefix(l, ":MP-") {
+			return l, false
+		}
+		return ":MP-A-CHAIN-NAME-MUCH-TOO-LONG-FOR-IPTABLES - [0:0]", true
+	}},
+	{"a declaration left out", func(_ iptables.Family, l string) (string, bool) {
+		return "", strings.HasPrefix(l, ":MP-")
+	}},
+	{"masquerade where DNAT was", func(_ iptables.Family, l string) (string, bool) {
+		i := strings.Index(l, "-j DNAT")
+		if i < 0 {
+			return l, false
+		}
+		return l[:i] + "-j MASQUERADE", true
+	}},
+	{"DNAT where masquerade was", func(fam iptables.Family, l string) (string, bool) {
+		to := "10.244.9.9:80"
+		if fam == iptables.IPv6 {
+			to = "[fd00:244::9]:80"
+		}
+		return strings.Replace(l, "-j MASQUERADE", "-p tcp -j DNAT --to-destination "+to, 1), strings.Contains(l, "-j MASQUERADE") && !protoRE.MatchString(l)
+	}},
+	{"drop in nat", func(_ iptables.Family, l string) (string, bool) {
+		return strings.Replace(l, "-j DNAT", "-j DROP #", 1), strings.Contains(l, "-j DNAT")
+	}},
+	{"a TCP reset for UDP", func(_ iptables.Family, l string) (string, bool) {
+		return strings.Replace(l, "-j REJECT", "-j REJECT --reject-with tcp-reset", 1), strings.Contains(l, "-p udp") && strings.HasSuffix(l, "-j REJECT")
+	}},
+	{"a probability above 1", func(_ iptables.Family, l string) (string, bool) {
+		return regexp.MustCompile(`--probability [0-9.]+`).ReplaceAllString(l, "--probability 1.5"), strings.Contains(l, "--probability")
+	}},
+	{"reap without seconds", func(_ iptables.Family, l string) (string, bool) {
+		return regexp.MustCompile(` --seconds \d+`).ReplaceAllString(l, ""), strings.Contains(l, "--reap")
+	}},
+	{"a port out of range", func(_ iptables.Family, l string) (string, bool) {
+		return portRE.ReplaceAllString(l, "--dport 70000"), portRE.MatchString(l)
+	}},
+	{"an address of the other family", func(fam iptables.Family, l string) (string, bool) {
+		other := " -d fd00::1/128"
+		if fam == iptables.IPv6 {
+			other = " -d 10.0.0.1/32"
+		}
+		return dstRE.ReplaceAllString(l, other), dstRE.MatchString(l)
+	}},
+	{"a rule jumping to its own chain", func(_ iptables.Family, l string) (string, bool) {
+		f := strings.Fields(l)
+		if len(f) < 2 || f[0] != "-A" || !strings.HasPrefix(f[1], "MP-") || !jumpRE.MatchString(l) {
+			return l, false
+		}
+		return jumpRE.ReplaceAllString(l, " -j "+f[1]), true
+	}},
+	{"a harmless new comment", func(_ iptables.Family, l string) (string, bool) {
+		return strings.Replace(l, "-j ", `-m comment --comment "changed by the test" -j `, 1), strings.HasPrefix(l, "-A ") && strings.Contains(l, "-j ")
+	}},
+}
+
+// The fake and the kernel agree on every rule miniproxy writes and on
+// broken variants of them: one Service of every shape, rendered, then one
+// line at a time changed in a way the kernel may refuse. Both see the same
+// sequence of inputs, so their tables stay alike as long as they agree.
+func TestFakeAndKernelAgreeOnEveryShapeAndItsMutations(t *testing.T) {
+	ns := enterTestNetns(t)
+	kernel, fake := NewRunner(), NewFake()
+	inputs := everyShapeInput(t)
+	rng := rand.New(rand.NewPCG(11, 2026))
+	counts := map[bool]int{}
+	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+		base := inputs[fam]
+		ns.check(t)
+		if err := kernel.Restore(fam, []byte(base)); err != nil {
+			t.Fatalf("%s: the kernel refuses the rules of every shape: %v", fam, err)
+		}
+		if err := fake.Restore(fam, []byte(base)); err != nil {
+			t.Fatalf("%s: the fake refuses the rules of every shape: %v", fam, err)
+		}
+		lines := strings.Split(strings.TrimSuffix(base, "\n"), "\n")
+		for _, m := range mutations {
+			var candidates []int
+			for i, l := range lines {
+				if _, ok := m.fn(fam, l); ok {
+					candidates = append(candidates, i)
+				}
+			}
+			// A few lines per mutation, chosen reproducibly.
+			rng.Shuffle(len(candidates), func(i, j int) { candidates[i], candidates[j] = candidates[j], candidates[i] })
+			for _, i := range candidates[:min(4, len(candidates))] {
+				mutated := append([]string(nil), lines...)
+				mutated[i], _ = m.fn(fam, lines[i])
+				input := strings.Join(mutated, "\n") + "\n"
+				ns.check(t)
+				kerr := kernel.Restore(fam, []byte(input))
+				ferr := fake.Restore(fam, []byte(input))
+				counts[kerr == nil]++
+				if (kerr == nil) != (ferr == nil) {
+					t.Errorf("%s, %s, line %d %q -> %q:\n  kernel: %v\n  fake:   %v", fam, m.name, i+1, lines[i], mutated[i], kerr, ferr)
+				}
+			}
+		}
+	}
+	t.Logf("mutations accepted by the kernel: %d, refused: %d", counts[true], counts[false])
+	if counts[true] == 0 || counts[false] < 20 {
+		t.Errorf("the mutations should include both verdicts, refusals above all: %v", counts)
+	}
+}
