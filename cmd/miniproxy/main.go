@@ -120,6 +120,7 @@ func run(args []string) error {
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
+	proxier.OnSync(events.refusedServices)
 	if opts.cleanupKubeProxyAfterSync {
 		afterFirstSync(proxier, func() { cleanupKubeProxy(runner, log) })
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
@@ -108,6 +109,7 @@ func unsupportedProtocols(r dataplane.Runner, families []iptables.Family, log *s
 // owner of a broken Service sees why it is not proxied with kubectl describe.
 type eventSink struct {
 	recorder record.EventRecorder
+	node     string
 	log      *slog.Logger
 }
 
@@ -116,6 +118,7 @@ func newEventSink(ctx context.Context, client kubernetes.Interface, nodeName str
 	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
 	return &eventSink{
 		recorder: b.NewRecorder(scheme.Scheme, v1.EventSource{Component: "miniproxy", Host: nodeName}),
+		node:     nodeName,
 		log:      log,
 	}
 }
@@ -129,4 +132,18 @@ func (e *eventSink) invalidObject(kind, namespace, name, reason string) {
 		ref.APIVersion = "discovery.k8s.io/v1"
 	}
 	e.recorder.Eventf(ref, v1.EventTypeWarning, "Invalid"+kind, "miniproxy ignores it: %s", reason)
+}
+
+// refusedServices puts a Warning event on each Service whose rules the
+// kernel newly refused, so that its owner sees with kubectl why a change to
+// it has no effect on this node.
+func (e *eventSink) refusedServices(res proxy.SyncResult) {
+	for _, r := range res.Refusals {
+		if !r.New {
+			continue
+		}
+		ref := &v1.ObjectReference{Kind: "Service", APIVersion: "v1", Namespace: r.Service.Namespace, Name: r.Service.Name}
+		e.recorder.Eventf(ref, v1.EventTypeWarning, "RulesRefused",
+			"the kernel of node %s refuses this Service's new rules; it keeps its last accepted rules there until the Service changes: %s", e.node, r.Err)
+	}
 }

@@ -208,6 +208,21 @@ func (d *Dataplane) Apply(rs *iptables.Ruleset, full bool) (res Result, err erro
 	return res, nil
 }
 
+// Check asks the kernel whether it accepts rs as a whole, without touching
+// the live tables (Runner.Check restores it into a scratch namespace): how
+// the proxy, after an Apply was refused, finds the Services whose rules the
+// kernel refuses while every other Service stays programmed. A refusal is
+// a *RestoreError naming the input line the kernel named.
+func (d *Dataplane) Check(rs *iptables.Ruleset) error {
+	if err := d.validate(rs); err != nil {
+		return fmt.Errorf("check %s rules: %w", d.family, err)
+	}
+	if err := d.runner.Check(d.family, []byte(iptables.RenderComplete(rs))); err != nil {
+		return fmt.Errorf("check %s rules: %w", d.family, err)
+	}
+	return nil
+}
+
 // forget makes the next apply full: after a failure nothing that was
 // written can be trusted.
 func (d *Dataplane) forget() {

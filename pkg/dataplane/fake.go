@@ -121,25 +121,47 @@ func (f *Fake) Restore(family iptables.Family, input []byte) error {
 		f.failNext--
 		return &RestoreError{Family: family, Output: "fake: refused on request", Err: errInjected}
 	}
+	next, err := applyInput(family, f.state(family), input)
+	if err != nil {
+		return err
+	}
+	f.states[family] = next
+	in.Failed = false
+	return nil
+}
+
+// Check applies input to empty tables, as a scratch namespace has them, and
+// reports whether that was refused; the family's tables are not touched.
+// FailNext does not apply to it.
+func (f *Fake) Check(family iptables.Family, input []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("check %s (%d bytes)", family, len(input))
+	_, err := applyInput(family, iptables.NewState(), input)
+	return err
+}
+
+// applyInput applies a restore input to s with --noflush semantics, or
+// returns a *RestoreError naming the line the model refused.
+func applyInput(family iptables.Family, s iptables.State, input []byte) (iptables.State, error) {
 	fail := func(err error) error {
 		re := &RestoreError{Family: family, Output: err.Error(), Err: errFakeRefused}
 		if m := fakeLineRE.FindStringSubmatch(re.Output); m != nil {
 			re.Line, _ = strconv.Atoi(m[1])
 			re.Context = inputContext(input, re.Line, 2)
+			re.Text = inputLine(input, re.Line)
 		}
 		return re
 	}
 	tables, err := iptables.ParseRestore(string(input))
 	if err != nil {
-		return fail(err)
+		return s, fail(err)
 	}
-	next, err := f.state(family).Apply(family, tables, true)
+	next, err := s.Apply(family, tables, true)
 	if err != nil {
-		return fail(err)
+		return s, fail(err)
 	}
-	f.states[family] = next
-	in.Failed = false
-	return nil
+	return next, nil
 }
 
 // Save renders the family's tables as iptables-save prints them (without

@@ -286,3 +286,33 @@ func TestKernelLeftovers(t *testing.T) {
 		t.Errorf("tables after cleanup (-before +after):\n%s", cmp.Diff(before, after))
 	}
 }
+
+// Check asks the kernel in a scratch namespace: what it accepts leaves the
+// live tables as they were, what it refuses comes back as a RestoreError
+// naming the line, and the live tables are not touched either way.
+func TestKernelCheckLeavesTheLiveTablesAlone(t *testing.T) {
+	ns := enterTestNetns(t)
+	ns.restore(t, iptables.IPv4, foreignInput(iptables.IPv4))
+	before := ns.save(t, iptables.IPv4)
+	dp, err := New(NewRunner(), iptables.IPv4, DefaultPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := testRuleset(t, iptables.IPv4, nil)
+	ns.check(t)
+	if err := dp.Check(good); err != nil {
+		t.Errorf("the kernel should accept the test ruleset: %v", err)
+	}
+	bad := testRuleset(t, iptables.IPv4, func(rs *iptables.Ruleset) {
+		rs.Tables[0].Chains[1].Rules = append(rs.Tables[0].Chains[1].Rules, rule(t, "-j DNAT --to-destination 10.244.9.9:80"))
+	})
+	ns.check(t)
+	err = dp.Check(bad)
+	var re *RestoreError
+	if !errors.As(err, &re) || !strings.Contains(re.Output, "Need TCP, UDP, SCTP or DCCP") || re.Text != "-A MP-SVC-A -j DNAT --to-destination 10.244.9.9:80" {
+		t.Errorf("want the kernel's refusal naming the DNAT line, got %#v", err)
+	}
+	if after := ns.save(t, iptables.IPv4); after != before {
+		t.Errorf("Check changed the live tables:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}

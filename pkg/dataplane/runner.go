@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 
 	goipt "github.com/coreos/go-iptables/iptables"
+	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
@@ -40,6 +42,11 @@ type Runner interface {
 	InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error
 	// DeleteRule deletes the first rule of chain equal to rule (iptables -D).
 	DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error
+	// Check asks the kernel whether it accepts input, without touching the
+	// live tables: the input is restored into the empty tables of a new
+	// network namespace that is gone afterwards. A refusal is a
+	// *RestoreError, as from Restore.
+	Check(family iptables.Family, input []byte) error
 }
 
 // RestoreError is how a Runner reports a failed restore: the tool's own
@@ -55,6 +62,8 @@ type RestoreError struct {
 	Context string
 	// Output is what the tool wrote (stderr and stdout), trimmed of its usage hint.
 	Output string
+	// Text is the input line the tool named, as given; empty when Line is 0.
+	Text string
 	// Err is the underlying error (usually an *exec.ExitError).
 	Err error
 }
@@ -101,8 +110,18 @@ func newRestoreError(family iptables.Family, input []byte, output string, err er
 	if m := lineRE.FindStringSubmatch(output); m != nil {
 		e.Line, _ = strconv.Atoi(m[1])
 		e.Context = inputContext(input, e.Line, 2)
+		e.Text = inputLine(input, e.Line)
 	}
 	return e
+}
+
+// inputLine returns line n (1-based) of input, or "".
+func inputLine(input []byte, n int) string {
+	lines := strings.Split(string(input), "\n")
+	if n < 1 || n > len(lines) {
+		return ""
+	}
+	return lines[n-1]
 }
 
 // inputContext returns lines line-around..line+around of input, numbered,
@@ -180,11 +199,16 @@ func restoreHasWait(v1, v2, v3 int) bool {
 }
 
 func (r *execRunner) Restore(family iptables.Family, input []byte) error {
+	return r.restore(family, input, "--noflush")
+}
+
+// restore runs iptables-restore with args (and --wait where supported) on
+// input, from the calling thread.
+func (r *execRunner) restore(family iptables.Family, input []byte, args ...string) error {
 	ipt, err := r.handle(family)
 	if err != nil {
 		return err
 	}
-	args := []string{"--noflush"}
 	if restoreHasWait(ipt.GetIptablesVersion()) {
 		args = append(args, "--wait")
 	}
@@ -197,6 +221,23 @@ func (r *execRunner) Restore(family iptables.Family, input []byte) error {
 		return newRestoreError(family, input, out.String(), err)
 	}
 	return nil
+}
+
+// Check runs iptables-restore on a thread of its own that first moves into
+// a new network namespace. The thread is never unlocked, so Go ends it with
+// the goroutine, and the namespace goes with it and the tool's process:
+// nothing is left behind and no other thread ever sees that namespace.
+func (r *execRunner) Check(family iptables.Family, input []byte) error {
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			done <- fmt.Errorf("create a scratch network namespace to check %s rules in: %w", family, err)
+			return
+		}
+		done <- r.restore(family, input)
+	}()
+	return <-done
 }
 
 func (r *execRunner) Save(family iptables.Family, table string) ([]byte, error) {

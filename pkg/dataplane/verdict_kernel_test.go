@@ -71,20 +71,7 @@ func everyShapeInput(t *testing.T) map[iptables.Family]string {
 			cfg.ClusterCIDR, cfg.NodeIPs = netip.MustParsePrefix("fd00:244::/32"), []netip.Addr{netip.MustParseAddr("fd00:240::3")}
 		}
 		rs := rules.Build(rulestest.Snapshot("zone-a", rulestest.EveryShape(a)...), cfg)
-		text := iptables.RenderRestore(rs, func(string, string) bool { return true }, nil)
-		// The jumps from the built-in chains go in as the dataplane puts
-		// them, so that where each target is reached from is checked too.
-		for _, table := range []string{"filter", "nat"} {
-			var jumps strings.Builder
-			for _, j := range rs.Jumps {
-				if j.Table == table {
-					jumps.WriteString("-A " + j.Chain + " " + j.Rule.String() + "\n")
-				}
-			}
-			start := strings.Index(text, "*"+table+"\n")
-			end := start + strings.Index(text[start:], "COMMIT\n")
-			text = text[:end] + jumps.String() + text[end:]
-		}
+		text := iptables.RenderComplete(rs)
 		out[fam] = text
 	}
 	return out

@@ -133,3 +133,29 @@ func RenderRestore(rs *Ruleset, write func(table, chain string) bool, remove map
 	}
 	return b.String()
 }
+
+// RenderComplete writes restore input that builds rs in empty tables:
+// every chain declared and filled, and the jumps appended to their
+// built-in chains, in order, before each table's COMMIT. It is how the
+// rules are judged away from the live tables (a scratch namespace, the
+// packet tracer) with every check the kernel makes on the way from the
+// built-in chains.
+func RenderComplete(rs *Ruleset) string {
+	text := RenderRestore(rs, func(string, string) bool { return true }, nil)
+	var b strings.Builder
+	table := ""
+	for _, l := range strings.SplitAfter(text, "\n") {
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = strings.TrimSpace(l[1:])
+		case l == "COMMIT\n":
+			for _, j := range rs.Jumps {
+				if j.Table == table {
+					fmt.Fprintf(&b, "-A %s %s\n", j.Chain, j.Rule)
+				}
+			}
+		}
+		b.WriteString(l)
+	}
+	return b.String()
+}

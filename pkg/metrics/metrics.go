@@ -90,6 +90,7 @@ type Metrics struct {
 	chainsWritten   *prometheus.GaugeVec
 	restoreDuration *prometheus.HistogramVec
 	applyCPU        *prometheus.HistogramVec
+	refused         prometheus.Gauge
 
 	mu             sync.Mutex
 	lastQueuedTime time.Time
@@ -198,12 +199,16 @@ func New(o Options) *Metrics {
 			Help:    "CPU time (user+system, this process and its iptables children) consumed while applying one family's rules",
 			Buckets: syncBuckets,
 		}, []string{"ip_family"}),
+		refused: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "miniproxy", Name: "refused_services",
+			Help: "Services whose latest rules the kernel refuses; they keep their last accepted rules (none if they never had any) while every other Service is programmed",
+		}),
 	}
 	m.reg.MustRegister(
 		m.syncDuration, m.syncFullDuration, m.syncPartialDuration, m.networkProgramming,
 		m.lastSync, m.lastQueued, m.restoreFailures, m.rulesTotal, m.noLocalEndpoints,
 		m.healthz, m.livez,
-		m.restoreBytes, m.rulesWritten, m.chainsWritten, m.restoreDuration, m.applyCPU,
+		m.restoreBytes, m.rulesWritten, m.chainsWritten, m.restoreDuration, m.applyCPU, m.refused,
 	)
 	// Both policies are always present, as kube-proxy sets both each sync.
 	m.noLocalEndpoints.WithLabelValues(PolicyInternal).Set(0)
@@ -268,7 +273,9 @@ func (m *Metrics) setLastQueued(t time.Time) {
 // full when any family was written in full. Only a successful sync moves
 // the last-sync timestamp, observes the network programming latency (from
 // the oldest change it carried to its end) and recounts the Services
-// without local endpoints. A failed sync counts one restore failure.
+// without local endpoints. Every failed apply of a family counts as a
+// restore failure, those that led to finding a refused Service included,
+// and every sync sets the count of refused Services.
 func (m *Metrics) OnSync(res proxy.SyncResult) {
 	d := res.End.Sub(res.Start).Seconds()
 	m.syncDuration.Observe(d)
@@ -293,8 +300,9 @@ func (m *Metrics) OnSync(res proxy.SyncResult) {
 			m.restoreDuration.WithLabelValues(fam).Observe(r.RestoreDuration.Seconds())
 		}
 	}
+	m.restoreFailures.Add(float64(res.FailedApplies))
+	m.refused.Set(float64(len(res.Refusals)))
 	if res.Err != nil {
-		m.restoreFailures.Inc()
 		return
 	}
 	m.lastSync.Set(seconds(res.End))

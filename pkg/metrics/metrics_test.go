@@ -103,8 +103,10 @@ func TestSyncsMoveTheSyncMetrics(t *testing.T) {
 
 	// A partial sync that fails: timed, counted, but not "last synced".
 	start2 := start.Add(30 * time.Second)
-	m.OnSync(syncResult(nil, start2, 3*time.Millisecond, start2.Add(-time.Second), errors.New("restore failed"),
-		dataplane.Result{Family: iptables.IPv4, Bytes: 99}))
+	failed := syncResult(nil, start2, 3*time.Millisecond, start2.Add(-time.Second), errors.New("restore failed"),
+		dataplane.Result{Family: iptables.IPv4, Bytes: 99})
+	failed.FailedApplies = 1
+	m.OnSync(failed)
 	got = scrape(t, m)
 	want(t, got, "kubeproxy_sync_proxy_rules_duration_seconds_count", 2)
 	want(t, got, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", 1)
@@ -120,6 +122,32 @@ func TestSyncsMoveTheSyncMetrics(t *testing.T) {
 	want(t, got, "kubeproxy_network_programming_duration_seconds_count", 1)
 	want(t, got, `miniproxy_sync_restore_bytes{ip_family="IPv4"}`, 0)
 	want(t, got, `miniproxy_sync_restore_duration_seconds_count{ip_family="IPv4"}`, 2) // the failed restore ran too
+}
+
+// A Service the kernel refuses: the sync succeeds for everything else, the
+// refused restore counts as a failure, and the refused Service is counted
+// for as long as it lasts.
+func TestRefusedServicesAreCounted(t *testing.T) {
+	m, _ := newTestMetrics()
+	bad := proxy.Refusal{Service: endpoints.ServicePortName{Namespace: "default", Name: "bad"}, Err: "Need TCP, UDP, SCTP or DCCP with port specification", New: true}
+	res := syncResult(nil, t0, time.Millisecond, t0, nil, dataplane.Result{Family: iptables.IPv4, Full: true})
+	res.Refusals, res.FailedApplies = []proxy.Refusal{bad}, 1
+	m.OnSync(res)
+	got := scrape(t, m)
+	want(t, got, "miniproxy_refused_services", 1)
+	want(t, got, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 1)
+	want(t, got, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", float64(t0.Unix())+0.001)
+
+	bad.New = false
+	res.Refusals, res.FailedApplies = []proxy.Refusal{bad}, 0
+	m.OnSync(res)
+	got = scrape(t, m)
+	want(t, got, "miniproxy_refused_services", 1)
+	want(t, got, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 1)
+
+	res.Refusals = nil
+	m.OnSync(res)
+	want(t, scrape(t, m), "miniproxy_refused_services", 0)
 }
 
 func TestBucketsAreKubeProxys(t *testing.T) {
@@ -234,6 +262,8 @@ func (f *fakeApplier) Apply(rs *iptables.Ruleset, full bool) (dataplane.Result, 
 	f.calls++
 	return dataplane.Result{Family: rs.Family, Full: full}, f.err
 }
+
+func (f *fakeApplier) Check(*iptables.Ruleset) error { return f.err }
 
 func ruleset(natRules, filterRules int) *iptables.Ruleset {
 	rs := &iptables.Ruleset{Family: iptables.IPv4}

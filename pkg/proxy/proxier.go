@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"sort"
 	"sync"
 	"time"
 
@@ -45,7 +46,11 @@ type Options struct {
 
 // Applier is the dataplane of one family, as the loop uses it.
 type Applier interface {
+	// Apply puts rs into the kernel (dataplane.Dataplane.Apply).
 	Apply(rs *iptables.Ruleset, full bool) (dataplane.Result, error)
+	// Check says whether the kernel accepts rs, without touching the live
+	// tables (dataplane.Dataplane.Check).
+	Check(rs *iptables.Ruleset) error
 }
 
 // AddrLister returns the node's local addresses of a family; it is read at
@@ -66,6 +71,12 @@ type SyncResult struct {
 	QueuedSince time.Time
 	// Skipped counts service ports left out because this node cannot serve them.
 	Skipped int
+	// Refusals are the Services whose latest rules the kernel refuses; the
+	// kernel holds their last accepted rules (Snapshot has them so).
+	Refusals []Refusal
+	// FailedApplies counts the applies of a family that failed during the
+	// sync, including those that led to finding the refused Services.
+	FailedApplies int
 }
 
 // Proxier owns the loop.
@@ -90,6 +101,8 @@ type Proxier struct {
 	warned       map[endpoints.ServicePortName]bool
 	// applied is the last snapshot whose rules are all in the kernel.
 	applied *endpoints.Snapshot
+	// refused are the Services whose latest rules the kernel refused.
+	refused map[endpoints.ServicePortName]refusal
 }
 
 // New wires a Proxier; planes holds one Applier per family to program.
@@ -192,7 +205,9 @@ func (p *Proxier) Run(ctx context.Context) {
 }
 
 // Sync computes and applies the rules once; full forces every chain to be
-// rewritten (it is also forced every FullSyncPeriod).
+// rewritten (it is also forced every FullSyncPeriod). When the kernel
+// refuses the rules, the Services it refuses are found and left at their
+// last accepted rules, and everything else is applied (isolate.go).
 func (p *Proxier) Sync(full bool) SyncResult {
 	start := time.Now()
 	queued := p.tracker.OldestPending()
@@ -208,31 +223,19 @@ func (p *Proxier) Sync(full bool) SyncResult {
 	}
 	p.mu.Unlock()
 
-	snap, skipped := p.withoutUnsupported(snap)
-	res := SyncResult{Snapshot: snap, Start: start, QueuedSince: queued, Skipped: skipped}
-	var errs []error
-	for _, fam := range p.families {
-		cfg, err := p.rulesConfig(fam)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", fam, err))
-			continue
-		}
-		r, err := p.planes[fam].Apply(p.builders[fam].Build(snap, cfg), full)
-		r.Family = fam
-		res.Results = append(res.Results, r)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		p.log.Debug("synced rules", "family", fam.String(), "full", r.Full, "reason", r.Reason,
-			"chainsWritten", r.ChainsWritten, "chainsDeleted", r.ChainsDeleted, "rules", r.RulesWritten,
-			"bytes", r.Bytes, "duration", r.Duration)
-	}
-	res.Err = errors.Join(errs...)
+	want, skipped := p.withoutUnsupported(snap)
+	res := SyncResult{Start: start, QueuedSince: queued, Skipped: skipped}
+	applied, refused, err := p.program(want, full, &res)
+	res.Err = err
 	res.End = time.Now()
 
-	if res.Err == nil {
-		p.deleteStaleFlows(snap)
+	if applied != nil {
+		res.Snapshot = applied
+		p.deleteStaleFlows(applied)
+		res.Refusals = p.noteRefusals(want, refused, applied, start)
+	} else {
+		res.Snapshot = want
+		res.Refusals = p.currentRefusals()
 	}
 	p.mu.Lock()
 	if res.Err == nil {
@@ -247,12 +250,119 @@ func (p *Proxier) Sync(full bool) SyncResult {
 	if res.Err != nil {
 		p.log.Error("sync failed; the previous rules stay in place and the sync is retried", "err", res.Err)
 	} else {
-		p.log.Info("rules synced", "servicePorts", len(snap.Services), "changed", len(snap.Changed), "duration", res.End.Sub(start).Round(time.Millisecond))
+		p.log.Info("rules synced", "servicePorts", len(applied.Services), "changed", len(snap.Changed), "refusedServices", len(res.Refusals), "duration", res.End.Sub(start).Round(time.Millisecond))
 	}
 	for _, f := range listeners {
 		f(res)
 	}
 	return res
+}
+
+// program applies want, less the refused Services that have not changed.
+// It returns the snapshot whose rules the kernel now holds (nil when
+// nothing is known to be in), the Services newly found refused, and why
+// the sync failed, if it did.
+func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) (*endpoints.Snapshot, map[endpoints.ServicePortName]string, error) {
+	cfgs := map[iptables.Family]rules.Config{}
+	for _, fam := range p.families {
+		cfg, err := p.rulesConfig(fam)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", fam, err)
+		}
+		cfgs[fam] = cfg
+	}
+	base := p.applied
+	if base == nil {
+		base = &endpoints.Snapshot{Node: want.Node}
+	}
+	held := p.heldBack(want, full)
+	target := want
+	if len(held) > 0 {
+		target = endpoints.Compose(base, want, held)
+	}
+	err := p.applyAll(target, cfgs, full, res)
+	switch {
+	case err == nil:
+		return target, nil, nil
+	case !refusedByKernel(err):
+		return nil, nil, err
+	}
+	applied, refused, ierr := p.isolate(base, want, held, cfgs, full, err, res)
+	return applied, refused, ierr
+}
+
+// applyAll builds and applies snap's rules in every family, recording each
+// family's result in res.
+func (p *Proxier) applyAll(snap *endpoints.Snapshot, cfgs map[iptables.Family]rules.Config, full bool, res *SyncResult) error {
+	var errs []error
+	for _, fam := range p.families {
+		r, err := p.planes[fam].Apply(p.builders[fam].Build(snap, cfgs[fam]), full)
+		r.Family = fam
+		res.Results = append(res.Results, r)
+		if err != nil {
+			res.FailedApplies++
+			errs = append(errs, err)
+			continue
+		}
+		p.log.Debug("synced rules", "family", fam.String(), "full", r.Full, "reason", r.Reason,
+			"chainsWritten", r.ChainsWritten, "chainsDeleted", r.ChainsDeleted, "rules", r.RulesWritten,
+			"bytes", r.Bytes, "duration", r.Duration)
+	}
+	return errors.Join(errs...)
+}
+
+// noteRefusals records, once rules were applied, which Services stand
+// refused: those found now (logged when new) and those held back unchanged.
+// The others are forgotten, with a log line for those whose new rules the
+// kernel now holds.
+func (p *Proxier) noteRefusals(want *endpoints.Snapshot, found map[endpoints.ServicePortName]string, applied *endpoints.Snapshot, now time.Time) []Refusal {
+	next := map[endpoints.ServicePortName]refusal{}
+	var out []Refusal
+	for svc, msg := range found {
+		old, had := p.refused[svc]
+		since := now
+		if had {
+			since = old.since
+		}
+		next[svc] = refusal{at: want, err: msg, since: since}
+		isNew := !had || old.err != msg
+		if isNew {
+			p.log.Error("the kernel refuses this Service's rules; it keeps its last accepted rules (none if it never had any) until it changes, and every other Service is programmed",
+				"service", svc.String(), "err", msg)
+		}
+		out = append(out, Refusal{Service: svc, Err: msg, New: isNew})
+	}
+	for svc, r := range p.refused {
+		if _, ok := found[svc]; ok {
+			continue
+		}
+		if endpoints.SameService(r.at, want, svc) && !endpoints.SameService(applied, want, svc) {
+			next[svc] = r // held back unchanged
+			out = append(out, Refusal{Service: svc, Err: r.err})
+			continue
+		}
+		if len(applied.PortsOf(svc)) > 0 && endpoints.SameService(applied, want, svc) {
+			p.log.Info("the kernel accepts this Service's rules now", "service", svc.String(), "refusedFor", now.Sub(r.since).Round(time.Second))
+		}
+	}
+	p.refused = next
+	sortRefusals(out)
+	return out
+}
+
+// currentRefusals reports the Services refused so far, for a sync that
+// failed before anything was known to be applied.
+func (p *Proxier) currentRefusals() []Refusal {
+	var out []Refusal
+	for svc, r := range p.refused {
+		out = append(out, Refusal{Service: svc, Err: r.err})
+	}
+	sortRefusals(out)
+	return out
+}
+
+func sortRefusals(rs []Refusal) {
+	sort.Slice(rs, func(i, j int) bool { return endpoints.LessName(rs[i].Service, rs[j].Service) })
 }
 
 // deleteStaleFlows runs only after the new rules are in, so that the next

@@ -63,8 +63,18 @@ type lab struct {
 
 func newLab(t *testing.T, opts Options) *lab {
 	t.Helper()
+	return newLabWith(t, opts, nil)
+}
+
+// newLabWith is newLab with the dataplane's runner wrapped (nil: not).
+func newLabWith(t *testing.T, opts Options, wrap func(dataplane.Runner) dataplane.Runner) *lab {
+	t.Helper()
 	fake := dataplane.NewFake()
-	dp, err := dataplane.New(fake, iptables.IPv4, rules.Prefix)
+	var runner dataplane.Runner = fake
+	if wrap != nil {
+		runner = wrap(fake)
+	}
+	dp, err := dataplane.New(runner, iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -113,11 +113,6 @@ type cachedFragment struct {
 	frag *fragment
 }
 
-// sameList says whether a and b are the same list (not merely equal ones).
-func sameList(a, b []endpoints.Endpoint) bool {
-	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
-}
-
 // Build computes the ruleset of one family for a snapshot.
 func (c *Builder) Build(snap *endpoints.Snapshot, cfg Config) *iptables.Ruleset {
 	b := &builder{
@@ -136,7 +131,7 @@ func (c *Builder) Build(snap *endpoints.Snapshot, cfg Config) *iptables.Ruleset 
 	for _, name := range snap.SortedNames() {
 		svc, eps := snap.Services[name], snap.Endpoints[name]
 		cf, ok := c.frags[name]
-		if !ok || cf.svc != svc || !sameList(cf.eps, eps) {
+		if !ok || cf.svc != svc || !endpoints.SameList(cf.eps, eps) {
 			cf = cachedFragment{svc: svc, eps: eps, frag: b.servicePort(svc, ofFamily(eps, cfg.Family), snap.Node.Zone)}
 		}
 		next[name] = cf
@@ -466,6 +461,31 @@ func rule(comment string, match, extra []string, target ...string) iptables.Rule
 	r = append(r, match...)
 	r = append(r, extra...)
 	return append(r, target...)
+}
+
+// ServiceOfRule names the Service (without port) whose rule a restore
+// input line is, from the comment every service port's rule starts with
+// ("ns/name:port what"); false for lines of no single Service, such as
+// dispatch rules. The proxy uses it to try first the Service the kernel
+// named when it refused an input.
+func ServiceOfRule(line string) (endpoints.ServicePortName, bool) {
+	args, err := iptables.SplitArgs(line)
+	if err != nil {
+		return endpoints.ServicePortName{}, false
+	}
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] != "--comment" {
+			continue
+		}
+		first, _, _ := strings.Cut(args[i+1], " ")
+		ns, name, ok := strings.Cut(first, "/")
+		name, _, _ = strings.Cut(name, ":")
+		if !ok || ns == "" || name == "" || strings.ContainsAny(name, "/") {
+			return endpoints.ServicePortName{}, false
+		}
+		return endpoints.ServicePortName{Namespace: ns, Name: name}, true
+	}
+	return endpoints.ServicePortName{}, false
 }
 
 // hashedName gives a per-service-port chain a stable name of bounded length

@@ -61,23 +61,13 @@ type Tracer struct {
 // would: the full restore text through the restore parser, then the jumps
 // at the head of the built-in chains.
 func NewTracer(rs *iptables.Ruleset, localAddrs []netip.Addr) (*Tracer, error) {
-	text := iptables.RenderRestore(rs, func(string, string) bool { return true }, nil)
-	in, err := iptables.ParseRestore(text)
+	in, err := iptables.ParseRestore(iptables.RenderComplete(rs))
 	if err != nil {
 		return nil, fmt.Errorf("parse rules: %w", err)
 	}
 	st, err := iptables.NewState().Apply(rs.Family, in, true)
 	if err != nil {
 		return nil, fmt.Errorf("load rules: %w", err)
-	}
-	// Each chain gets its jumps at its head, in the order given.
-	placed := map[[2]string]int{}
-	for _, j := range rs.Jumps {
-		at := [2]string{j.Table, j.Chain}
-		placed[at]++
-		if st, err = st.Insert(rs.Family, j.Table, j.Chain, placed[at], j.Rule); err != nil {
-			return nil, fmt.Errorf("load jump into %s %s: %w", j.Table, j.Chain, err)
-		}
 	}
 	return &Tracer{State: st, LocalAddrs: localAddrs}, nil
 }
