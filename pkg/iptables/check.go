@@ -593,19 +593,20 @@ func parseRule(fam Family, table string, args Rule) (*parsedRule, error) {
 			owner.set[name] = vals
 		}
 	}
-	for _, m := range r.matches {
-		if m.ext.final != nil {
-			if err := m.ext.final(r, m); err != nil {
-				return nil, err
-			}
-		}
-	}
+	// The target is checked before the matches, as iptables does.
 	if r.target != nil {
 		if t := r.target.ext.tables; t != nil && !contains(t, table) {
 			return nil, fmt.Errorf("RULE_APPEND failed (Invalid argument): target %s is not valid in table %s", r.target.name, table)
 		}
 		if r.target.ext.final != nil {
 			if err := r.target.ext.final(r, r.target); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for _, m := range r.matches {
+		if m.ext.final != nil {
+			if err := m.ext.final(r, m); err != nil {
 				return nil, err
 			}
 		}

@@ -70,7 +70,7 @@ func TestARefusedServiceKeepsItsOldRulesAndStopsNoOther(t *testing.T) {
 			if len(res.Refusals) != 1 || res.Refusals[0].Service != svcName("bad") || !res.Refusals[0].New {
 				t.Fatalf("want bad reported as newly refused, got %+v", res.Refusals)
 			}
-			if how.brk == dataplanetest.DropProtocol && !strings.Contains(res.Refusals[0].Err, "requires '-p tcp'") {
+			if how.brk == dataplanetest.DropProtocol && !strings.Contains(res.Refusals[0].Err, "Need TCP, UDP, SCTP or DCCP with port specification") {
 				t.Errorf("the refusal should carry the kernel's words: %q", res.Refusals[0].Err)
 			}
 			checks := strings.Count(strings.Join(l.fake.Calls()[before:], "\n"), "check IPv4")
