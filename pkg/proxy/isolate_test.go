@@ -25,6 +25,23 @@ func svcName(name string) endpoints.ServicePortName {
 	return endpoints.ServicePortName{Namespace: "default", Name: name}
 }
 
+// breakingLab is a lab whose dataplane spoils the rules of whichever
+// Service the returned Breaking is told to break, holding one ClusterIP
+// Service per name (addresses from 10.0.0.10 on, one endpoint on node2).
+func breakingLab(t *testing.T, how dataplanetest.Break, names ...string) (*lab, *dataplanetest.Breaking) {
+	t.Helper()
+	var brk *dataplanetest.Breaking
+	l := newLabWith(t, Options{}, func(r dataplane.Runner) dataplane.Runner {
+		brk = dataplanetest.NewBreaking(r, how)
+		return brk
+	})
+	for i, name := range names {
+		l.tracker.OnServiceAdd(service(name, fmt.Sprintf("10.0.%d.%d", (10+i)/256, (10+i)%256), v1.ProtocolTCP))
+		l.tracker.OnEndpointSliceAdd(slice(name, "10.244.2.6", "node2", v1.ProtocolTCP))
+	}
+	return l, brk
+}
+
 // One Service the kernel refuses changes nothing for the others: found by
 // the line the kernel names (DropProtocol) or by bisection when it names
 // none (JumpNowhere), it keeps its last accepted rules, and it is reported
@@ -39,16 +56,7 @@ func TestARefusedServiceKeepsItsOldRulesAndStopsNoOther(t *testing.T) {
 		{"the kernel names no line: bisection", dataplanetest.JumpNowhere, 5},
 	} {
 		t.Run(how.name, func(t *testing.T) {
-			var brk *dataplanetest.Breaking
-			l := newLabWith(t, Options{}, func(r dataplane.Runner) dataplane.Runner {
-				brk = dataplanetest.NewBreaking(r, how.brk)
-				return brk
-			})
-			for i, name := range []string{"a", "b", "bad", "c", "d", "e"} {
-				ip := fmt.Sprintf("10.0.0.%d", 10+i)
-				l.tracker.OnServiceAdd(service(name, ip, v1.ProtocolTCP))
-				l.tracker.OnEndpointSliceAdd(slice(name, "10.244.2.6", "node2", v1.ProtocolTCP))
-			}
+			l, brk := breakingLab(t, how.brk, "a", "b", "bad", "c", "d", "e")
 			if res := l.proxier.Sync(false); res.Err != nil || len(res.Refusals) != 0 {
 				t.Fatalf("first sync: %v %v", res.Err, res.Refusals)
 			}
@@ -120,16 +128,11 @@ func TestARefusedServiceKeepsItsOldRulesAndStopsNoOther(t *testing.T) {
 // Several refused Services among many, at start-up: every other Service
 // is programmed, each refused one is reported.
 func TestRefusedServicesAmongManyAtStartUp(t *testing.T) {
-	var brk *dataplanetest.Breaking
-	l := newLabWith(t, Options{}, func(r dataplane.Runner) dataplane.Runner {
-		brk = dataplanetest.NewBreaking(r, dataplanetest.JumpNowhere)
-		return brk
-	})
+	var names []string
 	for i := 0; i < 200; i++ {
-		name := fmt.Sprintf("svc-%03d", i)
-		l.tracker.OnServiceAdd(service(name, fmt.Sprintf("10.0.%d.%d", i/200, 10+i%200), v1.ProtocolTCP))
-		l.tracker.OnEndpointSliceAdd(slice(name, "10.244.2.6", "node2", v1.ProtocolTCP))
+		names = append(names, fmt.Sprintf("svc-%03d", i))
 	}
+	l, brk := breakingLab(t, dataplanetest.JumpNowhere, names...)
 	brk.Break("default/svc-077")
 	res := l.proxier.Sync(false)
 	if res.Err != nil || len(res.Refusals) != 1 || res.Refusals[0].Service != svcName("svc-077") {
@@ -151,15 +154,7 @@ func TestRefusedServicesAmongManyAtStartUp(t *testing.T) {
 // When the kernel refuses a Service's earlier rules too, the Service is
 // left without rules, and still no other Service suffers.
 func TestARefusedServiceWhoseOldRulesAreRefusedTooIsLeftOut(t *testing.T) {
-	var brk *dataplanetest.Breaking
-	l := newLabWith(t, Options{}, func(r dataplane.Runner) dataplane.Runner {
-		brk = dataplanetest.NewBreaking(r, dataplanetest.DropProtocol)
-		return brk
-	})
-	for i, name := range []string{"a", "bad"} {
-		l.tracker.OnServiceAdd(service(name, fmt.Sprintf("10.0.0.%d", 10+i), v1.ProtocolTCP))
-		l.tracker.OnEndpointSliceAdd(slice(name, "10.244.2.6", "node2", v1.ProtocolTCP))
-	}
+	l, brk := breakingLab(t, dataplanetest.DropProtocol, "a", "bad")
 	if res := l.proxier.Sync(false); res.Err != nil {
 		t.Fatal(res.Err)
 	}
