@@ -93,8 +93,8 @@ func outcome(t *testing.T, ns *netns.Namespace, proto, address string) string {
 
 // A Service of every shape the rules package produces goes through the
 // real iptables-restore in one sync, and every one then does with real
-// traffic what kube-proxy's users rely on. (SCTP shapes are programmed
-// but not exercised: this kernel has no SCTP sockets.)
+// traffic what kube-proxy's users rely on (SCTP through raw sockets: see
+// sctp_test.go).
 func TestEveryShapeOfServiceInTheKernel(t *testing.T) {
 	top := setUp(t)
 	shapes := rulestest.EveryShape(shapeAddrs)
@@ -166,6 +166,10 @@ func TestEveryShapeOfServiceInTheKernel(t *testing.T) {
 		{"loadbalancer-sourceranges-udp", "UDP client inside the ranges: served", outside, func() (string, string) { return lbIP("loadbalancer-sourceranges-udp") }, []string{pod2Masq}, 1},
 		{"loadbalancer-sourceranges-udp", "UDP pod outside the ranges: dropped", pod, func() (string, string) { return lbIP("loadbalancer-sourceranges-udp") }, []string{dropped}, 1},
 		{"loadbalancer-sourceranges-affinity", "client inside the ranges, ClientIP affinity: always the same endpoint", outside, func() (string, string) { return lbIP("loadbalancer-sourceranges-affinity") }, []string{pod1Masq, pod2Masq}, 6},
+		{"clusterip-sctp", "client outside to SCTP ClusterIP: masqueraded", outside, func() (string, string) { return clusterIP("clusterip-sctp", "") }, []string{pod1Masq, pod2Masq}, 1},
+		{"clusterip-sctp", "pod to SCTP ClusterIP: either endpoint", pod, func() (string, string) { return clusterIP("clusterip-sctp", "") }, []string{pod1Hairpin, pod2FromPod}, 1},
+		{"loadbalancer-sctp-local", "SCTP client inside the ranges, Local policy: the client's own address", outside, func() (string, string) { return lbIP("loadbalancer-sctp-local") }, []string{pod1Client}, 1},
+		{"loadbalancer-sctp-local", "SCTP pod outside the ranges: dropped", pod, func() (string, string) { return lbIP("loadbalancer-sctp-local") }, []string{dropped}, 1},
 		{"externalip", "client to external IP, Cluster policy: masqueraded", outside, func() (string, string) { return extIP("externalip") }, []string{pod2Masq}, 1},
 		{"externalip-local", "client to external IP, Local policy: the client's own address", outside, func() (string, string) { return extIP("externalip-local") }, []string{pod1Client}, 1},
 		{"affinity", "ClientIP affinity: always the same endpoint", pod, func() (string, string) { return clusterIP("affinity", "") }, []string{pod1Hairpin, pod2FromPod}, 6},
@@ -187,7 +191,12 @@ func TestEveryShapeOfServiceInTheKernel(t *testing.T) {
 			proto, address := tc.to()
 			var first string
 			for i := 0; i < tc.repeat; i++ {
-				got := outcome(t, tc.from.ns, proto, address)
+				var got string
+				if proto == "sctp" {
+					got = sctpOutcome(t, tc.from.ns, netip.MustParseAddrPort(address), map[string]*netns.Namespace{"pod1": top.pod1, "pod2": top.pod2}, uint16(shapeAddrs.TCPPort))
+				} else {
+					got = outcome(t, tc.from.ns, proto, address)
+				}
 				if !slices.Contains(tc.want, got) {
 					t.Fatalf("%s %s from %s: got %s, want one of %v", proto, address, tc.from.name, got, tc.want)
 				}
@@ -200,7 +209,7 @@ func TestEveryShapeOfServiceInTheKernel(t *testing.T) {
 		})
 	}
 	for _, sh := range shapes {
-		if !exercised[sh.Name] && !strings.Contains(sh.Name, "sctp") {
+		if !exercised[sh.Name] {
 			t.Errorf("shape %s is programmed but no traffic is sent to it", sh.Name)
 		}
 	}
