@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Builds the real kube-apiserver (for the namespace lab) and upstream
-# kube-proxy (the benchmark's baseline) from the k8s.io/kubernetes Go module,
+# Builds the real kube-apiserver and kube-controller-manager (the namespace
+# lab's control plane; the controller manager runs the EndpointSlice
+# controller) and upstream kube-proxy (the benchmark's and the parity test's
+# baseline) from the k8s.io/kubernetes Go module,
 # at the release pinned in test/tools/go.mod, using only the Go module proxy:
 # no Kubernetes checkout, no release download.
 #
 # A build takes several minutes on 2 cores, so the binaries are cached once
 # per machine, outside the checkout, in a directory keyed by the release:
 #
-#   ${MINIPROXY_K8S_CACHE:-/var/cache/miniproxy}/k8s-<version>/{kube-apiserver,kube-proxy}
+#   ${MINIPROXY_K8S_CACHE:-/var/cache/miniproxy}/k8s-<version>/{kube-apiserver,kube-proxy,kube-controller-manager}
 #
-# Nothing is built when both binaries are there and answer --version with the
+# Nothing is built when all binaries are there and answer --version with the
 # expected release. Binaries are built into a temporary directory next to the
 # cache and renamed into place, so an interrupted build never leaves a
 # half-written binary; concurrent runs wait for each other (flock).
 #
-# On success stdout holds exactly two lines, the paths of kube-apiserver and
-# kube-proxy (test/netns reads them); progress goes to stderr.
+# On success stdout holds exactly three lines, the paths of kube-apiserver,
+# kube-proxy and kube-controller-manager (test/netns reads them); progress
+# goes to stderr, with a line every 10 s while the build runs.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +34,7 @@ if [ -z "$version" ]; then
 fi
 base="${MINIPROXY_K8S_CACHE:-/var/cache/miniproxy}"
 dir="$base/k8s-$version"
-bins=(kube-apiserver kube-proxy)
+bins=(kube-apiserver kube-proxy kube-controller-manager)
 
 # works reports whether every binary exists and says it is $version.
 works() {
@@ -79,14 +82,18 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 
 tmp="$(mktemp -d "$base/.build-k8s-$version.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
 log "building ${bins[*]} $version into $dir (several minutes on 2 cores)"
 start=$SECONDS
+( while sleep 10; do log "still building, $((SECONDS - start))s so far"; done ) &
+ticker=$!
+trap 'kill "$ticker" 2>/dev/null; rm -rf "$tmp"' EXIT
 (
   cd "$tools"
   go build -trimpath -ldflags="$ldflags" -o "$tmp/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-proxy
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-proxy \
+    k8s.io/kubernetes/cmd/kube-controller-manager
 )
+kill "$ticker" 2>/dev/null || true
 for b in "${bins[@]}"; do
   out="$("$tmp/$b" --version)" || { log "$b does not run"; exit 1; }
   if [ "$out" != "Kubernetes $version" ]; then

@@ -1,10 +1,11 @@
 // Package cluster builds the tutorial's cluster out of network namespaces: a
 // router with the nodes' LAN, a client network and a load balancer VIP; a
-// control plane with a real etcd and kube-apiserver; nodes each running
-// miniproxy as its own process, exactly as the DaemonSet would; and pods
-// running the echo server behind their nodes. The lab plays the parts of the
-// kubelet (pods and their status), the EndpointSlice controller and a
-// packet-forwarding cloud load balancer that follows healthCheckNodePort.
+// control plane with a real etcd, kube-apiserver and kube-controller-manager
+// (whose EndpointSlice controller writes every EndpointSlice); nodes each
+// running miniproxy as its own process, exactly as the DaemonSet would; and
+// pods running the echo server behind their nodes. The lab plays the parts
+// of the kubelet (pods bound to nodes, their status, their deletion) and of
+// a packet-forwarding cloud load balancer that follows healthCheckNodePort.
 //
 // It is used by the end-to-end tests and by `make demo`.
 package cluster
@@ -40,6 +41,10 @@ var (
 	ServiceCIDR = netip.MustParsePrefix("10.96.0.0/16")
 )
 
+// MaxEndpointsPerSlice is the EndpointSlice controller's limit in the lab
+// (100 in a real cluster): small, so that slices split with a few pods.
+const MaxEndpointsPerSlice = 2
+
 // Options shape a cluster.
 type Options struct {
 	// Nodes is the number of nodes (at least 1; 2 when zero).
@@ -70,11 +75,9 @@ type Cluster struct {
 	mu   sync.Mutex
 	pods map[string]*Pod // namespace/name
 
-	slicesKick chan struct{}
-	slicesMu   sync.Mutex
-	lb         *loadBalancer
-	cancel     context.CancelFunc
-	wg         sync.WaitGroup
+	lb     *loadBalancer
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 }
 
 // Node is one node namespace with its miniproxy.
@@ -103,7 +106,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("create lab: %w", err)
 	}
-	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}, slicesKick: make(chan struct{}, 1)}
+	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -124,8 +127,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 
 	start := time.Now()
 	c.Control, err = netns.StartControlPlane(ctx, lab, c.CPNS, netns.ControlPlaneOptions{
-		Address:     ControlIP,
-		ServiceCIDR: ServiceCIDR,
+		Address:           ControlIP,
+		ServiceCIDR:       ServiceCIDR,
+		ControllerManager: true,
+		// A Service with three pods or more has its endpoints split over
+		// several slices, as one with over 100 has in a real cluster.
+		MaxEndpointsPerSlice: MaxEndpointsPerSlice,
 	})
 	if err != nil {
 		return c, fmt.Errorf("start control plane: %w", err)
@@ -139,8 +146,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	bg, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
 	c.lb = newLoadBalancer(c)
-	c.wg.Add(2)
-	go func() { defer c.wg.Done(); c.runSliceController(bg) }()
+	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.lb.run(bg) }()
 
 	for _, n := range c.Nodes {

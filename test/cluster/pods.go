@@ -4,14 +4,11 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"reflect"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/utils/ptr"
 
 	"github.com/miniproxy/miniproxy/test/netns"
@@ -41,8 +38,10 @@ type PodSpec struct {
 
 // AddPod starts a pod on its node, as a kubelet would: a namespace with a
 // point-to-point link to the node, the echo server on 8080 (HTTP) and 8081
-// (UDP), a Pod object with its IP and Ready condition. Its endpoints appear
-// in every Service that selects it.
+// (UDP), and a Pod object bound to the node whose status (IP, Ready) the
+// lab writes through the status subresource, as the kubelet does. The
+// EndpointSlice controller of kube-controller-manager puts it into the
+// slices of every Service that selects it.
 func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 	if spec.Namespace == "" {
 		spec.Namespace = "default"
@@ -83,17 +82,17 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 	if err := p.Proc.WaitForOutput(wait, "listening on http"); err != nil {
 		return nil, fmt.Errorf("pod %s: echo server did not start: %w", spec.Name, err)
 	}
-	if err := c.writePod(ctx, p); err != nil {
+	if err := c.createPod(ctx, p); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	c.pods[p.Namespace+"/"+p.Name] = p
 	c.mu.Unlock()
-	c.KickSlices()
 	return p, nil
 }
 
-func (c *Cluster) writePod(ctx context.Context, p *Pod) error {
+// createPod writes the Pod object, bound to its node, and then its status.
+func (c *Cluster) createPod(ctx context.Context, p *Pod) error {
 	obj := &v1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels},
 		Spec: v1.PodSpec{
@@ -109,22 +108,31 @@ func (c *Cluster) writePod(ctx context.Context, p *Pod) error {
 	// selectors such as `kubectl expose pod`'s see them: match on what the
 	// API server stored.
 	p.Labels = created.Labels
+	return c.writePodStatus(ctx, p, created)
+}
+
+// writePodStatus reports the pod's IP and readiness as its kubelet would.
+func (c *Cluster) writePodStatus(ctx context.Context, p *Pod, obj *v1.Pod) error {
 	now := metav1.Now()
-	created.Status = v1.PodStatus{
+	ready := v1.ConditionFalse
+	if p.Ready {
+		ready = v1.ConditionTrue
+	}
+	obj.Status = v1.PodStatus{
 		Phase: v1.PodRunning,
 		ContainerStatuses: []v1.ContainerStatus{{
-			Name: "echoserver", Ready: true, Started: ptr.To(true), Image: "registry.k8s.io/echoserver:1.4",
+			Name: "echoserver", Ready: p.Ready, Started: ptr.To(true), Image: "registry.k8s.io/echoserver:1.4",
 			State: v1.ContainerState{Running: &v1.ContainerStateRunning{StartedAt: now}},
 		}},
 		PodIP:  p.IP.String(),
 		PodIPs: []v1.PodIP{{IP: p.IP.String()}},
 		HostIP: p.Node.IP.String(),
 		Conditions: []v1.PodCondition{
-			{Type: v1.PodReady, Status: v1.ConditionTrue},
-			{Type: v1.ContainersReady, Status: v1.ConditionTrue},
+			{Type: v1.PodReady, Status: ready, LastTransitionTime: now},
+			{Type: v1.ContainersReady, Status: ready, LastTransitionTime: now},
 		},
 	}
-	if _, err := c.Kube.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+	if _, err := c.Kube.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, obj, metav1.UpdateOptions{}); err != nil {
 		return fmt.Errorf("set status of pod %s: %w", p.Name, err)
 	}
 	return nil
@@ -140,8 +148,9 @@ func (c *Cluster) Pod(name string) *Pod {
 	return c.pods["default/"+name]
 }
 
-// DeletePod removes a pod: its endpoints leave their Services at once (as
-// when a kubelet reports it gone), then its namespace and process go.
+// DeletePod removes a pod as a kubelet confirms a pod gone: the Pod object
+// is deleted at once (grace period 0), the EndpointSlice controller drops
+// its endpoints, and its namespace and process go.
 func (c *Cluster) DeletePod(ctx context.Context, name string) error {
 	p := c.Pod(name)
 	if p == nil {
@@ -150,144 +159,44 @@ func (c *Cluster) DeletePod(ctx context.Context, name string) error {
 	c.mu.Lock()
 	delete(c.pods, p.Namespace+"/"+p.Name)
 	c.mu.Unlock()
-	if err := c.SyncSlices(ctx); err != nil {
-		return err
-	}
-	if err := c.Kube.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+	err := c.Kube.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
+	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("delete pod object %s: %w", p.Name, err)
 	}
 	return p.Proc.Stop()
 }
 
-// SetPodState changes a pod's readiness (and terminating flag) as a kubelet
-// would report it, and updates the EndpointSlices.
+// SetPodState changes a pod's readiness as its kubelet would report it,
+// and, with terminating, starts its graceful deletion: the API server keeps
+// a Pod bound to a node, with a deletion timestamp, until its kubelet
+// confirms it gone (DeletePod), so its endpoints stay, terminating, serving
+// as long as it is ready. A terminating pod cannot stop terminating.
 func (c *Cluster) SetPodState(ctx context.Context, name string, ready, terminating bool) error {
 	p := c.Pod(name)
 	if p == nil {
 		return fmt.Errorf("set state of pod %s: %w", name, errNoPod)
 	}
 	c.mu.Lock()
-	p.Ready, p.Terminating = ready, terminating
+	if p.Terminating && !terminating {
+		c.mu.Unlock()
+		return fmt.Errorf("set state of pod %s: a terminating pod cannot stop terminating", name)
+	}
+	p.Ready = ready
+	startDeletion := terminating && !p.Terminating
+	p.Terminating = terminating
 	c.mu.Unlock()
-	return c.SyncSlices(ctx)
-}
-
-// KickSlices asks the slice controller to reconcile soon.
-func (c *Cluster) KickSlices() {
-	select {
-	case c.slicesKick <- struct{}{}:
-	default:
-	}
-}
-
-const managedBy = "lab.miniproxy.test"
-
-func (c *Cluster) runSliceController(ctx context.Context) {
-	t := time.NewTicker(250 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-c.slicesKick:
-		}
-		if err := c.SyncSlices(ctx); err != nil && ctx.Err() == nil {
-			c.logf("endpointslice controller: %v", err)
-		}
-	}
-}
-
-// SyncSlices writes, for every Service with a selector, the EndpointSlice
-// the real controller would write for the lab's pods, and removes slices of
-// Services that are gone. It is what the controller does, done at once.
-func (c *Cluster) SyncSlices(ctx context.Context) error {
-	// The controller goroutine and explicit calls (a pod deleted) must not
-	// write the same slice at once.
-	c.slicesMu.Lock()
-	defer c.slicesMu.Unlock()
-	svcs, err := c.Kube.CoreV1().Services("").List(ctx, metav1.ListOptions{})
+	obj, err := c.Kube.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
 	if err != nil {
-		return fmt.Errorf("list services: %w", err)
+		return fmt.Errorf("set state of pod %s: %w", name, err)
 	}
-	existing, err := c.Kube.DiscoveryV1().EndpointSlices("").List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelManagedBy + "=" + managedBy})
-	if err != nil {
-		return fmt.Errorf("list endpointslices: %w", err)
+	if err := c.writePodStatus(ctx, p, obj); err != nil {
+		return err
 	}
-	have := map[string]*discoveryv1.EndpointSlice{}
-	for i := range existing.Items {
-		s := &existing.Items[i]
-		have[s.Namespace+"/"+s.Name] = s
-	}
-	want := map[string]bool{}
-	for i := range svcs.Items {
-		svc := &svcs.Items[i]
-		if len(svc.Spec.Selector) == 0 {
-			continue
-		}
-		slice := c.desiredSlice(svc)
-		key := slice.Namespace + "/" + slice.Name
-		want[key] = true
-		cur, ok := have[key]
-		switch {
-		case !ok:
-			_, err = c.Kube.DiscoveryV1().EndpointSlices(slice.Namespace).Create(ctx, slice, metav1.CreateOptions{})
-		case !reflect.DeepEqual(cur.Endpoints, slice.Endpoints) || !reflect.DeepEqual(cur.Ports, slice.Ports):
-			cur.Endpoints, cur.Ports = slice.Endpoints, slice.Ports
-			_, err = c.Kube.DiscoveryV1().EndpointSlices(slice.Namespace).Update(ctx, cur, metav1.UpdateOptions{})
-		}
+	if startDeletion {
+		err := c.Kube.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](3600)})
 		if err != nil {
-			return fmt.Errorf("write endpointslice %s: %w", key, err)
-		}
-	}
-	for key, s := range have {
-		if !want[key] {
-			if err := c.Kube.DiscoveryV1().EndpointSlices(s.Namespace).Delete(ctx, s.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-				return fmt.Errorf("delete endpointslice %s: %w", key, err)
-			}
+			return fmt.Errorf("start deleting pod %s: %w", name, err)
 		}
 	}
 	return nil
-}
-
-func (c *Cluster) desiredSlice(svc *v1.Service) *discoveryv1.EndpointSlice {
-	sel := labels.SelectorFromSet(svc.Spec.Selector)
-	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta: metav1.ObjectMeta{
-			Namespace: svc.Namespace,
-			Name:      svc.Name + "-lab",
-			Labels: map[string]string{
-				discoveryv1.LabelServiceName: svc.Name,
-				discoveryv1.LabelManagedBy:   managedBy,
-			},
-		},
-		AddressType: discoveryv1.AddressTypeIPv4,
-	}
-	for _, sp := range svc.Spec.Ports {
-		port := sp.TargetPort.IntVal
-		if port == 0 {
-			port = sp.Port
-		}
-		slice.Ports = append(slice.Ports, discoveryv1.EndpointPort{Name: ptr.To(sp.Name), Protocol: ptr.To(sp.Protocol), Port: ptr.To(port)})
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, key := range sortedKeys(c.pods) {
-		p := c.pods[key]
-		if p.Namespace != svc.Namespace || !sel.Matches(labels.Set(p.Labels)) {
-			continue
-		}
-		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
-			Addresses: []string{p.IP.String()},
-			Conditions: discoveryv1.EndpointConditions{
-				Ready:       ptr.To(p.Ready && !p.Terminating),
-				Serving:     ptr.To(p.Ready),
-				Terminating: ptr.To(p.Terminating),
-			},
-			NodeName:  ptr.To(p.Node.Name),
-			Zone:      ptr.To("zone-" + p.Node.Name),
-			TargetRef: &v1.ObjectReference{Kind: "Pod", Namespace: p.Namespace, Name: p.Name},
-		})
-	}
-	return slice
 }

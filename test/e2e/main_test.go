@@ -140,7 +140,6 @@ func expose(t *testing.T, name, app string, opts ...svcOption) *v1.Service {
 	t.Cleanup(func() {
 		lab.Kube.CoreV1().Services("default").Delete(context.Background(), name, metav1.DeleteOptions{})
 	})
-	lab.KickSlices()
 	return created
 }
 

@@ -78,6 +78,20 @@ type ControlPlaneOptions struct {
 	// feature gates and the like. Note that list-valued flags repeated here
 	// add to the defaults instead of replacing them.
 	ExtraAPIServerArgs []string
+	// ControllerManager runs kube-controller-manager with only the
+	// EndpointSlice controller and the garbage collector (which deletes a
+	// Service's slices with the Service), so that every EndpointSlice is
+	// the real controller's; no other controller runs that could fight the
+	// lab's stand-in for the kubelet. Off for the benchmark, which writes
+	// its own slices.
+	ControllerManager bool
+	// ControllerManagerBinary is the kube-controller-manager to run; empty
+	// means the one K8sBinaries finds or builds.
+	ControllerManagerBinary string
+	// MaxEndpointsPerSlice is the controller's --max-endpoints-per-slice;
+	// 0 keeps its default (100). A small value makes the controller split
+	// a Service's endpoints over several slices with a handful of pods.
+	MaxEndpointsPerSlice int
 	// Timeout bounds the whole start-up, until /readyz answers ok; 0 means
 	// 2 minutes, enough for a loaded 2-core machine.
 	Timeout time.Duration
@@ -105,6 +119,7 @@ type ControlPlane struct {
 	proxyKubeconfig string
 	etcd            *Process
 	apiserver       *Process
+	kcm             *Process
 	client          *kubernetes.Clientset
 	startup         time.Duration
 
@@ -156,14 +171,23 @@ func StartControlPlane(ctx context.Context, lab *Lab, ns *Namespace, opts Contro
 	if opts.Timeout == 0 {
 		opts.Timeout = 2 * time.Minute
 	}
-	if opts.APIServerBinary == "" {
+	if opts.APIServerBinary == "" || (opts.ControllerManager && opts.ControllerManagerBinary == "") {
 		bins, err := K8sBinaries()
 		if err != nil {
 			return nil, fmt.Errorf("start control plane: %w", err)
 		}
-		opts.APIServerBinary = bins.APIServer
+		if opts.APIServerBinary == "" {
+			opts.APIServerBinary = bins.APIServer
+		}
+		if opts.ControllerManagerBinary == "" {
+			opts.ControllerManagerBinary = bins.ControllerManager
+		}
 	}
-	for _, bin := range []string{opts.EtcdBinary, opts.APIServerBinary} {
+	bins := []string{opts.EtcdBinary, opts.APIServerBinary}
+	if opts.ControllerManager {
+		bins = append(bins, opts.ControllerManagerBinary)
+	}
+	for _, bin := range bins {
 		if _, err := os.Stat(bin); err != nil {
 			return nil, fmt.Errorf("start control plane: %w", err)
 		}
@@ -238,9 +262,10 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + files.saPub,
 		"--service-account-signing-key-file=" + files.saKey,
-		// No kube-controller-manager runs, so no service account controller
-		// creates "default" service accounts: without this, the lab could
-		// not write Pods.
+		// No service account controller runs (kube-controller-manager, when
+		// it runs, has only the EndpointSlice controller and the garbage
+		// collector), so nothing creates "default" service accounts:
+		// without this, the lab could not write Pods.
 		"--disable-admission-plugins=ServiceAccount",
 		// One client (the tests) and a handful of proxies: flow control
 		// only slows start-up and the benchmark's bulk writes.
@@ -264,6 +289,11 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 	if err := cp.waitReady(ctx); err != nil {
 		return err
 	}
+	if opts.ControllerManager {
+		if err := cp.startControllerManager(ctx, opts.ControllerManagerBinary, opts.MaxEndpointsPerSlice); err != nil {
+			return err
+		}
+	}
 	cp.startup = time.Since(began)
 	cp.client, err = kubernetes.NewForConfig(cp.AdminConfig(cp.ns))
 	if err != nil {
@@ -271,6 +301,40 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 	}
 	return nil
 }
+
+// startControllerManager runs kube-controller-manager as admin with the
+// EndpointSlice controller and the garbage collector only, and waits until
+// the EndpointSlice controller has started.
+func (cp *ControlPlane) startControllerManager(ctx context.Context, bin string, maxPerSlice int) error {
+	args := []string{
+		"--kubeconfig=" + cp.adminKubeconfig,
+		"--controllers=endpointslice-controller,garbage-collector-controller",
+		"--leader-elect=false",
+		// Nothing scrapes it; serving would need its own certificates.
+		"--secure-port=0",
+	}
+	if maxPerSlice > 0 {
+		args = append(args, "--max-endpoints-per-slice="+strconv.Itoa(maxPerSlice))
+	}
+	kcm := exec.Command(bin, args...)
+	kcm.Env = cleanEnv()
+	var err error
+	if cp.kcm, err = cp.ns.StartCmd(kcm); err != nil {
+		return err
+	}
+	if err := cp.kcm.WaitForOutput(ctx, endpointSliceControllerStarted); err != nil {
+		return fmt.Errorf("kube-controller-manager did not start its EndpointSlice controller: %w\n%s", err, tail(cp.kcm.Output(), 8<<10))
+	}
+	return nil
+}
+
+// endpointSliceControllerStarted is what kube-controller-manager logs once
+// the EndpointSlice controller runs.
+const endpointSliceControllerStarted = "Starting endpoint slice controller"
+
+// ControllerManager returns the kube-controller-manager process (nil when
+// it does not run), for its output.
+func (cp *ControlPlane) ControllerManager() *Process { return cp.kcm }
 
 // cpFiles are the paths of the files the processes read.
 type cpFiles struct {
@@ -487,12 +551,13 @@ func (cp *ControlPlane) Kubectl(ctx context.Context, ns *Namespace, args ...stri
 	return so.String(), nil
 }
 
-// Close stops kube-apiserver, then etcd, and removes the control plane's
-// files. It is idempotent; Lab.Close calls it too.
+// Close stops kube-controller-manager, kube-apiserver, then etcd, and
+// removes the control plane's files. It is idempotent; Lab.Close calls it
+// too.
 func (cp *ControlPlane) Close() error {
 	cp.closeOnce.Do(func() {
 		var errs []error
-		for _, p := range []*Process{cp.apiserver, cp.etcd} {
+		for _, p := range []*Process{cp.kcm, cp.apiserver, cp.etcd} {
 			if p != nil {
 				if err := p.Stop(); err != nil {
 					errs = append(errs, err)
@@ -533,6 +598,9 @@ type K8sBinaryPaths struct {
 	APIServer string
 	// KubeProxy is upstream kube-proxy, the benchmark's baseline.
 	KubeProxy string
+	// ControllerManager is kube-controller-manager, whose EndpointSlice
+	// controller writes the lab's EndpointSlices.
+	ControllerManager string
 }
 
 var k8sBinaries struct {
@@ -541,7 +609,8 @@ var k8sBinaries struct {
 	err   error
 }
 
-// K8sBinaries returns kube-apiserver and kube-proxy at the release pinned in
+// K8sBinaries returns kube-apiserver, kube-proxy and kube-controller-manager
+// at the release pinned in
 // test/tools/go.mod, from the per-machine cache outside the checkout
 // (MINIPROXY_K8S_CACHE, default /var/cache/miniproxy), by running
 // scripts/build-k8s.sh of the module containing the working directory: that
@@ -574,10 +643,10 @@ func findK8sBinaries() (K8sBinaryPaths, error) {
 		return p, fmt.Errorf("find kubernetes binaries: %s: %w: %s", script, err, strings.TrimSpace(stderr.String()))
 	}
 	lines := strings.Fields(string(out))
-	if len(lines) != 2 {
-		return p, fmt.Errorf("find kubernetes binaries: %s printed %q, want two paths", script, out)
+	if len(lines) != 3 {
+		return p, fmt.Errorf("find kubernetes binaries: %s printed %q, want three paths", script, out)
 	}
-	p.APIServer, p.KubeProxy = lines[0], lines[1]
+	p.APIServer, p.KubeProxy, p.ControllerManager = lines[0], lines[1], lines[2]
 	return p, nil
 }
 
