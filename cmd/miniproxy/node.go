@@ -144,6 +144,6 @@ func (e *eventSink) refusedServices(res proxy.SyncResult) {
 		}
 		ref := &v1.ObjectReference{Kind: "Service", APIVersion: "v1", Namespace: r.Service.Namespace, Name: r.Service.Name}
 		e.recorder.Eventf(ref, v1.EventTypeWarning, "RulesRefused",
-			"the kernel of node %s refuses this Service's new rules; it keeps its last accepted rules there until the Service changes: %s", e.node, r.Err)
+			"the kernel of node %s refuses this Service's rules; every other Service is programmed there, and this one keeps the rules the kernel last accepted for it (if any) until it changes: %s", e.node, r.Err)
 	}
 }

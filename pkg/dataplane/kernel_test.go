@@ -2,6 +2,10 @@ package dataplane
 
 import (
 	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -314,5 +318,24 @@ func TestKernelCheckLeavesTheLiveTablesAlone(t *testing.T) {
 	}
 	if after := ns.save(t, iptables.IPv4); after != before {
 		t.Errorf("Check changed the live tables:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+
+	// A chain only a check creates is in no namespace afterwards: neither
+	// the test's nor the one this process started in (read, not written).
+	probe := fmt.Sprintf("MP-CHK-%08x", rand.Uint32())
+	ns.check(t)
+	if err := NewRunner().Check(iptables.IPv4, []byte("*filter\n:"+probe+" - [0:0]\n-A "+probe+" -j ACCEPT\nCOMMIT\n")); err != nil {
+		t.Fatalf("check a one-chain input: %v", err)
+	}
+	if strings.Contains(ns.save(t, iptables.IPv4), probe) {
+		t.Errorf("the check's chain %s is in the test's namespace", probe)
+	}
+	origNS := fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(ns.orig))
+	out, err := exec.Command("nsenter", origNS, "iptables-save", "-t", "filter").CombinedOutput()
+	if err != nil {
+		t.Fatalf("read the original namespace's filter table: %v: %s", err, out)
+	}
+	if strings.Contains(string(out), probe) {
+		t.Errorf("the check's chain %s is in the namespace this process started in", probe)
 	}
 }

@@ -6,13 +6,12 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
 	goipt "github.com/coreos/go-iptables/iptables"
-	"golang.org/x/sys/unix"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
@@ -199,12 +198,12 @@ func restoreHasWait(v1, v2, v3 int) bool {
 }
 
 func (r *execRunner) Restore(family iptables.Family, input []byte) error {
-	return r.restore(family, input, "--noflush")
+	return r.run(family, input, nil, "--noflush")
 }
 
-// restore runs iptables-restore with args (and --wait where supported) on
-// input, from the calling thread.
-func (r *execRunner) restore(family iptables.Family, input []byte, args ...string) error {
+// run runs iptables-restore with args (and --wait where supported) on
+// input, from the calling thread, with attr for the new process.
+func (r *execRunner) run(family iptables.Family, input []byte, attr *syscall.SysProcAttr, args ...string) error {
 	ipt, err := r.handle(family)
 	if err != nil {
 		return err
@@ -213,6 +212,7 @@ func (r *execRunner) restore(family iptables.Family, input []byte, args ...strin
 		args = append(args, "--wait")
 	}
 	cmd := exec.Command(restoreCommand(family), args...)
+	cmd.SysProcAttr = attr
 	cmd.Stdin = bytes.NewReader(input)
 	var out bytes.Buffer
 	cmd.Stdout = &out
@@ -223,21 +223,13 @@ func (r *execRunner) restore(family iptables.Family, input []byte, args ...strin
 	return nil
 }
 
-// Check runs iptables-restore on a thread of its own that first moves into
-// a new network namespace. The thread is never unlocked, so Go ends it with
-// the goroutine, and the namespace goes with it and the tool's process:
-// nothing is left behind and no other thread ever sees that namespace.
+// Check runs iptables-restore as a process created in a new network
+// namespace of its own (CLONE_NEWNET), so that it sees empty tables and
+// nothing it does reaches any other namespace; the namespace is gone when
+// the process exits. Creating a network namespace needs CAP_SYS_ADMIN, as
+// the DaemonSet's privileged container has.
 func (r *execRunner) Check(family iptables.Family, input []byte) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			done <- fmt.Errorf("create a scratch network namespace to check %s rules in: %w", family, err)
-			return
-		}
-		done <- r.restore(family, input)
-	}()
-	return <-done
+	return r.run(family, input, &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET})
 }
 
 func (r *execRunner) Save(family iptables.Family, table string) ([]byte, error) {

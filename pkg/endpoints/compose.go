@@ -86,3 +86,15 @@ func Compose(base, next *Snapshot, keep map[ServicePortName]bool) *Snapshot {
 	}
 	return out
 }
+
+// OnlyService is a snapshot holding nothing but the ports and endpoints of
+// the Service svc (a name without port), sharing them with s: small enough
+// to keep as the record of one Service's version.
+func (s *Snapshot) OnlyService(svc ServicePortName) *Snapshot {
+	out := &Snapshot{Node: s.Node, Services: map[ServicePortName]*ServicePort{}, Endpoints: map[ServicePortName][]Endpoint{}}
+	for _, n := range s.PortsOf(svc) {
+		out.Services[n] = s.Services[n]
+		out.Endpoints[n] = s.Endpoints[n]
+	}
+	return out
+}

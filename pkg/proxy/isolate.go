@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"time"
 
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
@@ -41,11 +42,20 @@ type Refusal struct {
 
 // refusal is what the proxier remembers of a refused Service.
 type refusal struct {
-	// at is the snapshot whose version of the Service was refused: the
-	// Service is retried once it differs from this version.
+	// at holds the version of the Service that was refused (and nothing
+	// else): the Service is retried once it differs from this version.
 	at    *endpoints.Snapshot
 	err   string
 	since time.Time
+}
+
+// lineNumberRE finds the line numbers in a refusal's message, which change
+// with unrelated Services while the refusal stays the same.
+var lineNumberRE = regexp.MustCompile(`(?i)line:? \d+`)
+
+// sameRefusal says whether two messages report the same refusal.
+func sameRefusal(a, b string) bool {
+	return lineNumberRE.ReplaceAllString(a, "line") == lineNumberRE.ReplaceAllString(b, "line")
 }
 
 // heldBack names the refused Services that have not changed since they
@@ -81,8 +91,13 @@ type search struct {
 	held    map[endpoints.ServicePortName]bool
 	changed []endpoints.ServicePortName
 	checks  int
-	// exhausted says a check was wanted after maxChecks.
+	// exhausted says a check was wanted after maxChecks, or that a check
+	// could not be made at all (broken).
 	exhausted bool
+	// broken is why a check could not be made (the tool could not be run,
+	// the scratch namespace could not be created): no verdict, so the
+	// search stops and blames nobody.
+	broken error
 }
 
 // compose is want with every changed Service not in taken (and every held
@@ -111,7 +126,11 @@ func (s *search) check(taken []endpoints.ServicePortName) error {
 	s.checks++
 	snap := s.compose(taken)
 	for _, fam := range s.p.families {
-		if err := s.p.planes[fam].Check(s.p.builders[fam].Build(snap, s.cfgs[fam])); err != nil {
+		err := s.p.planes[fam].Check(s.p.builders[fam].Build(snap, s.cfgs[fam]))
+		if err != nil && !refusedByKernel(err) {
+			s.broken, s.exhausted = err, true
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -186,22 +205,19 @@ func (p *Proxier) isolate(base, want *endpoints.Snapshot, held map[endpoints.Ser
 		}
 	}
 	first := s.check(s.changed)
-	if first == nil {
+	switch {
+	case s.broken != nil:
+		return nil, nil, fmt.Errorf("%w (and the kernel could not be asked which Service it refuses: %v)", liveErr, s.broken)
+	case first == nil:
 		return nil, nil, fmt.Errorf("%w (the same rules pass in a scratch namespace: the fault is in the live tables or the tools, not in a Service)", liveErr)
 	}
-	if s.check(nil) != nil {
-		// The last accepted rules of a changed Service may be refused now
-		// too: judge the changed Services against their absence instead.
-		changed := make(map[endpoints.ServicePortName]bool, len(s.changed))
-		for _, svc := range s.changed {
-			changed[svc] = true
-		}
-		s.base = endpoints.Compose(&endpoints.Snapshot{Node: base.Node}, base, changed)
-		if err := s.check(nil); err != nil {
-			return nil, nil, fmt.Errorf("%w (the kernel refuses even the rules of the unchanged Services in a scratch namespace: %v)", liveErr, err)
-		}
+	if err := s.findBase(base, want); err != nil {
+		return nil, nil, fmt.Errorf("%w (%v)", liveErr, err)
 	}
 	taken, refused := s.find(first)
+	if s.broken != nil {
+		return nil, nil, fmt.Errorf("%w (and the kernel could not be asked which Service it refuses: %v)", liveErr, s.broken)
+	}
 	s.changed = without(s.changed, taken...)
 	applied := s.compose(nil)
 	if err := p.applyAll(applied, cfgs, full, res); err != nil {
@@ -209,10 +225,50 @@ func (p *Proxier) isolate(base, want *endpoints.Snapshot, held map[endpoints.Ser
 	}
 	p.log.Info("programmed every Service but those the kernel refuses", "refused", len(refused), "changedServices", len(taken)+len(s.changed), "checks", s.checks)
 	if unjudged := len(s.changed) - len(refused); unjudged > 0 {
-		return applied, refused, fmt.Errorf("the kernel refused the rules of some of %d changed Services and %d checks could not tell which; they keep their last accepted rules until the next sync",
+		return applied, refused, fmt.Errorf("the kernel refused the rules of some of %d changed Services and %d checks could not tell which; until the next sync goes on they keep what the kernel held for them before",
 			unjudged, maxChecks)
 	}
 	return applied, refused, nil
+}
+
+// findBase makes sure the rules the search starts from are accepted, and
+// widens the search when they are not: first by judging the changed
+// Services against their absence (the kernel may now refuse their earlier
+// rules too), then by judging every Service from nothing (the kernel, or
+// the node's addresses, changed under rules that did not). Only when even
+// no Service at all is refused does it give up.
+func (s *search) findBase(base, want *endpoints.Snapshot) error {
+	empty := &endpoints.Snapshot{Node: base.Node}
+	if s.check(nil) == nil {
+		return nil
+	}
+	changed := make(map[endpoints.ServicePortName]bool, len(s.changed))
+	for _, svc := range s.changed {
+		changed[svc] = true
+	}
+	s.base = endpoints.Compose(empty, base, changed)
+	if s.check(nil) == nil {
+		return nil
+	}
+	s.base, s.held, s.changed = empty, nil, serviceNames(want)
+	if err := s.check(nil); err != nil {
+		if s.broken != nil {
+			return fmt.Errorf("the kernel could not be asked which Service it refuses: %w", s.broken)
+		}
+		return fmt.Errorf("the kernel refuses even an empty ruleset in a scratch namespace: %w", err)
+	}
+	return nil
+}
+
+// serviceNames lists the Services (names without port) of snap, sorted.
+func serviceNames(snap *endpoints.Snapshot) []endpoints.ServicePortName {
+	var out []endpoints.ServicePortName
+	for _, n := range snap.SortedNames() {
+		if svc := n.ServiceName(); len(out) == 0 || out[len(out)-1] != svc {
+			out = append(out, svc)
+		}
+	}
+	return out
 }
 
 // namedService is the Service whose rule the kernel named in err.

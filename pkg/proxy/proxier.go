@@ -60,7 +60,9 @@ type AddrLister func(iptables.Family) ([]netip.Addr, error)
 // SyncResult is what one sync did, for health checks and metrics.
 type SyncResult struct {
 	Snapshot *endpoints.Snapshot
-	// Results has one entry per family that was applied.
+	// Results has one entry per apply of a family, in order: one per family,
+	// or more when the kernel refused an apply and the rest was applied
+	// again without the refused Services.
 	Results []dataplane.Result
 	// Err is nil when every family was applied.
 	Err error
@@ -248,7 +250,7 @@ func (p *Proxier) Sync(full bool) SyncResult {
 	p.mu.Unlock()
 
 	if res.Err != nil {
-		p.log.Error("sync failed; the previous rules stay in place and the sync is retried", "err", res.Err)
+		p.log.Error("sync failed; it is retried", "err", res.Err)
 	} else {
 		p.log.Info("rules synced", "servicePorts", len(applied.Services), "changed", len(snap.Changed), "refusedServices", len(res.Refusals), "duration", res.End.Sub(start).Round(time.Millisecond))
 	}
@@ -324,8 +326,8 @@ func (p *Proxier) noteRefusals(want *endpoints.Snapshot, found map[endpoints.Ser
 		if had {
 			since = old.since
 		}
-		next[svc] = refusal{at: want, err: msg, since: since}
-		isNew := !had || old.err != msg
+		next[svc] = refusal{at: want.OnlyService(svc), err: msg, since: since}
+		isNew := !had || !sameRefusal(old.err, msg)
 		if isNew {
 			p.log.Error("the kernel refuses this Service's rules; it keeps its last accepted rules (none if it never had any) until it changes, and every other Service is programmed",
 				"service", svc.String(), "err", msg)

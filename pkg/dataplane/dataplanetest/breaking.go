@@ -8,6 +8,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // Break is how Breaking spoils a Service's rules.
@@ -35,9 +36,9 @@ type Breaking struct {
 
 	how Break
 
-	mu      sync.Mutex
-	service string // "ns/name"; empty breaks nothing
-	only    []string
+	mu       sync.Mutex
+	services map[string]bool // "ns/name"
+	only     []string
 }
 
 // NewBreaking wraps r, breaking nothing until Break is called.
@@ -52,7 +53,20 @@ func NewBreaking(r dataplane.Runner, how Break) *Breaking {
 func (b *Breaking) Break(service string, only ...string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.service, b.only = service, only
+	b.services, b.only = map[string]bool{}, only
+	if service != "" {
+		b.services[service] = true
+	}
+}
+
+// BreakEach spoils every rule of each of services ("ns/name").
+func (b *Breaking) BreakEach(services ...string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.services, b.only = map[string]bool{}, nil
+	for _, svc := range services {
+		b.services[svc] = true
+	}
 }
 
 var (
@@ -63,17 +77,18 @@ var (
 // spoil rewrites the lines of the broken Service's rules.
 func (b *Breaking) spoil(input []byte) []byte {
 	b.mu.Lock()
-	service, only := b.service, b.only
+	services, only := b.services, b.only
 	b.mu.Unlock()
-	if service == "" {
+	if len(services) == 0 {
 		return input
 	}
 	lines := strings.Split(string(input), "\n")
 	for i, l := range lines {
-		if !strings.HasPrefix(l, "-A ") || !(strings.Contains(l, `--comment "`+service+" ") || strings.Contains(l, `--comment "`+service+":")) {
+		if !strings.HasPrefix(l, "-A ") {
 			continue
 		}
-		if !containsAll(l, only) {
+		svc, ok := rules.ServiceOfRule(l)
+		if !ok || !services[svc.String()] || !containsAll(l, only) {
 			continue
 		}
 		switch b.how {
