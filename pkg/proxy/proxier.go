@@ -427,16 +427,6 @@ func (p *Proxier) rulesConfig(fam iptables.Family) (rules.Config, error) {
 		return cfg, fmt.Errorf("list local addresses: %w", err)
 	}
 	cfg.NodeIPs = local
-	if p.opts.NodePortAddresses != nil {
-		cfg.NodePortAddresses = []netip.Addr{}
-		for _, a := range local {
-			for _, r := range p.opts.NodePortAddresses {
-				if r.Contains(a) {
-					cfg.NodePortAddresses = append(cfg.NodePortAddresses, a)
-					break
-				}
-			}
-		}
-	}
+	cfg.NodePortAddresses = rules.NodePortAddresses(local, p.opts.NodePortAddresses)
 	return cfg, nil
 }

@@ -37,6 +37,7 @@ const (
 	ChainPostrouting = Prefix + "POSTROUTING" // nat: masquerades marked packets
 	ChainHairpin     = Prefix + "HAIRPIN"     // nat: masquerades pods reaching themselves
 	ChainForward     = Prefix + "FORWARD"     // filter: accepts what we forward
+	ChainHealthCheck = Prefix + "HEALTHCHECKS" // filter: accepts healthCheckNodePorts
 )
 
 // DefaultMasqueradeBit is kube-proxy's default --iptables-masquerade-bit.
@@ -148,6 +149,7 @@ type fragment struct {
 	natNP, filterNP   []portRules
 	natExtra          []iptables.Chain
 	hairpin           []netip.Addr
+	healthChecks      []iptables.Rule
 }
 
 type addrRules struct {
@@ -175,6 +177,7 @@ func (b *builder) assemble(f *fragment) {
 		b.filterNP.add(r.key, r.rules...)
 	}
 	b.natExtra = append(b.natExtra, f.natExtra...)
+	b.healthChecks = append(b.healthChecks, f.healthChecks...)
 	for _, ip := range f.hairpin {
 		b.hairpin[ip] = true
 	}
@@ -186,6 +189,7 @@ type builder struct {
 	natNP, filterNP   *portDispatch
 	natExtra          []iptables.Chain
 	hairpin           map[netip.Addr]bool
+	healthChecks      []iptables.Rule
 }
 
 func ofFamily(eps []endpoints.Endpoint, fam iptables.Family) []endpoints.Endpoint {
@@ -271,6 +275,12 @@ func (b *builder) servicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoi
 		b.addExternal(s, match, "external IP", func(r []iptables.Rule) { f.natVIP = append(f.natVIP, addrRules{ip, r}) }, func(r iptables.Rule) { f.filterVIP = append(f.filterVIP, addrRules{ip, []iptables.Rule{r}}) })
 	}
 	b.addLoadBalancerIPs(s)
+	if hc := svc.HealthCheckNodePort; hc != 0 {
+		// As upstream: a node whose firewall drops what it does not know
+		// must still let load balancers ask the health check port.
+		f.healthChecks = append(f.healthChecks, rule(s.comment+" health check node port",
+			[]string{"-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(int(hc))}, nil, "-j", "ACCEPT"))
+	}
 	if svc.NodePort != 0 {
 		np := portKey{proto: s.proto, port: int(svc.NodePort)}
 		b.addExternal(s, s.portMatch(svc.NodePort), "nodePort", func(r []iptables.Rule) { f.natNP = append(f.natNP, portRules{np, r}) }, func(r iptables.Rule) { f.filterNP = append(f.filterNP, portRules{np, []iptables.Rule{r}}) })
@@ -530,9 +540,12 @@ func (b *builder) finish() *iptables.Ruleset {
 
 	// filter
 	filterServices := b.filterVIP.topRules()
+	filterServices = append(filterServices, iptables.Rule{"-m", "comment", "--comment", "miniproxy health check node ports",
+		"-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "-j", ChainHealthCheck})
 	filterServices = append(filterServices, b.nodePortJumps()...)
 	filt := []iptables.Chain{
 		{Name: ChainServices, Rules: filterServices},
+		{Name: ChainHealthCheck, Rules: b.healthChecks},
 		{Name: ChainNodePorts, Rules: b.filterNP.topRules()},
 		{Name: ChainForward, Rules: []iptables.Rule{
 			{"-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"},
@@ -548,6 +561,29 @@ func (b *builder) finish() *iptables.Ruleset {
 		Tables: []iptables.TableRules{{Table: "filter", Chains: filt}, {Table: "nat", Chains: nat}},
 		Jumps:  Jumps(),
 	}
+}
+
+// NodePortAddresses picks the node's addresses that serve NodePorts under
+// --nodeport-addresses ranges: the local addresses inside a range, never a
+// loopback one (docs/decisions.md: no localhost NodePorts). Without ranges
+// it returns nil, which Config reads as every local address but loopback.
+func NodePortAddresses(local []netip.Addr, ranges []netip.Prefix) []netip.Addr {
+	if ranges == nil {
+		return nil
+	}
+	out := []netip.Addr{}
+	for _, a := range local {
+		if a.IsLoopback() {
+			continue
+		}
+		for _, r := range ranges {
+			if r.Contains(a) {
+				out = append(out, a)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // nodePortJumps sends traffic for the node's own addresses to the NodePort
