@@ -31,12 +31,12 @@ const Prefix = "MP-"
 
 // The fixed chains. The same name may exist in nat and in filter.
 const (
-	ChainServices    = Prefix + "SERVICES"    // nat and filter: entry for service traffic
-	ChainNodePorts   = Prefix + "NODEPORTS"   // nat and filter: traffic to a local address
-	ChainMarkMasq    = Prefix + "MARK-MASQ"   // nat: marks a packet for masquerade
-	ChainPostrouting = Prefix + "POSTROUTING" // nat: masquerades marked packets
-	ChainHairpin     = Prefix + "HAIRPIN"     // nat: masquerades pods reaching themselves
-	ChainForward     = Prefix + "FORWARD"     // filter: accepts what we forward
+	ChainServices    = Prefix + "SERVICES"     // nat and filter: entry for service traffic
+	ChainNodePorts   = Prefix + "NODEPORTS"    // nat and filter: traffic to a local address
+	ChainMarkMasq    = Prefix + "MARK-MASQ"    // nat: marks a packet for masquerade
+	ChainPostrouting = Prefix + "POSTROUTING"  // nat: masquerades marked packets
+	ChainHairpin     = Prefix + "HAIRPIN"      // nat: masquerades pods reaching themselves
+	ChainForward     = Prefix + "FORWARD"      // filter: accepts what we forward
 	ChainHealthCheck = Prefix + "HEALTHCHECKS" // filter: accepts healthCheckNodePorts
 )
 
