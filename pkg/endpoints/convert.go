@@ -268,6 +268,7 @@ type sliceEndpoint struct {
 	terminating bool
 	nodeName    string
 	zoneHints   []string
+	nodeHints   []string
 }
 
 // convertedSlice is an EndpointSlice as the Tracker keeps it.
@@ -285,7 +286,7 @@ func (c *convertedSlice) equal(o *convertedSlice) bool {
 		slices.EqualFunc(c.endpoints, o.endpoints, func(a, b sliceEndpoint) bool {
 			return a.ip == b.ip && a.ready == b.ready && a.serving == b.serving &&
 				a.terminating == b.terminating && a.nodeName == b.nodeName &&
-				slices.Equal(a.zoneHints, b.zoneHints)
+				slices.Equal(a.zoneHints, b.zoneHints) && slices.Equal(a.nodeHints, b.nodeHints)
 		})
 }
 
@@ -376,6 +377,12 @@ func convertSliceParts(s *discoveryv1.EndpointSlice) (c *convertedSlice, skipped
 				}
 			}
 			slices.Sort(ep.zoneHints)
+			for _, n := range e.Hints.ForNodes {
+				if !slices.Contains(ep.nodeHints, n.Name) {
+					ep.nodeHints = append(ep.nodeHints, n.Name)
+				}
+			}
+			slices.Sort(ep.nodeHints)
 		}
 		c.endpoints = append(c.endpoints, ep)
 	}
@@ -495,6 +502,6 @@ func endpointsEqual(a, b []Endpoint) bool {
 	return slices.EqualFunc(a, b, func(x, y Endpoint) bool {
 		return x.IP == y.IP && x.Port == y.Port && x.Ready == y.Ready && x.Serving == y.Serving &&
 			x.Terminating == y.Terminating && x.NodeName == y.NodeName && x.Local == y.Local &&
-			slices.Equal(x.ZoneHints, y.ZoneHints)
+			slices.Equal(x.ZoneHints, y.ZoneHints) && slices.Equal(x.NodeHints, y.NodeHints)
 	})
 }

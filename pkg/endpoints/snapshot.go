@@ -107,6 +107,9 @@ type Endpoint struct {
 	Local bool
 	// ZoneHints are hints.forZones; empty when the slice carries no hints.
 	ZoneHints []string
+	// NodeHints are hints.forNodes (trafficDistribution: PreferSameNode);
+	// empty when the slice carries none.
+	NodeHints []string
 }
 
 // String gives "ip:port" (with brackets for IPv6), the DNAT target spelling.

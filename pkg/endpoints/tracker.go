@@ -481,6 +481,7 @@ func (t *Tracker) endpointsLocked(key objectKey, ports []*ServicePort) map[Servi
 					NodeName:    e.nodeName,
 					Local:       e.nodeName != "" && e.nodeName == t.nodeName,
 					ZoneHints:   e.zoneHints,
+					NodeHints:   e.nodeHints,
 				}
 				k := netip.AddrPortFrom(ep.IP, uint16(ep.Port))
 				if old, ok := set[k]; !ok || preference(ep) > preference(old) {

@@ -121,6 +121,20 @@ func TestEndpoints(t *testing.T) {
 			}}},
 		},
 		{
+			name:     "node hints (PreferSameNode) are copied, sorted and deduplicated",
+			services: []*v1.Service{makeService("ns", "svc")},
+			slices: []*discoveryv1.EndpointSlice{makeSlice("ns", "s", "svc", withEndpoints(discoveryv1.Endpoint{
+				Addresses: []string{"10.1.0.1"},
+				Hints: &discoveryv1.EndpointHints{
+					ForZones: []discoveryv1.ForZone{{Name: "zone-a"}},
+					ForNodes: []discoveryv1.ForNode{{Name: "node-b"}, {Name: "node-a"}, {Name: "node-b"}},
+				},
+			}))},
+			want: map[ServicePortName][]Endpoint{svcName: {{
+				IP: ip("10.1.0.1"), Port: 8080, Ready: true, Serving: true, ZoneHints: []string{"zone-a"}, NodeHints: []string{"node-a", "node-b"},
+			}}},
+		},
+		{
 			name:     "the same IP and port in two slices is kept once, preferring the ready copy",
 			services: []*v1.Service{makeService("ns", "svc")},
 			slices: []*discoveryv1.EndpointSlice{

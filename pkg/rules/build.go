@@ -124,7 +124,7 @@ func (c *Builder) Build(snap *endpoints.Snapshot, cfg Config) *iptables.Ruleset 
 		filterNP:  newPortDispatch(Prefix + "NPF-"),
 		hairpin:   map[netip.Addr]bool{},
 	}
-	key := fmt.Sprintf("%+v|%s", cfg, snap.Node.Zone)
+	key := fmt.Sprintf("%+v|%s|%s", cfg, snap.Node.Name, snap.Node.Zone)
 	if key != c.key {
 		c.key, c.frags = key, nil
 	}
@@ -133,7 +133,7 @@ func (c *Builder) Build(snap *endpoints.Snapshot, cfg Config) *iptables.Ruleset 
 		svc, eps := snap.Services[name], snap.Endpoints[name]
 		cf, ok := c.frags[name]
 		if !ok || cf.svc != svc || !endpoints.SameList(cf.eps, eps) {
-			cf = cachedFragment{svc: svc, eps: eps, frag: b.servicePort(svc, ofFamily(eps, cfg.Family), snap.Node.Zone)}
+			cf = cachedFragment{svc: svc, eps: eps, frag: b.servicePort(svc, ofFamily(eps, cfg.Family), snap.Node)}
 		}
 		next[name] = cf
 		b.assemble(cf.frag)
@@ -235,14 +235,14 @@ func (s *servicePortRules) portMatch(port int32) []string {
 }
 
 // servicePort computes one service port's fragment; it reads only cfg.
-func (b *builder) servicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoint, zone string) *fragment {
+func (b *builder) servicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoint, node endpoints.Node) *fragment {
 	f := &fragment{}
 	// A Service exists in a family only through its ClusterIP of that
 	// family, as upstream: an external IP of the other family is ignored.
 	if len(b.addrsOfFamily(svc.ClusterIPs)) == 0 {
 		return f
 	}
-	sets := categorize(svc, eps, zone)
+	sets := categorize(svc, eps, node)
 	s := &servicePortRules{
 		frag:     f,
 		svc:      svc,

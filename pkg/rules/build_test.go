@@ -86,6 +86,13 @@ func hinted(ep endpoints.Endpoint, zones ...string) endpoints.Endpoint {
 	return ep
 }
 
+// nodeHinted gives an endpoint hints.forNodes, as the EndpointSlice
+// controller does for trafficDistribution: PreferSameNode.
+func nodeHinted(ep endpoints.Endpoint, nodes ...string) endpoints.Endpoint {
+	ep.NodeHints = nodes
+	return ep
+}
+
 // onePodPerNode is the tutorial's deployment after scaling to two replicas.
 var onePodPerNode = []endpoints.Endpoint{ready(node1Pod, true), ready(node2Pod, false)}
 
@@ -388,6 +395,24 @@ func TestTutorialOutcomes(t *testing.T) {
 			svc:  sourceIPApp(), eps: []endpoints.Endpoint{hinted(ready(node1Pod, true), "zone-a"), ready(node2Pod, false)},
 			pkt:  tcpTo(node1Pod2, clusterIP, 80),
 			want: []string{half("ACCEPT 10.244.1.5:8080"), half("ACCEPT 10.244.2.6:8080")},
+		},
+		{
+			name: "node hints for this node (PreferSameNode): only this node's endpoint",
+			svc:  sourceIPApp(), eps: []endpoints.Endpoint{nodeHinted(hinted(ready(node1Pod, true), "zone-a"), "node1"), nodeHinted(hinted(ready(node2Pod, false), "zone-a"), "node2")},
+			pkt:  tcpTo(node1Pod2, clusterIP, 80),
+			want: []string{all("ACCEPT 10.244.1.5:8080")},
+		},
+		{
+			name: "node hints for other nodes only: the zone hints decide",
+			svc:  sourceIPApp(), eps: []endpoints.Endpoint{nodeHinted(hinted(ready(node1Pod, true), "zone-b"), "node3"), nodeHinted(hinted(ready(node2Pod, false), "zone-a"), "node2")},
+			pkt:  tcpTo(node1Pod2, clusterIP, 80),
+			want: []string{all("ACCEPT 10.244.2.6:8080")},
+		},
+		{
+			name: "node hints missing on one endpoint: node hints ignored, zone hints used",
+			svc:  sourceIPApp(), eps: []endpoints.Endpoint{nodeHinted(hinted(ready(node1Pod, true), "zone-b"), "node1"), hinted(ready(node2Pod, false), "zone-a")},
+			pkt:  tcpTo(node1Pod2, clusterIP, 80),
+			want: []string{all("ACCEPT 10.244.2.6:8080")},
 		},
 		{
 			name: "topology hints name no endpoint for this zone: hints ignored",

@@ -1,6 +1,10 @@
 package rules
 
-import "github.com/miniproxy/miniproxy/pkg/endpoints"
+import (
+	"slices"
+
+	"github.com/miniproxy/miniproxy/pkg/endpoints"
+)
 
 // endpointSets is the answer to "where may traffic to this service port go"
 // from this node, split the way the traffic policies need it.
@@ -19,14 +23,13 @@ type endpointSets struct {
 
 // categorize follows upstream kube-proxy: cluster endpoints are computed only
 // when some traffic uses them, local ones only when some traffic needs them.
-func categorize(svc *endpoints.ServicePort, eps []endpoints.Endpoint, zone string) endpointSets {
+func categorize(svc *endpoints.ServicePort, eps []endpoints.Endpoint, node endpoints.Node) endpointSets {
 	var out endpointSets
 	if svc.UsesClusterEndpoints() {
-		useZone := zoneHintsApply(eps, zone)
-		inZone := func(ep endpoints.Endpoint) bool { return !useZone || hasZone(ep, zone) }
-		out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Ready && inZone(ep) })
+		near := topologyFilter(eps, node)
+		out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Ready && near(ep) })
 		if len(out.cluster) == 0 {
-			out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Serving && ep.Terminating && inZone(ep) })
+			out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Serving && ep.Terminating && near(ep) })
 		}
 		out.any = len(out.cluster) > 0
 	}
@@ -53,33 +56,34 @@ func categorize(svc *endpoints.ServicePort, eps []endpoints.Endpoint, zone strin
 	return out
 }
 
-// zoneHintsApply says whether topology hints narrow the cluster set: every
-// ready endpoint carries zone hints and at least one names this node's zone.
-// Otherwise hints are ignored, as upstream does, so that no traffic is lost.
-func zoneHintsApply(eps []endpoints.Endpoint, zone string) bool {
-	if zone == "" {
-		return false
-	}
-	forZone := false
+// topologyFilter says which endpoints the hints leave to this node's
+// cluster traffic, as upstream decides it: node hints when every ready
+// endpoint carries one and one names this node (trafficDistribution:
+// PreferSameNode); otherwise zone hints when every ready endpoint carries
+// one and one names this node's zone; otherwise every endpoint, so that
+// hints never lose traffic.
+func topologyFilter(eps []endpoints.Endpoint, node endpoints.Node) func(endpoints.Endpoint) bool {
+	everyone := func(endpoints.Endpoint) bool { return true }
+	ready, allNode, forNode, allZone, forZone := false, true, false, true, false
 	for _, ep := range eps {
 		if !ep.Ready {
 			continue
 		}
-		if len(ep.ZoneHints) == 0 {
-			return false
-		}
-		forZone = forZone || hasZone(ep, zone)
+		ready = true
+		allNode = allNode && len(ep.NodeHints) > 0
+		forNode = forNode || (node.Name != "" && slices.Contains(ep.NodeHints, node.Name))
+		allZone = allZone && len(ep.ZoneHints) > 0
+		forZone = forZone || (node.Zone != "" && slices.Contains(ep.ZoneHints, node.Zone))
 	}
-	return forZone
-}
-
-func hasZone(ep endpoints.Endpoint, zone string) bool {
-	for _, z := range ep.ZoneHints {
-		if z == zone {
-			return true
-		}
+	switch {
+	case !ready:
+		return everyone
+	case allNode && forNode:
+		return func(ep endpoints.Endpoint) bool { return slices.Contains(ep.NodeHints, node.Name) }
+	case allZone && forZone:
+		return func(ep endpoints.Endpoint) bool { return slices.Contains(ep.ZoneHints, node.Zone) }
 	}
-	return false
+	return everyone
 }
 
 func filter(eps []endpoints.Endpoint, keep func(endpoints.Endpoint) bool) []endpoints.Endpoint {

@@ -55,6 +55,15 @@ type Options struct {
 	// command line when Replace is true (used to run a node from a config
 	// file, as a DaemonSet would).
 	ProxyArgs func(n *Node) (args []string, replace bool)
+	// Proxy, when set, makes each node run another proxy than miniproxy
+	// (upstream kube-proxy, for the parity test): it returns the command
+	// for a node given the kubeconfig of the system:kube-proxy identity.
+	// ProxySynced is what that proxy prints once its first sync is done.
+	Proxy       func(n *Node, kubeconfig string) *exec.Cmd
+	ProxySynced string
+	// NoLoadBalancer leaves load balancer IPs and their routes to the
+	// caller: no VIP is assigned to LoadBalancer Services.
+	NoLoadBalancer bool
 }
 
 // Cluster is a running lab cluster. Close tears everything down.
@@ -78,6 +87,8 @@ type Cluster struct {
 	lb     *loadBalancer
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// proxySynced is what the nodes' proxy prints after its first sync.
+	proxySynced string
 }
 
 // Node is one node namespace with its miniproxy.
@@ -106,7 +117,10 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("create lab: %w", err)
 	}
-	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}}
+	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}, proxySynced: "rules synced"}
+	if opts.ProxySynced != "" {
+		c.proxySynced = opts.ProxySynced
+	}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -146,15 +160,22 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	bg, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
 	c.lb = newLoadBalancer(c)
-	c.wg.Add(1)
-	go func() { defer c.wg.Done(); c.lb.run(bg) }()
+	if !opts.NoLoadBalancer {
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); c.lb.run(bg) }()
+	}
 
 	for _, n := range c.Nodes {
-		if err := c.StartProxy(ctx, n, opts.ProxyArgs); err != nil {
+		if opts.Proxy != nil {
+			err = c.StartProxyCmd(ctx, n, func(string, []string) *exec.Cmd { return opts.Proxy(n, c.Control.ProxyKubeconfig()) })
+		} else {
+			err = c.StartProxy(ctx, n, opts.ProxyArgs)
+		}
+		if err != nil {
 			return c, err
 		}
 	}
-	logf("miniproxy running on %s", strings.Join(c.nodeNames(), ", "))
+	logf("proxies running on %s", strings.Join(c.nodeNames(), ", "))
 	return c, nil
 }
 
@@ -284,7 +305,7 @@ func (c *Cluster) StartProxyCmd(ctx context.Context, n *Node, mk func(bin string
 	n.Proxy = p
 	wait, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	if err := p.WaitForOutput(wait, "rules synced"); err != nil {
+	if err := p.WaitForOutput(wait, c.proxySynced); err != nil {
 		return fmt.Errorf("miniproxy on %s did not sync: %w\n%s", n.Name, err, p.Output())
 	}
 	return nil

@@ -96,8 +96,11 @@ func (c *Cluster) createPod(ctx context.Context, p *Pod) error {
 	obj := &v1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels},
 		Spec: v1.PodSpec{
-			NodeName:   p.Node.Name,
-			Containers: []v1.Container{{Name: "echoserver", Image: "registry.k8s.io/echoserver:1.4", Ports: []v1.ContainerPort{{ContainerPort: 8080}}}},
+			NodeName: p.Node.Name,
+			Containers: []v1.Container{{Name: "echoserver", Image: "registry.k8s.io/echoserver:1.4", Ports: []v1.ContainerPort{
+				{Name: "http", ContainerPort: 8080, Protocol: v1.ProtocolTCP},
+				{Name: "dns", ContainerPort: 8081, Protocol: v1.ProtocolUDP},
+			}}},
 		},
 	}
 	created, err := c.Kube.CoreV1().Pods(p.Namespace).Create(ctx, obj, metav1.CreateOptions{})

@@ -181,6 +181,7 @@ func TestEveryShapeOfServiceInTheKernel(t *testing.T) {
 		{"terminating-only", "only a serving terminating endpoint: used", pod, func() (string, string) { return clusterIP("terminating-only", "") }, []string{pod2FromPod}, 1},
 		{"terminating-not-serving", "only a terminating endpoint that no longer serves: refused", pod, func() (string, string) { return clusterIP("terminating-not-serving", "") }, []string{refused}, 1},
 		{"hints", "topology hints for this zone: only the endpoint of this zone", pod, func() (string, string) { return clusterIP("hints", "") }, []string{pod1Hairpin}, 4},
+		{"node-hints", "node hints (PreferSameNode) for this node: only the endpoint on this node", pod, func() (string, string) { return clusterIP("node-hints", "") }, []string{pod1Hairpin}, 4},
 		{"internal-local", "internalTrafficPolicy Local: only the endpoint on this node", pod, func() (string, string) { return clusterIP("internal-local", "") }, []string{pod1Hairpin}, 4},
 		{"internal-local-elsewhere", "internalTrafficPolicy Local, no endpoint here: dropped", pod, func() (string, string) { return clusterIP("internal-local-elsewhere", "") }, []string{dropped}, 1},
 	}

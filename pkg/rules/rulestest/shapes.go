@@ -149,6 +149,11 @@ var specs = []shapeSpec{
 	}},
 	{name: "internal-local", ports: []endpoints.Protocol{tcp}, mod: internalLocal, eps: both},
 	{name: "internal-local-elsewhere", ports: []endpoints.Protocol{tcp}, mod: internalLocal, eps: remoteOnly},
+	{name: "node-hints", ports: []endpoints.Protocol{tcp}, eps: func(a Addrs, port int32) []endpoints.Endpoint {
+		eps := both(a, port)
+		eps[0].NodeHints, eps[1].NodeHints = []string{"node1"}, []string{"node2"}
+		return eps
+	}},
 }
 
 // EveryShape returns one Service of every shape, addressed from a.
