@@ -3,7 +3,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: deps build demo test unit vet k8s-binaries bench
+.PHONY: deps build demo test unit vet k8s-binaries bench parity
 
 deps:
 	./scripts/install-deps.sh
@@ -35,3 +35,8 @@ unit:
 # Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS="-sizes 100,1000".
 bench: deps k8s-binaries
 	$(GO) run ./test/bench $(BENCH_ARGS)
+
+# miniproxy against upstream kube-proxy on 500 randomized cluster states;
+# writes the summary into docs/parity.md. About 15 minutes.
+parity: deps k8s-binaries
+	$(GO) test -count=1 -timeout 60m -v -run TestParity ./test/parity -parity.scenarios=500 -parity.report=$(CURDIR)/docs/parity.md

@@ -79,9 +79,13 @@ func (s *ServicePort) ExternallyAccessible() bool {
 }
 
 // UsesClusterEndpoints says whether some traffic to this port may go to
-// endpoints on any node (upstream's definition).
+// endpoints on any node (upstream's definition): ClusterIP traffic under
+// the Cluster policy, and any externally reachable port, even with the
+// Local policy, because pods and the node itself reach its external
+// addresses through every endpoint (found by the parity test: with both
+// policies Local, pods were limited to this node's endpoints).
 func (s *ServicePort) UsesClusterEndpoints() bool {
-	return !s.InternalPolicyLocal || (s.ExternallyAccessible() && !s.ExternalPolicyLocal)
+	return !s.InternalPolicyLocal || s.ExternallyAccessible()
 }
 
 // UsesLocalEndpoints says whether some traffic to this port may only go to

@@ -367,6 +367,18 @@ func TestTutorialOutcomes(t *testing.T) {
 			want: []string{all("ACCEPT 10.244.2.6:8080 masqueraded")},
 		},
 		{
+			name: "both policies Local, pod to the NodePort: any endpoint, the pod's own address (found by the parity test)",
+			svc:  sourceIPApp(withNodePort, localPolicy, internalLocal), eps: onePodPerNode,
+			pkt:  tcpTo(node1Pod2, node1IP, nodePort),
+			want: []string{half("ACCEPT 10.244.1.5:8080"), half("ACCEPT 10.244.2.6:8080")},
+		},
+		{
+			name: "both policies Local, pod to the ClusterIP: this node's endpoint only",
+			svc:  sourceIPApp(withNodePort, localPolicy, internalLocal), eps: onePodPerNode,
+			pkt:  tcpTo(node1Pod2, clusterIP, 80),
+			want: []string{all("ACCEPT 10.244.1.5:8080")},
+		},
+		{
 			name: "no ready endpoint, one serving and terminating: used as the fallback",
 			svc:  sourceIPApp(), eps: []endpoints.Endpoint{terminating(ready(node2Pod, false), true), terminating(ready(node1Pod, true), false)},
 			pkt:  tcpTo(node1Pod2, clusterIP, 80),

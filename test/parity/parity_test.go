@@ -1,0 +1,203 @@
+package parity
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miniproxy/miniproxy/test/netns"
+)
+
+var (
+	scenarios = flag.Int("parity.scenarios", 50, "how many scenarios to run")
+	seed      = flag.Uint64("parity.seed", 20261202, "the seed of the scenario generator")
+	report    = flag.String("parity.report", "", "a Markdown file whose last-run section is rewritten with the summary (make parity: docs/parity.md)")
+)
+
+// tries is how often a probe is asked; a probe whose answers differ
+// between the proxies is asked confirmTries more times on both before
+// it counts as a difference (with three endpoints, 12 tries miss one with
+// probability 3*(2/3)^12, about 2%; 48 more make that 10^-8).
+const (
+	tries        = 12
+	confirmTries = 48
+)
+
+// both runs f on the two sides at once.
+func both(sides [2]*side, f func(s *side) error) error {
+	var wg sync.WaitGroup
+	var errs [2]error
+	for i, s := range sides {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = f(s) }()
+	}
+	wg.Wait()
+	return errors.Join(errs[0], errs[1])
+}
+
+// difference is one probe whose outcome differs between the proxies.
+type difference struct {
+	scenario   scenario
+	probe      probe
+	mini, kube string
+	known      string // the name of the known difference it is, if any
+}
+
+// TestParity runs the scenarios of the seed on miniproxy and on upstream
+// kube-proxy and fails on every difference in what a client saw that
+// docs/parity.md does not explain.
+func TestParity(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to build network namespaces")
+	}
+	if _, err := netns.K8sBinaries(); err != nil {
+		t.Fatalf("kube-apiserver, kube-controller-manager and kube-proxy are needed (make k8s-binaries): %v", err)
+	}
+	ctx := context.Background()
+	start := time.Now()
+	sides, err := startBoth(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if t.Failed() {
+			for _, s := range sides {
+				t.Logf("--- %s lab:\n%s", s.proxy, s.c.Outputs())
+			}
+		}
+		for _, s := range sides {
+			s.close()
+		}
+	}()
+	t.Logf("both labs up in %s", time.Since(start).Round(time.Second))
+
+	var diffs []difference
+	probesRun, attempts := 0, 0
+	run := time.Now()
+	for i := 0; i < *scenarios; i++ {
+		sc := generate(*seed, i)
+		if err := both(sides, func(s *side) error { return s.apply(ctx, sc) }); err != nil {
+			t.Fatalf("scenario %d: %v", i, err)
+		}
+		if err := both(sides, func(s *side) error { return s.waitSynced(ctx) }); err != nil {
+			t.Fatalf("scenario %d: %v", i, err)
+		}
+		ps := probes(sc)
+		var outs [2][]string
+		if err := both(sides, func(s *side) error {
+			o, err := s.outcomes(ctx, ps, tries)
+			outs[indexOf(sides, s)] = o
+			return err
+		}); err != nil {
+			t.Fatalf("scenario %d: %v", i, err)
+		}
+		probesRun += len(ps)
+		for j, p := range ps {
+			attempts += 2 * tries
+			if outs[0][j] == outs[1][j] {
+				continue
+			}
+			var again [2]string
+			if err := both(sides, func(s *side) error {
+				o, err := s.outcome(ctx, p, confirmTries)
+				again[indexOf(sides, s)] = o
+				return err
+			}); err != nil {
+				t.Fatalf("scenario %d: %v", i, err)
+			}
+			attempts += 2 * confirmTries
+			mini, kube := union(outs[0][j], again[0]), union(outs[1][j], again[1])
+			if mini == kube {
+				continue
+			}
+			d := difference{scenario: sc, probe: p, mini: mini, kube: kube}
+			d.known = knownAs(d)
+			diffs = append(diffs, d)
+			if d.known == "" {
+				t.Errorf("difference: %s\n  miniproxy:  %s\n  kube-proxy: %s\n%s", p, mini, kube, sc.describe(p.Service))
+			}
+		}
+		if err := both(sides, func(s *side) error { return s.clear(ctx, sc) }); err != nil {
+			t.Fatalf("scenario %d: %v", i, err)
+		}
+	}
+	elapsed := time.Since(run)
+	summary := summarize(*seed, *scenarios, probesRun, attempts, diffs, elapsed)
+	t.Log(summary)
+	if *report != "" {
+		if err := writeReport(*report, summary); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func indexOf(sides [2]*side, s *side) int {
+	if sides[0] == s {
+		return 0
+	}
+	return 1
+}
+
+// union merges two outcome sets (" | "-joined).
+func union(a, b string) string {
+	seen := map[string]bool{}
+	for _, part := range append(strings.Split(a, " | "), strings.Split(b, " | ")...) {
+		seen[part] = true
+	}
+	var out []string
+	for k := range seen {
+		out = append(out, k)
+	}
+	return strings.Join(sortStrings(out), " | ")
+}
+
+func sortStrings(s []string) []string {
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j] < s[j-1]; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+	return s
+}
+
+func summarize(seed uint64, n, probes, attempts int, diffs []difference, elapsed time.Duration) string {
+	known := map[string]int{}
+	unexplained := 0
+	for _, d := range diffs {
+		if d.known == "" {
+			unexplained++
+		} else {
+			known[d.known]++
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "seed %d: %d scenarios, %d probes (%d requests) in %s; %d differences, %d unexplained",
+		seed, n, probes, attempts, elapsed.Round(time.Second), len(diffs), unexplained)
+	for _, name := range sortedKeys(known) {
+		fmt.Fprintf(&b, "\n- known, %s: %d", name, known[name])
+	}
+	return b.String()
+}
+
+var lastRunRE = regexp.MustCompile(`(?s)<!-- last run -->.*<!-- /last run -->`)
+
+// writeReport puts the summary between the last-run markers of path.
+func writeReport(path, summary string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read report %s: %w", path, err)
+	}
+	if !lastRunRE.Match(b) {
+		return fmt.Errorf("report %s has no <!-- last run --> markers", path)
+	}
+	stamp := time.Now().UTC().Format("2006-01-02 15:04 UTC")
+	block := fmt.Sprintf("<!-- last run -->\n```\n%s (run %s)\n```\n<!-- /last run -->", summary, stamp)
+	return os.WriteFile(path, lastRunRE.ReplaceAll(b, []byte(block)), 0o644)
+}
