@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miniproxy/miniproxy/test/cluster"
@@ -58,6 +59,8 @@ type side struct {
 	extra []*cluster.Pod
 	// next numbers the extra pods, the same on both sides.
 	next int
+	// transient counts failures among answers left out of outcomes.
+	transient atomic.Int64
 }
 
 // startSide brings up a lab whose nodes run proxy, with its outside
@@ -110,8 +113,15 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 		// REJECT answers with ICMP errors (kube-proxy for TCP too); the
 		// kernel's per-host rate limit would turn some refusals into
 		// silent drops at random, on either side.
-		if err := n.NS.SetSysctl("net.ipv4.icmp_ratelimit", "0"); err != nil {
-			return nil, err
+		for key, value := range map[string]string{
+			"net.ipv4.icmp_ratelimit": "0",
+			// And the node-wide budget, which parallel probes exceed.
+			"net.ipv4.icmp_msgs_per_sec": "100000",
+			"net.ipv4.icmp_msgs_burst":   "100000",
+		} {
+			if err := n.NS.SetSysctl(key, value); err != nil {
+				return nil, err
+			}
 		}
 	}
 	for _, name := range sortedKeys(outsideAddr) {
