@@ -5,8 +5,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
+
+	"github.com/miniproxy/miniproxy/test/netns"
 )
 
 // TestNodeRunsWithInClusterCredentials is TestNodeRunsFromTheConfigMap with
@@ -59,7 +60,7 @@ func TestNodeRunsWithInClusterCredentials(t *testing.T) {
 			script := `mount --bind "$MINIPROXY_TEST_RUN" /run && exec "$@"`
 			cmd := exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "--",
 				"sh", "-c", script, "sh", bin}, args...)...)
-			cmd.Env = append(envWithoutProxies(),
+			cmd.Env = append(netns.CleanEnv(),
 				"MINIPROXY_TEST_RUN="+runDir,
 				"KUBERNETES_SERVICE_HOST="+server.Hostname(),
 				"KUBERNETES_SERVICE_PORT="+server.Port())
@@ -68,19 +69,4 @@ func TestNodeRunsWithInClusterCredentials(t *testing.T) {
 	})
 	stale.check(t, node)
 	tutorialChecks(t, node, "ic-")
-}
-
-// envWithoutProxies is this process's environment without HTTP proxy
-// settings, which must never apply to lab addresses.
-func envWithoutProxies() []string {
-	var out []string
-	for _, kv := range os.Environ() {
-		name, _, _ := strings.Cut(kv, "=")
-		switch strings.ToLower(name) {
-		case "http_proxy", "https_proxy", "no_proxy", "all_proxy":
-			continue
-		}
-		out = append(out, kv)
-	}
-	return out
 }

@@ -158,7 +158,7 @@ func TestAServiceTheKernelRefusesAffectsNoOther(t *testing.T) {
 	dir := refusingRestore(t, "default/refused")
 	err := lab.StartProxyCmd(ctx, node, func(bin string, args []string) *exec.Cmd {
 		cmd := exec.Command(bin, args...)
-		cmd.Env = append(envWithoutProxies(), "PATH="+dir+":"+os.Getenv("PATH"))
+		cmd.Env = append(netns.CleanEnv(), "PATH="+dir+":"+os.Getenv("PATH"))
 		return cmd
 	})
 	if err != nil {

@@ -242,7 +242,7 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 		"--logger=zap",
 		progressFlag+"="+opts.WatchProgressInterval.String(),
 	)
-	etcd.Env = cleanEnv()
+	etcd.Env = CleanEnv()
 	if cp.etcd, err = cp.ns.StartCmd(etcd); err != nil {
 		return err
 	}
@@ -282,7 +282,7 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 	}
 	args = append(args, opts.ExtraAPIServerArgs...)
 	apiserver := exec.Command(opts.APIServerBinary, args...)
-	apiserver.Env = cleanEnv()
+	apiserver.Env = CleanEnv()
 	if cp.apiserver, err = cp.ns.StartCmd(apiserver); err != nil {
 		return err
 	}
@@ -317,7 +317,7 @@ func (cp *ControlPlane) startControllerManager(ctx context.Context, bin string, 
 		args = append(args, "--max-endpoints-per-slice="+strconv.Itoa(maxPerSlice))
 	}
 	kcm := exec.Command(bin, args...)
-	kcm.Env = cleanEnv()
+	kcm.Env = CleanEnv()
 	var err error
 	if cp.kcm, err = cp.ns.StartCmd(kcm); err != nil {
 		return err
@@ -536,7 +536,7 @@ func (cp *ControlPlane) Kubectl(ctx context.Context, ns *Namespace, args ...stri
 	}
 	full := append([]string{"--kubeconfig=" + cp.adminKubeconfig, "--cache-dir=" + filepath.Join(cp.dir, "kubectl-cache")}, args...)
 	cmd := exec.CommandContext(ctx, bin, full...)
-	cmd.Env = append(cleanEnv(), "HOME="+cp.dir)
+	cmd.Env = append(CleanEnv(), "HOME="+cp.dir)
 	var so, se bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &so, &se
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -670,10 +670,10 @@ func etcdProgressFlag(ctx context.Context, etcd string) (string, error) {
 	return "--experimental-watch-progress-notify-interval", nil
 }
 
-// cleanEnv returns this process's environment without the settings that
-// would send the lab's clients to a proxy or reconfigure etcd and kubectl
-// behind our back.
-func cleanEnv() []string {
+// CleanEnv is this process's environment without HTTP proxy settings
+// (which must never apply to lab addresses), etcd settings and KUBECONFIG,
+// for the processes a lab runs.
+func CleanEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")

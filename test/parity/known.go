@@ -2,6 +2,14 @@ package parity
 
 import "strings"
 
+// difference is one probe whose outcome differs between the proxies.
+type difference struct {
+	scenario   scenario
+	probe      probe
+	mini, kube string
+	known      string // the name of the known difference it is, if any
+}
+
 // knownDifference is a difference between miniproxy and kube-proxy that is
 // kept on purpose, documented in docs/parity.md under its name.
 type knownDifference struct {

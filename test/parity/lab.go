@@ -8,7 +8,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -94,7 +93,7 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 				"--healthz-bind-address=0.0.0.0:10256",
 				"--v=2",
 			)
-			cmd.Env = envWithoutProxies()
+			cmd.Env = netns.CleanEnv()
 			return cmd
 		}
 		opts.ProxySynced = "SyncProxyRules complete"
@@ -316,19 +315,4 @@ func scrape(ctx context.Context, n *cluster.Node) (map[string][]float64, error) 
 		}
 	}
 	return out, nil
-}
-
-// envWithoutProxies is this process's environment without HTTP proxy
-// settings, which must never apply to lab addresses.
-func envWithoutProxies() []string {
-	var out []string
-	for _, kv := range os.Environ() {
-		name, _, _ := strings.Cut(kv, "=")
-		switch strings.ToLower(name) {
-		case "http_proxy", "https_proxy", "no_proxy", "all_proxy":
-			continue
-		}
-		out = append(out, kv)
-	}
-	return out
 }

@@ -44,14 +44,6 @@ func both(sides [2]*side, f func(s *side) error) error {
 	return errors.Join(errs[0], errs[1])
 }
 
-// difference is one probe whose outcome differs between the proxies.
-type difference struct {
-	scenario   scenario
-	probe      probe
-	mini, kube string
-	known      string // the name of the known difference it is, if any
-}
-
 // TestParity runs the scenarios of the seed on miniproxy and on upstream
 // kube-proxy and fails on every difference in what a client saw that
 // docs/parity.md does not explain.
