@@ -513,9 +513,12 @@ func (cp *ControlPlane) restConfig(from *Namespace, token string) *rest.Config {
 		Dial:            from.DialContext,
 		Proxy:           func(*http.Request) (*url.URL, error) { return nil, nil },
 		UserAgent:       "miniproxy-lab",
-		QPS:             100,
-		Burst:           200,
-		Timeout:         30 * time.Second,
+		// The API server's deprecation warnings (externalIPs, PreferClose)
+		// are about fields the tests set on purpose.
+		WarningHandler: rest.NoWarnings{},
+		QPS:            100,
+		Burst:          200,
+		Timeout:        30 * time.Second,
 	}
 }
 
