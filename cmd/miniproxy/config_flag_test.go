@@ -1,7 +1,6 @@
 package main
 
 import (
-	"flag"
 	"os"
 	"path/filepath"
 	"strings"
@@ -37,10 +36,9 @@ logging:
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	fs := flag.NewFlagSet("miniproxy", flag.ContinueOnError)
 	var o options
-	o.register(fs)
-	err := fs.Parse([]string{"--config", path, "--cluster-cidr", "10.99.0.0/16", "--sync-period", "5s",
+	fs := newFlagSet(&o)
+	err := fs.Parse([]string{"--config", path, "--cluster-cidr", "10.99.0.0/16", "--iptables-sync-period", "5s",
 		"--hostname-override", "Node-1", "-v", "2"})
 	if err != nil {
 		t.Fatal(err)
@@ -49,7 +47,7 @@ logging:
 	if err != nil {
 		t.Fatalf("applyConfigFile: %v", err)
 	}
-	for _, want := range []string{"iptables.localhostNodePorts", "--cluster-cidr is ignored", "--sync-period is ignored"} {
+	for _, want := range []string{"iptables.localhostNodePorts", "--cluster-cidr is ignored", "--iptables-sync-period is ignored"} {
 		if !strings.Contains(strings.Join(notes, "\n"), want) {
 			t.Errorf("notes %q do not mention %q", notes, want)
 		}
@@ -58,7 +56,7 @@ logging:
 		t.Errorf("notes = %q, want exactly the three above", notes)
 	}
 	if o.kubeconfig != "/var/lib/kube-proxy/kubeconfig.conf" || o.clusterCIDR != "10.244.0.0/16,fd00:244::/56" ||
-		o.nodePortAddresses != "10.240.0.0/24" || !o.masqueradeAll || o.masqueradeBit != 15 ||
+		strings.Join(o.nodePortAddresses, ",") != "10.240.0.0/24" || !o.masqueradeAll || o.masqueradeBit != 15 ||
 		o.syncPeriod != time.Minute || o.minSyncPeriod != 2*time.Second {
 		t.Errorf("options after --config: %+v", o)
 	}
@@ -79,7 +77,7 @@ logging:
 	bad := filepath.Join(t.TempDir(), "bad.conf")
 	os.WriteFile(bad, []byte("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: ipvs\n"), 0o600)
 	o2 := options{configFile: bad}
-	if _, _, err := o2.applyConfigFile(flag.NewFlagSet("x", flag.ContinueOnError)); err == nil || !strings.Contains(err.Error(), "mode:") {
+	if _, _, err := o2.applyConfigFile(newFlagSet(&options{})); err == nil || !strings.Contains(err.Error(), "mode:") {
 		t.Errorf("applyConfigFile of an IPVS configuration: %v, want an error naming mode", err)
 	}
 }

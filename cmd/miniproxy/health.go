@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -35,8 +34,8 @@ type healthOptions struct {
 	metricsBindAddress string
 	// profiling is --profiling: /debug/pprof on the metrics address.
 	profiling bool
-	// syncPeriod is --sync-period; the proxy is unhealthy when a change
-	// waits twice as long. It must be set before startHealth.
+	// syncPeriod is --iptables-sync-period; the proxy is unhealthy when a
+	// change waits twice as long. It must be set before startHealth.
 	syncPeriod time.Duration
 	// metrics is made by wrapApplier (before the proxier exists) or by
 	// startHealth; a copy of the options shares it.
@@ -47,15 +46,6 @@ type healthOptions struct {
 	// retry is how often a server port that cannot be opened is tried
 	// again (kube-proxy's 5 s when zero).
 	retry time.Duration
-}
-
-// registerHealthFlags adds --healthz-bind-address and --metrics-bind-address.
-func registerHealthFlags(fs *flag.FlagSet, o *healthOptions) {
-	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", fmt.Sprintf("0.0.0.0:%d", defaultHealthzPort),
-		"ip:port of the proxier health server (/healthz, /livez); a bare ip means port 10256; '[::]:10256' for IPv6; empty disables it")
-	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's profiles under /debug/pprof/ on the metrics address, as kube-proxy's --profiling")
-	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", fmt.Sprintf("127.0.0.1:%d", defaultMetricsPort),
-		"ip:port of the metrics server (/metrics, /proxyMode, /healthz); a bare ip means port 10249; '0.0.0.0:10249' for every interface; empty disables it")
 }
 
 // wrapApplier makes a family's dataplane report its rule counts and CPU

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -29,14 +28,12 @@ import (
 )
 
 func TestHealthFlagsHaveKubeProxysDefaults(t *testing.T) {
-	var o healthOptions
-	fs := flag.NewFlagSet("t", flag.ContinueOnError)
-	registerHealthFlags(fs, &o)
-	if err := fs.Parse(nil); err != nil {
+	var o options
+	if err := newFlagSet(&o).Parse(nil); err != nil {
 		t.Fatal(err)
 	}
-	if o.healthzBindAddress != "0.0.0.0:10256" || o.metricsBindAddress != "127.0.0.1:10249" {
-		t.Errorf("defaults %q %q", o.healthzBindAddress, o.metricsBindAddress)
+	if o.health.healthzBindAddress != "0.0.0.0:10256" || o.health.metricsBindAddress != "127.0.0.1:10249" {
+		t.Errorf("defaults %q %q", o.health.healthzBindAddress, o.health.metricsBindAddress)
 	}
 }
 
@@ -123,15 +120,14 @@ func webSlice(node string) *discoveryv1.EndpointSlice {
 // listener is on 127.0.0.1.
 func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	healthzPort, metricsPort, hcPort := freeLoopbackPort(t), freeLoopbackPort(t), freeLoopbackPort(t)
-	var ho healthOptions
-	fs := flag.NewFlagSet("t", flag.ContinueOnError)
-	registerHealthFlags(fs, &ho)
-	if err := fs.Parse([]string{
+	var o options
+	if err := newFlagSet(&o).Parse([]string{
 		fmt.Sprintf("--healthz-bind-address=127.0.0.1:%d", healthzPort),
 		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", metricsPort),
 	}); err != nil {
 		t.Fatal(err)
 	}
+	ho := o.health
 	ho.syncPeriod = 30 * time.Second
 	addrs := func(f iptables.Family) ([]netip.Addr, error) {
 		if f == iptables.IPv4 {

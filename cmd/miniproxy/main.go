@@ -6,8 +6,8 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -17,6 +17,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/conntrack"
@@ -28,32 +30,68 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:]); err != nil {
+	if err := run(os.Args[1:], os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "miniproxy:", err)
 		os.Exit(1)
 	}
 }
 
-func run(args []string) error {
-	fs := flag.NewFlagSet("miniproxy", flag.ContinueOnError)
-	var opts options
+// newFlagSet is the command line: kube-proxy's flags and miniproxy's own.
+func newFlagSet(opts *options) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("miniproxy", pflag.ContinueOnError)
+	fs.SortFlags = true
+	// Errors are returned once, by main, with the flag's name.
+	fs.SetOutput(io.Discard)
 	opts.register(fs)
-	if err := fs.Parse(args); err != nil {
+	return fs
+}
+
+// parseCommandLine reads args into opts. --help and --version write to
+// out and set opts.done; a flag error or a stray argument is one error
+// naming it.
+func parseCommandLine(fs *pflag.FlagSet, opts *options, args []string, out io.Writer) error {
+	switch err := fs.Parse(args); {
+	case errors.Is(err, pflag.ErrHelp):
+		fmt.Fprintf(out, "miniproxy replaces kube-proxy's iptables mode; it takes kube-proxy's flags (docs/compatibility.md).\n\nUsage:\n  miniproxy [flags]\n\nFlags:\n%s", fs.FlagUsagesWrapped(0))
+		opts.done = true
+		return nil
+	case err != nil:
+		return fmt.Errorf("%w: %v", errUsage, err)
+	case fs.NArg() > 0:
+		return fmt.Errorf("%w: unexpected argument %q: miniproxy takes flags only", errUsage, fs.Arg(0))
+	}
+	if opts.version != "false" {
+		fmt.Fprintln(out, versionText(opts.version == "raw"))
+		opts.done = true
+	}
+	return nil
+}
+
+// run is the daemon; --help and --version write to out and return nil.
+func run(args []string, out io.Writer) error {
+	var opts options
+	fs := newFlagSet(&opts)
+	if err := parseCommandLine(fs, &opts, args, out); err != nil || opts.done {
 		return err
 	}
-	var notes []string
+	if err := opts.validate(); err != nil {
+		return err
+	}
+	opts.applyDeprecatedPorts(fs)
+	notes := opts.compatibilityNotes(fs)
 	var conntrackSettings *config.Conntrack
 	if opts.configFile != "" {
 		n, ct, err := opts.applyConfigFile(fs)
 		if err != nil {
 			return err
 		}
-		notes, conntrackSettings = n, &ct
+		notes, conntrackSettings = append(n, notes...), &ct
 	}
 	log := newLogger(opts.verbosity)
 	for _, n := range notes {
 		log.Warn(n)
 	}
+	applyOOMScoreAdj(opts.oomScoreAdj, log)
 	runner := dataplane.NewRunner()
 
 	if opts.cleanupKubeProxy {
@@ -81,7 +119,7 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	client, err := newClient(opts.kubeconfig, opts.master)
+	client, err := newClient(opts.kubeconfig, opts.master, opts.clientSettings())
 	if err != nil {
 		return err
 	}
@@ -133,8 +171,8 @@ func run(args []string) error {
 	}
 
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
-		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "syncPeriod", popts.SyncPeriod, "minSyncPeriod", popts.MinSyncPeriod)
-	if err := endpoints.Watch(ctx, client, tracker, 0); err != nil {
+		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
+	if err := endpoints.Watch(ctx, client, tracker, opts.configSyncPeriod); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}

@@ -25,7 +25,18 @@ import (
 
 // newClient uses the kubeconfig when one is given, the in-cluster service
 // account otherwise (the DaemonSet case).
-func newClient(kubeconfig, master string) (kubernetes.Interface, error) {
+// clientSettings are kube-proxy's --kube-api-* flags.
+type clientSettings struct {
+	qps         float32
+	burst       int
+	contentType string
+}
+
+func (o *options) clientSettings() clientSettings {
+	return clientSettings{qps: o.kubeAPIQPS, burst: int(o.kubeAPIBurst), contentType: o.kubeAPIContentType}
+}
+
+func newClient(kubeconfig, master string, settings clientSettings) (kubernetes.Interface, error) {
 	var cfg *rest.Config
 	var err error
 	if kubeconfig == "" && master == "" {
@@ -37,8 +48,7 @@ func newClient(kubeconfig, master string) (kubernetes.Interface, error) {
 		return nil, fmt.Errorf("load API server credentials: %w", err)
 	}
 	cfg.UserAgent = "miniproxy"
-	// Watches carry the load; list bursts at start-up are what needs room.
-	cfg.QPS, cfg.Burst = 50, 100
+	cfg.QPS, cfg.Burst, cfg.ContentType = settings.qps, settings.burst, settings.contentType
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create API client: %w", err)

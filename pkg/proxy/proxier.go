@@ -1,7 +1,7 @@
 // Package proxy is the sync loop: it turns the tracker's snapshots into
 // rules for each IP family and hands them to the dataplane, no more often
-// than --min-sync-period, at least every --sync-period, and again soon after
-// a failure.
+// than --iptables-min-sync-period, at least every --iptables-sync-period,
+// and again soon after a failure.
 package proxy
 
 import (

@@ -40,7 +40,7 @@ func TestLoadBalancerSourceRanges(t *testing.T) {
 	}
 
 	// Measured on quiet nodes: a node that synced less than a second ago
-	// waits out --min-sync-period (1s, kube-proxy's default) first, as
+	// waits out --iptables-min-sync-period (1s, kube-proxy's default) first, as
 	// kube-proxy does.
 	waitForQuietNodes(t)
 	patch(t, "lbsr", `{"spec":{"loadBalancerSourceRanges":["10.240.0.1/32"]}}`)
@@ -94,7 +94,7 @@ func firstAnswer(ns *netns.Namespace, address string, limit time.Duration) (time
 var syncedRE = regexp.MustCompile(`time=(\S+) level=INFO msg="rules synced"`)
 
 // waitForQuietNodes waits until no node's miniproxy has synced for 1.2 s,
-// so that the next change is not held back by --min-sync-period.
+// so that the next change is not held back by --iptables-min-sync-period.
 func waitForQuietNodes(t *testing.T) {
 	t.Helper()
 	err := cluster.Eventually(testContext(t), 20*time.Second, func() error {
