@@ -73,7 +73,9 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 	}
 	switch proxy {
 	case miniproxy:
-		opts.ProxyArgs = func(*cluster.Node) ([]string, bool) { return []string{"--iptables-min-sync-period", minSyncPeriod}, false }
+		opts.ProxyArgs = func(*cluster.Node) ([]string, bool) {
+			return []string{"--iptables-min-sync-period", minSyncPeriod}, false
+		}
 	case kubeProxy:
 		bins, err := netns.K8sBinaries()
 		if err != nil {
