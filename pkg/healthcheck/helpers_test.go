@@ -42,6 +42,8 @@ type answer struct {
 	body    string
 	ctype   string
 	nosniff string
+	// weight is the X-Load-Balancing-Endpoint-Weight header.
+	weight string
 }
 
 func get(t *testing.T, h http.Handler, method, path string) answer {
@@ -50,7 +52,7 @@ func get(t *testing.T, h http.Handler, method, path string) answer {
 	h.ServeHTTP(rec, httptest.NewRequest(method, path, nil))
 	res := rec.Result()
 	body, _ := io.ReadAll(res.Body)
-	return answer{res.StatusCode, string(body), res.Header.Get("Content-Type"), res.Header.Get("X-Content-Type-Options")}
+	return answer{res.StatusCode, string(body), res.Header.Get("Content-Type"), res.Header.Get("X-Content-Type-Options"), res.Header.Get("X-Load-Balancing-Endpoint-Weight")}
 }
 
 // fetch asks a real listener; refused connections come back as code -1.
@@ -67,7 +69,7 @@ func fetch(t *testing.T, method, url string) answer {
 	}
 	defer res.Body.Close()
 	body, _ := io.ReadAll(res.Body)
-	return answer{res.StatusCode, string(body), res.Header.Get("Content-Type"), res.Header.Get("X-Content-Type-Options")}
+	return answer{res.StatusCode, string(body), res.Header.Get("Content-Type"), res.Header.Get("X-Content-Type-Options"), res.Header.Get("X-Load-Balancing-Endpoint-Weight")}
 }
 
 // freePort finds a TCP port free on 127.0.0.1 (and, on Linux, on the rest

@@ -11,8 +11,9 @@
 package healthcheck
 
 import (
-	"fmt"
+	"encoding/json"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -76,6 +77,9 @@ type ProxierHealth struct {
 	// pending by a request, or carried by a failed sync.
 	unsynced     time.Time
 	nodeEligible bool
+	// families are the IP families the last sync programmed ("IPv4",
+	// "IPv6"), for the per-family status of the answers.
+	families []string
 }
 
 // NewProxierHealth starts healthy and eligible, as kube-proxy does while it
@@ -105,6 +109,15 @@ func (h *ProxierHealth) OnSync(res proxy.SyncResult) {
 	h.lastResult = res.End
 	if res.Snapshot != nil {
 		h.nodeEligible = res.Snapshot.Node.Eligible
+	}
+	var families []string
+	for _, r := range res.Results {
+		if f := r.Family.String(); !slices.Contains(families, f) {
+			families = append(families, f)
+		}
+	}
+	if len(families) > 0 {
+		h.families = families
 	}
 	if res.Err == nil {
 		h.lastUpdated = res.End
@@ -154,25 +167,61 @@ func (h *ProxierHealth) state() (healthy bool, lastUpdated, now time.Time, eligi
 	return healthy, h.lastUpdated, now, h.nodeEligible
 }
 
-// Handler serves /healthz and /livez (other paths: 404), as kube-proxy's
-// healthz server does.
+// familyHealth is one IP family's part of an answer.
+type familyHealth struct {
+	LastUpdated time.Time `json:"lastUpdated"`
+	Healthy     bool      `json:"healthy"`
+}
+
+// healthBody is kube-proxy 1.37's answer of /healthz and /livez, field
+// for field (its JSON encoding included).
+type healthBody struct {
+	LastUpdated  time.Time               `json:"lastUpdated"`
+	CurrentTime  time.Time               `json:"currentTime"`
+	NodeEligible *bool                   `json:"nodeEligible,omitempty"`
+	Healthy      bool                    `json:"healthy"`
+	Status       map[string]familyHealth `json:"status,omitempty"`
+}
+
+// body is the answer for the current state; eligible is nil for /livez.
+func (h *ProxierHealth) body(healthy bool, last, now time.Time, eligible *bool) healthBody {
+	h.mu.Lock()
+	families := slices.Clone(h.families)
+	h.mu.Unlock()
+	b := healthBody{LastUpdated: last, CurrentTime: now, NodeEligible: eligible, Healthy: healthy}
+	// One sync loop programs every family, so each family's status is
+	// the loop's (kube-proxy runs a loop per family).
+	for _, f := range families {
+		if b.Status == nil {
+			b.Status = map[string]familyHealth{}
+		}
+		b.Status[f] = familyHealth{LastUpdated: last, Healthy: healthy}
+	}
+	if healthy && (eligible == nil || *eligible) {
+		// kube-proxy's compatibility rule: while healthy, the top-level
+		// lastUpdated is the current time (old clients compare the two).
+		b.LastUpdated = now
+	}
+	return b
+}
+
+// Handler serves /healthz and /livez (other paths: 404), as kube-proxy
+// 1.37's healthz server does.
 //
 // /healthz answers 200 when the proxy is healthy and the node eligible, 503
-// otherwise, with {"lastUpdated": ...,"currentTime": ..., "nodeEligible": ...}.
-// /livez ignores eligibility and leaves nodeEligible out. Times are printed
-// as kube-proxy prints them (Go's time.Time.String); while healthy,
-// lastUpdated is the current time, as kube-proxy keeps it for old clients
-// that compare the two. Both set Content-Type application/json and
+// otherwise, with kube-proxy 1.37's JSON: lastUpdated, currentTime,
+// nodeEligible, healthy, and per IP family lastUpdated and healthy. /livez
+// ignores eligibility and leaves nodeEligible out. While healthy, the
+// top-level lastUpdated is the current time, as kube-proxy keeps it for old
+// clients that compare the two. Both set Content-Type application/json and
 // X-Content-Type-Options nosniff.
 func (h *ProxierHealth) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		healthy, last, now, eligible := h.state()
 		code := writeHealthHeader(w, healthy && eligible)
-		if healthy && eligible {
-			last = now
-		}
-		fmt.Fprintf(w, `{"lastUpdated": %q,"currentTime": %q, "nodeEligible": %t}`, last.String(), now.String(), eligible)
+		out, _ := json.Marshal(h.body(healthy, last, now, &eligible))
+		w.Write(out)
 		if h.obs != nil {
 			h.obs.ObserveHealthz(code)
 		}
@@ -180,10 +229,8 @@ func (h *ProxierHealth) Handler() http.Handler {
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
 		healthy, last, now, _ := h.state()
 		code := writeHealthHeader(w, healthy)
-		if healthy {
-			last = now
-		}
-		fmt.Fprintf(w, `{"lastUpdated": %q,"currentTime": %q}`, last.String(), now.String())
+		out, _ := json.Marshal(h.body(healthy, last, now, nil))
+		w.Write(out)
 		if h.obs != nil {
 			h.obs.ObserveLivez(code)
 		}

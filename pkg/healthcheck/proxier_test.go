@@ -49,13 +49,27 @@ func (l *proxierLab) sync(d time.Duration, queued time.Time, err error, eligible
 	})
 }
 
-func healthzBody(last, now time.Time, eligible bool) string {
-	return fmt.Sprintf(`{"lastUpdated": %q,"currentTime": %q, "nodeEligible": %t}`, last.String(), now.String(), eligible)
+// healthzBody is kube-proxy 1.37's /healthz answer: top is the top-level
+// lastUpdated, synced the IPv4 status's (zero: no family synced yet, no
+// status).
+func healthzBody(top, now time.Time, eligible, healthy bool, synced time.Time) string {
+	return fmt.Sprintf(`{"lastUpdated":%q,"currentTime":%q,"nodeEligible":%t,"healthy":%t%s}`,
+		jsonTime(top), jsonTime(now), eligible, healthy, status(healthy, synced))
 }
 
-func livezBody(last, now time.Time) string {
-	return fmt.Sprintf(`{"lastUpdated": %q,"currentTime": %q}`, last.String(), now.String())
+// livezBody is /livez's: the same without nodeEligible.
+func livezBody(top, now time.Time, healthy bool, synced time.Time) string {
+	return fmt.Sprintf(`{"lastUpdated":%q,"currentTime":%q,"healthy":%t%s}`, jsonTime(top), jsonTime(now), healthy, status(healthy, synced))
 }
+
+func status(healthy bool, synced time.Time) string {
+	if synced.IsZero() {
+		return ""
+	}
+	return fmt.Sprintf(`,"status":{"IPv4":{"lastUpdated":%q,"healthy":%t}}`, jsonTime(synced), healthy)
+}
+
+func jsonTime(t time.Time) string { return t.Format(time.RFC3339Nano) }
 
 func wantAnswer(t *testing.T, what string, got answer, code int, body string) {
 	t.Helper()
@@ -70,17 +84,18 @@ func wantAnswer(t *testing.T, what string, got answer, code int, body string) {
 func TestProxierHealthAnswersLikeKubeProxy(t *testing.T) {
 	l := newProxierLab()
 	now := l.clock.Now()
-	wantAnswer(t, "/healthz at start", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true))
-	wantAnswer(t, "/livez at start", get(t, l.handler, "GET", "/livez"), 200, livezBody(now, now))
+	wantAnswer(t, "/healthz at start", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true, true, time.Time{}))
+	wantAnswer(t, "/livez at start", get(t, l.handler, "GET", "/livez"), 200, livezBody(now, now, true, time.Time{}))
 	if got := get(t, l.handler, "GET", "/other"); got.code != 404 {
 		t.Errorf("other paths should be 404, got %d", got.code)
 	}
 
 	// Healthy: lastUpdated follows the current time, as in kube-proxy.
 	l.sync(time.Second, now.Add(-2*time.Second), nil, true)
+	synced := now
 	l.clock.Step(45 * time.Second)
 	now = l.clock.Now()
-	wantAnswer(t, "/healthz after a sync", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true))
+	wantAnswer(t, "/healthz after a sync", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true, true, synced))
 	if !l.health.IsHealthy() {
 		t.Error("IsHealthy should be true")
 	}
@@ -99,8 +114,8 @@ func TestAChangeWaitingLongerThanTheTimeoutIsUnhealthy(t *testing.T) {
 	}
 	l.clock.Step(time.Second)
 	now := l.clock.Now()
-	wantAnswer(t, "/healthz at the timeout", get(t, l.handler, "GET", "/healthz"), 503, healthzBody(started, now, true))
-	wantAnswer(t, "/livez at the timeout", get(t, l.handler, "GET", "/livez"), 503, livezBody(started, now))
+	wantAnswer(t, "/healthz at the timeout", get(t, l.handler, "GET", "/healthz"), 503, healthzBody(started, now, true, false, time.Time{}))
+	wantAnswer(t, "/livez at the timeout", get(t, l.handler, "GET", "/livez"), 503, livezBody(started, now, false, time.Time{}))
 	if l.health.IsHealthy() {
 		t.Error("IsHealthy should be false")
 	}
@@ -110,7 +125,7 @@ func TestAChangeWaitingLongerThanTheTimeoutIsUnhealthy(t *testing.T) {
 	l.pending = time.Time{}
 	l.sync(time.Second, queued, nil, true)
 	now = l.clock.Now()
-	wantAnswer(t, "/healthz after the sync", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true))
+	wantAnswer(t, "/healthz after the sync", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true, true, now))
 }
 
 func TestAFailedSyncIsUnhealthyAfterTheTimeout(t *testing.T) {
@@ -131,12 +146,12 @@ func TestAFailedSyncIsUnhealthyAfterTheTimeout(t *testing.T) {
 	}
 	l.clock.Step(10 * time.Second) // 61s after the change
 	now := l.clock.Now()
-	wantAnswer(t, "/healthz", get(t, l.handler, "GET", "/healthz"), 503, healthzBody(lastGood, now, true))
-	wantAnswer(t, "/livez", get(t, l.handler, "GET", "/livez"), 503, livezBody(lastGood, now))
+	wantAnswer(t, "/healthz", get(t, l.handler, "GET", "/healthz"), 503, healthzBody(lastGood, now, true, false, lastGood))
+	wantAnswer(t, "/livez", get(t, l.handler, "GET", "/livez"), 503, livezBody(lastGood, now, false, lastGood))
 
 	l.sync(time.Second, queued, nil, true)
 	now = l.clock.Now()
-	wantAnswer(t, "/healthz after a good sync", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true))
+	wantAnswer(t, "/healthz after a good sync", get(t, l.handler, "GET", "/healthz"), 200, healthzBody(now, now, true, true, now))
 }
 
 func TestAFailedPeriodicSyncCountsFromItsStart(t *testing.T) {
@@ -187,8 +202,8 @@ func TestANodeMarkedForDeletionFailsHealthzOnly(t *testing.T) {
 	l := newProxierLab()
 	l.sync(time.Second, time.Time{}, nil, false)
 	now := l.clock.Now()
-	wantAnswer(t, "/healthz", get(t, l.handler, "GET", "/healthz"), 503, healthzBody(now, now, false))
-	wantAnswer(t, "/livez", get(t, l.handler, "GET", "/livez"), 200, livezBody(now, now))
+	wantAnswer(t, "/healthz", get(t, l.handler, "GET", "/healthz"), 503, healthzBody(now, now, false, true, now))
+	wantAnswer(t, "/livez", get(t, l.handler, "GET", "/livez"), 200, livezBody(now, now, true, now))
 	if !l.health.IsHealthy() || l.health.NodeEligible() {
 		t.Error("the proxy is healthy, the node is not eligible")
 	}

@@ -296,6 +296,9 @@ func (s *ServiceHealth) handler(inst *hcInstance) http.Handler {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
+		// kube-proxy 1.37 tells load balancers that weigh nodes how many
+		// endpoints this node has.
+		w.Header().Set("X-Load-Balancing-Endpoint-Weight", strconv.FormatInt(n, 10))
 		if n > 0 && healthy {
 			w.WriteHeader(http.StatusOK)
 		} else {

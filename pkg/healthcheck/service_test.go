@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -80,7 +81,12 @@ func wantService(t *testing.T, what string, got answer, code int, body string) {
 	if got.ctype != "application/json" || got.nosniff != "nosniff" {
 		t.Errorf("%s: headers Content-Type %q, X-Content-Type-Options %q", what, got.ctype, got.nosniff)
 	}
+	if m := localEndpointsRE.FindStringSubmatch(body); m != nil && got.weight != m[1] {
+		t.Errorf("%s: X-Load-Balancing-Endpoint-Weight %q, want the local endpoints, %s", what, got.weight, m[1])
+	}
 }
+
+var localEndpointsRE = regexp.MustCompile(`"localEndpoints": (\d+)`)
 
 func TestServiceHealthFollowsLocalReadyEndpoints(t *testing.T) {
 	l := newServiceLab(t, loopback, "127.0.0.1", "10.240.0.3")

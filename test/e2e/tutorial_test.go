@@ -230,8 +230,10 @@ func TestEveryNodesProxierHealthIsFresh(t *testing.T) {
 		status, body, err := lab.Client.HTTPGet(testContext(t), fmt.Sprintf("http://%s:10256/healthz", n.IP), 2*time.Second)
 		var m map[string]any
 		json.Unmarshal([]byte(body), &m)
-		if err != nil || status != 200 || m["lastUpdated"] == nil || m["currentTime"] == nil {
-			t.Errorf("%s:10256/healthz = %d %s (%v); want 200 with lastUpdated and currentTime", n.Name, status, body, err)
+		ipv4, _ := m["status"].(map[string]any)["IPv4"].(map[string]any)
+		if err != nil || status != 200 || m["lastUpdated"] == nil || m["currentTime"] == nil || m["healthy"] != true ||
+			m["nodeEligible"] != true || ipv4["healthy"] != true || ipv4["lastUpdated"] == nil {
+			t.Errorf("%s:10256/healthz = %d %s (%v); want 200 with kube-proxy 1.37's body (lastUpdated, currentTime, nodeEligible, healthy, status per family)", n.Name, status, body, err)
 		}
 	}
 }
