@@ -16,7 +16,8 @@ import (
 //
 // Matches and targets that this project never writes are not modelled: the
 // model refuses them ("Couldn't load match"), which is stricter than the
-// kernel but never hides a refusal.
+// kernel but never hides a refusal. Likewise a UDP port over 65535, which
+// iptables 1.8.9's udp match takes and truncates (70000 becomes 4464).
 
 // MaxChainName is the longest chain name iptables accepts.
 const MaxChainName = 28

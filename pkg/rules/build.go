@@ -37,7 +37,7 @@ const (
 	ChainPostrouting = Prefix + "POSTROUTING"  // nat: masquerades marked packets
 	ChainHairpin     = Prefix + "HAIRPIN"      // nat: masquerades pods reaching themselves
 	ChainForward     = Prefix + "FORWARD"      // filter: accepts what we forward
-	ChainHealthCheck = Prefix + "HEALTHCHECKS" // filter: accepts healthCheckNodePorts
+	ChainHealthCheck = Prefix + "HEALTHCHECKS" // filter: accepts healthCheckNodePorts (from INPUT)
 )
 
 // DefaultMasqueradeBit is kube-proxy's default --iptables-masquerade-bit.
@@ -82,6 +82,10 @@ func Jumps() []iptables.Jump {
 		{Table: "nat", Chain: "OUTPUT", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
 		{Table: "nat", Chain: "POSTROUTING", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy postrouting rules", "-j", ChainPostrouting}},
 		{Table: "filter", Chain: "INPUT", Rule: iptables.Rule(svcJump)},
+		// Every packet, not only the first: a node whose INPUT policy
+		// drops must still answer its load balancers' health checks, as
+		// with kube-proxy's KUBE-NODEPORTS jump.
+		{Table: "filter", Chain: "INPUT", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy health check service ports", "-j", ChainHealthCheck}},
 		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule(svcJump)},
 		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy forwarding rules", "-j", ChainForward}},
 		{Table: "filter", Chain: "OUTPUT", Rule: iptables.Rule(svcJump)},
@@ -540,8 +544,6 @@ func (b *builder) finish() *iptables.Ruleset {
 
 	// filter
 	filterServices := b.filterVIP.topRules()
-	filterServices = append(filterServices, iptables.Rule{"-m", "comment", "--comment", "miniproxy health check node ports",
-		"-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "-j", ChainHealthCheck})
 	filterServices = append(filterServices, b.nodePortJumps()...)
 	filt := []iptables.Chain{
 		{Name: ChainServices, Rules: filterServices},
