@@ -143,14 +143,10 @@ func TestCommandLine(t *testing.T) {
 // flags, their checks, --help and --version. Arguments that would start
 // the daemon stop before it (proxyOptions is the last check).
 func runFlagsOnly(args []string, out *bytes.Buffer) error {
-	var opts options
-	fs := newFlagSet(&opts)
-	if err := parseCommandLine(fs, &opts, args, out); err != nil || opts.done {
+	opts, _, err := commandLine(args, out)
+	if err != nil || opts.done {
 		return err
 	}
-	if err := opts.validate(); err != nil {
-		return err
-	}
-	_, err := opts.proxyOptions()
+	_, err = opts.proxyOptions()
 	return err
 }

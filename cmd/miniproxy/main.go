@@ -67,14 +67,21 @@ func parseCommandLine(fs *pflag.FlagSet, opts *options, args []string, out io.Wr
 	return nil
 }
 
+// commandLine reads and checks args; opts.done says --help or --version
+// was answered on out.
+func commandLine(args []string, out io.Writer) (*options, *pflag.FlagSet, error) {
+	opts := &options{}
+	fs := newFlagSet(opts)
+	if err := parseCommandLine(fs, opts, args, out); err != nil || opts.done {
+		return opts, fs, err
+	}
+	return opts, fs, opts.validate()
+}
+
 // run is the daemon; --help and --version write to out and return nil.
 func run(args []string, out io.Writer) error {
-	var opts options
-	fs := newFlagSet(&opts)
-	if err := parseCommandLine(fs, &opts, args, out); err != nil || opts.done {
-		return err
-	}
-	if err := opts.validate(); err != nil {
+	opts, fs, err := commandLine(args, out)
+	if err != nil || opts.done {
 		return err
 	}
 	opts.applyDeprecatedPorts(fs)
