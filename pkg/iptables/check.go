@@ -244,10 +244,16 @@ func needsProto(name, proto string) func(*parsedRule, *instance) error {
 	}
 }
 
-func portMatch(name string) *extension {
+// portMatch is the tcp, udp or sctp match: ports, plus the options only
+// that protocol has.
+func portMatch(name string, more map[string]optSpec) *extension {
 	port := optSpec{1, oneArg(checkPortRange)}
+	opts := map[string]optSpec{"--dport": port, "--sport": port}
+	for k, v := range more {
+		opts[k] = v
+	}
 	return &extension{
-		opts:      map[string]optSpec{"--dport": port, "--sport": port},
+		opts:      opts,
 		canonical: map[string]string{"--destination-port": "--dport", "--source-port": "--sport"},
 		final:     needsProto(name, name),
 	}
@@ -263,16 +269,9 @@ var addrTypes = map[string]bool{
 // matches are the match modules the model knows.
 var matches = map[string]*extension{
 	"comment": {opts: map[string]optSpec{"--comment": {1, nil}}},
-	"tcp": {
-		opts: map[string]optSpec{
-			"--dport": {1, oneArg(checkPortRange)}, "--sport": {1, oneArg(checkPortRange)},
-			"--tcp-flags": {2, nil}, "--syn": {0, nil},
-		},
-		canonical: map[string]string{"--destination-port": "--dport", "--source-port": "--sport"},
-		final:     needsProto("tcp", "tcp"),
-	},
-	"udp":  portMatch("udp"),
-	"sctp": portMatch("sctp"),
+	"tcp":  portMatch("tcp", map[string]optSpec{"--tcp-flags": {2, nil}, "--syn": {0, nil}}),
+	"udp":  portMatch("udp", nil),
+	"sctp": portMatch("sctp", nil),
 	"multiport": {
 		opts: map[string]optSpec{
 			"--dports": {1, oneArg(checkPortList)}, "--sports": {1, oneArg(checkPortList)}, "--ports": {1, oneArg(checkPortList)},
@@ -469,12 +468,6 @@ var targets = map[string]*extension{
 			return nil
 		},
 	},
-}
-
-// IsTarget says whether name is a target of the model rather than a chain.
-func IsTarget(name string) bool {
-	_, ok := targets[name]
-	return ok
 }
 
 func (e *extension) option(name string) (string, optSpec, bool) {

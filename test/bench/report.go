@@ -437,7 +437,7 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   so both proxies start from the same state. The last Service is written after all others.
 - **The proxies.** miniproxy: `+"`%s`"+`. kube-proxy:
   `+"`%s`"+`. Everything else is left at its default for both,
-  among them `+"`--min-sync-period`"+` 1 s and `+"`--sync-period`"+` 30 s. Both use the identity `+"`system:kube-proxy`"+`. kube-proxy also
+  among them `+"`--iptables-min-sync-period`"+` 1 s and `+"`--iptables-sync-period`"+` 30 s. Both use the identity `+"`system:kube-proxy`"+`. kube-proxy also
   programs an IPv6 table (the node namespace has IPv6), which holds no Service; miniproxy programs IPv4 only
   because the node has no IPv6 address. Both run as children of the benchmark, with the same environment.
 - **Start-up** is from just before the process is started until a TCP connection from the client pod through the
@@ -457,7 +457,7 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   it runs. For start-up it is everything until settled; per change it is the difference between just before the
   EndpointSlice update and 300 ms after that change's restore ended (the proxy's idle work in that window included).
   Kernel work done outside the process (deferred freeing of old rules) is not counted.
-- **One change**: with the proxy settled (its last sync more than a second ago, so `+"`--min-sync-period`"+` does not
+- **One change**: with the proxy settled (its last sync more than a second ago, so `+"`--iptables-min-sync-period`"+` does not
   delay it), the endpoints of one Service are moved from sink-a/sink-b to new addresses of sink-c/sink-d with one
   EndpointSlice update. From just before the update, the client pod sends an HTTP request through the ClusterIP
   every 10 ms, each on a new connection; the figure is the send time of the first request answered by sink-c or

@@ -7,8 +7,10 @@ package parity
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -125,7 +127,7 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 			}
 		}
 	}
-	for _, name := range sortedKeys(outsideAddr) {
+	for _, name := range slices.Sorted(maps.Keys(outsideAddr)) {
 		ns, err := c.Lab.AddNamespace(name)
 		if err != nil {
 			return nil, err

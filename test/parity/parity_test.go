@@ -5,8 +5,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -164,7 +166,7 @@ func summarize(seed uint64, n, probes, attempts int, diffs []difference, elapsed
 	var b strings.Builder
 	fmt.Fprintf(&b, "seed %d: %d scenarios, %d probes (%d requests) in %s; %d differences, %d unexplained",
 		seed, n, probes, attempts, elapsed.Round(time.Second), len(diffs), unexplained)
-	for _, name := range sortedKeys(known) {
+	for _, name := range slices.Sorted(maps.Keys(known)) {
 		fmt.Fprintf(&b, "\n- known, %s: %d", name, known[name])
 	}
 	return b.String()

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"sort"
 	"strings"
 
 	v1 "k8s.io/api/core/v1"
@@ -371,13 +370,4 @@ func (s *side) clear(ctx context.Context, sc scenario) error {
 	}
 	s.extra = nil
 	return nil
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }
