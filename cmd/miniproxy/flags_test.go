@@ -119,9 +119,20 @@ func TestCommandLine(t *testing.T) {
 		{args: []string{"--sync-period", "30s"}, errText: "unknown flag: --sync-period"},
 		{args: []string{"--min-sync-period", "1s"}, errText: "unknown flag: --min-sync-period"},
 		{args: []string{"--iptables-sync-period", "30s", "stray"}, errText: `unexpected argument "stray"`},
-		{args: []string{"--proxy-mode", "ipvs", "--cleanup"}, errText: "--proxy-mode \"ipvs\""},
-		{args: []string{"--iptables-min-sync-period", "1m", "--iptables-sync-period", "30s", "--cleanup"}, errText: "--iptables-min-sync-period 1m0s must be between 0 and --iptables-sync-period 30s"},
-		{args: []string{"--oom-score-adj", "2000", "--cleanup"}, errText: "--oom-score-adj 2000"},
+		{args: []string{"--proxy-mode", "ipvs", "--cleanup"}, errText: `--proxy-mode: miniproxy implements only the iptables mode, not "ipvs"`},
+		{args: []string{"--iptables-min-sync-period", "1m", "--iptables-sync-period", "30s", "--cleanup"}, errText: "--iptables-min-sync-period: 1m0s is longer than iptables.syncPeriod 30s"},
+		{args: []string{"--oom-score-adj", "2000", "--cleanup"}, errText: "--oom-score-adj: 2000 must be within the range [-1000, 1000]"},
+		{args: []string{"--iptables-masquerade-bit", "32"}, errText: "--iptables-masquerade-bit: 32 must be within the range [0, 31]"},
+		{args: []string{"--conntrack-max-per-core", "-1"}, errText: "--conntrack-max-per-core: -1 must be greater than or equal to 0"},
+		{args: []string{"--feature-gates", "NoSuchGate=true"}, errText: "--feature-gates: unrecognized feature gate: NoSuchGate"},
+		{args: []string{"--feature-gates", "PreferSameTrafficDistribution=false"}, errText: "--feature-gates: cannot set feature gate PreferSameTrafficDistribution to false, feature is locked to true"},
+		{args: []string{"--feature-gates", "AllowServiceExternalIPs=false"}},
+		{args: []string{"--detect-local-mode", "BridgeInterface"}, errText: "--pod-bridge-interface: must be set with detectLocalMode BridgeInterface"},
+		{args: []string{"--detect-local-mode", "PodCIDR"}, errText: `--detect-local-mode: "PodCIDR" is not one of`},
+		{args: []string{"--nodeport-addresses", "10.0.0.1"}, errText: `--nodeport-addresses: "10.0.0.1" must be a valid CIDR or one of the keywords`},
+		{args: []string{"--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"}, errText: "--cluster-cidr: \"10.0.0.0/8,10.1.0.0/16\" has more than one range of a family"},
+		{args: []string{"--logging-format", "xml"}, errText: `Unsupported log format`},
+		{args: []string{"--hostname-override", " "}, errText: "--hostname-override: an empty name is invalid"},
 		{args: []string{"--bind-address", "nonsense"}, errText: `invalid argument "nonsense" for "--bind-address"`},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
@@ -147,6 +158,6 @@ func runFlagsOnly(args []string, out *bytes.Buffer) error {
 	if err != nil || opts.done {
 		return err
 	}
-	_, err = opts.proxyOptions()
+	_, err = opts.proxyOptions(nil)
 	return err
 }

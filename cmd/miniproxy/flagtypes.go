@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"sort"
 	"strconv"
 	"strings"
@@ -77,22 +78,6 @@ func (f *mapStringBool) Set(v string) error {
 
 func (f *mapStringBool) Type() string { return "mapStringBool" }
 
-// level is -v: klog's verbosity type.
-type level struct{ v *int }
-
-func (l *level) String() string { return strconv.Itoa(*l.v) }
-
-func (l *level) Set(s string) error {
-	n, err := strconv.Atoi(s)
-	if err != nil || n < 0 {
-		return fmt.Errorf("%q is not a verbosity level", s)
-	}
-	*l.v = n
-	return nil
-}
-
-func (l *level) Type() string { return "Level" }
-
 // versionFlag is --version: "true" prints the version, "raw" the build
 // details, as kube-proxy's version flag.
 type versionFlag struct{ v *string }
@@ -109,3 +94,24 @@ func (f *versionFlag) Set(s string) error {
 }
 
 func (f *versionFlag) Type() string { return "version" }
+
+// ipValue is --bind-address: an IP address ("ip" in kube-proxy's help).
+type ipValue struct{ p *netip.Addr }
+
+func (v *ipValue) String() string {
+	if v.p == nil || !v.p.IsValid() {
+		return ""
+	}
+	return v.p.String()
+}
+
+func (v *ipValue) Set(s string) error {
+	a, err := netip.ParseAddr(strings.TrimSpace(s))
+	if err != nil {
+		return fmt.Errorf("%q is not a valid IP address", s)
+	}
+	*v.p = a.Unmap()
+	return nil
+}
+
+func (v *ipValue) Type() string { return "ip" }

@@ -32,8 +32,8 @@ func TestHealthFlagsHaveKubeProxysDefaults(t *testing.T) {
 	if err := newFlagSet(&o).Parse(nil); err != nil {
 		t.Fatal(err)
 	}
-	if o.health.healthzBindAddress != "0.0.0.0:10256" || o.health.metricsBindAddress != "127.0.0.1:10249" {
-		t.Errorf("defaults %q %q", o.health.healthzBindAddress, o.health.metricsBindAddress)
+	if o.cfg.HealthzBindAddress != "0.0.0.0:10256" || o.cfg.MetricsBindAddress != "127.0.0.1:10249" {
+		t.Errorf("defaults %q %q", o.cfg.HealthzBindAddress, o.cfg.MetricsBindAddress)
 	}
 }
 
@@ -127,6 +127,7 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	o.health.fromConfig(o.cfg)
 	ho := o.health
 	ho.syncPeriod = 30 * time.Second
 	addrs := func(f iptables.Family) ([]netip.Addr, error) {

@@ -24,6 +24,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/conntrack"
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/features"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
@@ -67,38 +68,43 @@ func parseCommandLine(fs *pflag.FlagSet, opts *options, args []string, out io.Wr
 	return nil
 }
 
-// commandLine reads and checks args; opts.done says --help or --version
-// was answered on out.
-func commandLine(args []string, out io.Writer) (*options, *pflag.FlagSet, error) {
-	opts := &options{}
+// commandLine reads args into the effective configuration and checks it,
+// as kube-proxy's Complete and Validate; opts.done says --help or
+// --version was answered on out. notes are warnings to log.
+func commandLine(args []string, out io.Writer) (opts *options, notes []string, err error) {
+	opts = &options{}
 	fs := newFlagSet(opts)
 	if err := parseCommandLine(fs, opts, args, out); err != nil || opts.done {
-		return opts, fs, err
+		return opts, nil, err
 	}
-	return opts, fs, opts.validate()
+	if notes, err = opts.complete(fs); err != nil {
+		return opts, nil, err
+	}
+	return opts, notes, opts.validate()
 }
 
 // run is the daemon; --help and --version write to out and return nil.
 func run(args []string, out io.Writer) error {
-	opts, fs, err := commandLine(args, out)
+	opts, notes, err := commandLine(args, out)
 	if err != nil || opts.done {
 		return err
 	}
-	opts.applyDeprecatedPorts(fs)
-	notes := opts.compatibilityNotes(fs)
-	var conntrackSettings *config.Conntrack
-	if opts.configFile != "" {
-		n, ct, err := opts.applyConfigFile(fs)
-		if err != nil {
-			return err
-		}
-		notes, conntrackSettings = append(n, notes...), &ct
+	cfg := opts.cfg
+	log, err := setupLogging(cfg)
+	if err != nil {
+		return err
 	}
-	log := newLogger(opts.verbosity)
 	for _, n := range notes {
 		log.Warn(n)
 	}
-	applyOOMScoreAdj(opts.oomScoreAdj, log)
+	if opts.writeConfigTo != "" {
+		if err := writeConfig(cfg, opts.writeConfigTo); err != nil {
+			return err
+		}
+		log.Info("wrote the configuration", "file", opts.writeConfigTo)
+		return nil
+	}
+	applyOOMScoreAdj(cfg.OOMScoreAdj, log)
 	runner := dataplane.NewRunner()
 
 	if opts.cleanupKubeProxy {
@@ -118,38 +124,41 @@ func run(args []string, out io.Writer) error {
 		return nil
 	}
 
-	popts, err := opts.proxyOptions()
-	if err != nil {
+	// The start-up work that needs full privileges, as kube-proxy's: the
+	// conntrack parameters (a node that refuses them is an error).
+	if err := applyConntrack(cfg.Conntrack, log); err != nil {
 		return err
 	}
+	if opts.initOnly {
+		log.Info("the node is initialized and --init-only was given; exiting")
+		return nil
+	}
+
 	nodeName, err := opts.nodeName()
 	if err != nil {
 		return err
 	}
-	client, err := newClient(opts.kubeconfig, opts.master, opts.clientSettings())
+	client, err := newClient(cfg, opts.master)
 	if err != nil {
 		return err
 	}
-
-	// As kube-proxy: the configuration file's conntrack settings are applied
-	// before the proxy starts, and a node that refuses them is an error.
-	if conntrackSettings != nil {
-		changed, err := config.ApplySysctls("/", conntrackSettings.Sysctls(runtime.NumCPU()))
-		for _, c := range changed {
-			log.Info("set a conntrack parameter from the configuration file", "change", c)
-		}
-		if err != nil {
-			return fmt.Errorf("apply the configuration file's conntrack settings: %w", err)
-		}
-	}
-
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+
+	nodePorts, err := config.NodePortRanges(cfg.NodePortAddresses, primaryNodeIPs(ctx, client, nodeName, cfg, log))
+	if err != nil {
+		return err
+	}
+	popts, err := opts.proxyOptions(nodePorts)
+	if err != nil {
+		return err
+	}
 
 	families, err := detectFamilies(runner, log)
 	if err != nil {
 		return err
 	}
+	opts.health.fromConfig(cfg)
 	planes := map[iptables.Family]proxy.Applier{}
 	for _, fam := range families {
 		dp, err := dataplane.New(runner, fam, rules.Prefix)
@@ -164,6 +173,10 @@ func run(args []string, out io.Writer) error {
 
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
+	if !features.Effective(cfg.FeatureGates).Enabled(features.AllowServiceExternalIPs) {
+		tracker.DropExternalIPs()
+		log.Info("spec.externalIPs of Services are ignored: the feature gate AllowServiceExternalIPs is off")
+	}
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
 	proxier.OnSync(events.refusedServices)
 	if opts.cleanupKubeProxyAfterSync {
@@ -177,9 +190,10 @@ func run(args []string, out io.Writer) error {
 		return err
 	}
 
+	events.starting()
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
 		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
-	if err := endpoints.Watch(ctx, client, tracker, opts.configSyncPeriod); err != nil {
+	if err := endpoints.Watch(ctx, client, tracker, cfg.ConfigSyncPeriod); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -188,14 +202,6 @@ func run(args []string, out io.Writer) error {
 	proxier.Run(ctx)
 	log.Info("stopping; rules are left in place so that traffic keeps flowing (use --cleanup to remove them)")
 	return nil
-}
-
-func newLogger(v int) *slog.Logger {
-	level := slog.LevelInfo
-	if v >= 4 {
-		level = slog.LevelDebug
-	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 }
 
 // detectFamilies programs IPv4 always and IPv6 when the node has an IPv6

@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 
 	goipt "github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
 	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -16,6 +18,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -24,31 +27,22 @@ import (
 )
 
 // newClient uses the kubeconfig when one is given, the in-cluster service
-// account otherwise (the DaemonSet case).
-// clientSettings are kube-proxy's --kube-api-* flags.
-type clientSettings struct {
-	qps         float32
-	burst       int
-	contentType string
-}
-
-func (o *options) clientSettings() clientSettings {
-	return clientSettings{qps: o.kubeAPIQPS, burst: int(o.kubeAPIBurst), contentType: o.kubeAPIContentType}
-}
-
-func newClient(kubeconfig, master string, settings clientSettings) (kubernetes.Interface, error) {
+// account otherwise (the DaemonSet case), with the configuration's
+// clientConnection settings (--kube-api-qps, --kube-api-burst,
+// --kube-api-content-type).
+func newClient(c *config.Config, master string) (kubernetes.Interface, error) {
 	var cfg *rest.Config
 	var err error
-	if kubeconfig == "" && master == "" {
+	if c.Kubeconfig == "" && master == "" {
 		cfg, err = rest.InClusterConfig()
 	} else {
-		cfg, err = clientcmd.BuildConfigFromFlags(master, kubeconfig)
+		cfg, err = clientcmd.BuildConfigFromFlags(master, c.Kubeconfig)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("load API server credentials: %w", err)
 	}
 	cfg.UserAgent = "miniproxy"
-	cfg.QPS, cfg.Burst, cfg.ContentType = settings.qps, settings.burst, settings.contentType
+	cfg.QPS, cfg.Burst, cfg.ContentType = c.QPS, int(c.Burst), c.ContentType
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create API client: %w", err)
@@ -156,4 +150,55 @@ func (e *eventSink) refusedServices(res proxy.SyncResult) {
 		e.recorder.Eventf(ref, v1.EventTypeWarning, "RulesRefused",
 			"the kernel of node %s refuses this Service's rules; every other Service is programmed there, and this one keeps the rules the kernel last accepted for it (if any) until it changes: %s", e.node, r.Err)
 	}
+}
+
+// starting is kube-proxy's "birth cry": a Normal event named Starting on
+// the Node, so that `kubectl describe node` shows when the proxy started.
+func (e *eventSink) starting() {
+	ref := &v1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: e.node}
+	e.recorder.Event(ref, v1.EventTypeNormal, "Starting", "Starting miniproxy, the kube-proxy replacement (StartKubeProxy).")
+}
+
+// primaryNodeIPs finds the node's primary address of each family for the
+// keyword "primary" of --nodeport-addresses, as kube-proxy does: the Node
+// object's first InternalIP (or else ExternalIP), and the first of the
+// other family, with a --bind-address that is not 0.0.0.0 or :: taking its
+// family's place. It reads the Node only when the keyword is used.
+func primaryNodeIPs(ctx context.Context, client kubernetes.Interface, nodeName string, c *config.Config, log *slog.Logger) []netip.Addr {
+	if !slices.Contains(c.NodePortAddresses, config.NodePortsPrimary) {
+		return nil
+	}
+	byFamily := map[bool]netip.Addr{}
+	var order []bool
+	node, err := client.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
+	if err != nil {
+		log.Warn("cannot read this node's addresses for --nodeport-addresses primary", "node", nodeName, "err", err)
+	} else {
+		for _, kind := range []v1.NodeAddressType{v1.NodeInternalIP, v1.NodeExternalIP} {
+			for _, a := range node.Status.Addresses {
+				ip, err := netip.ParseAddr(a.Address)
+				if a.Type != kind || err != nil {
+					continue
+				}
+				if _, seen := byFamily[ip.Is4()]; !seen {
+					byFamily[ip.Is4()] = ip.Unmap()
+					order = append(order, ip.Is4())
+				}
+			}
+		}
+	}
+	if b := c.BindAddress; b.IsValid() && !b.IsUnspecified() {
+		if _, seen := byFamily[b.Is4()]; !seen {
+			order = append(order, b.Is4())
+		}
+		byFamily[b.Is4()] = b
+	}
+	var out []netip.Addr
+	for _, fam := range order {
+		out = append(out, byFamily[fam])
+	}
+	if len(out) == 0 {
+		log.Info("cannot determine this node's IP, so --nodeport-addresses primary matches no address; set --bind-address if this is wrong", "node", nodeName)
+	}
+	return out
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -9,44 +10,34 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	logsapi "k8s.io/component-base/logs/api/v1"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
-	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // options holds the command line: every flag of kube-proxy 1.37 with its
 // name, type and default (docs/compatibility.md says, flag by flag, what
-// each does here), plus miniproxy's own --cleanup-kube-proxy flags.
+// each does here), plus miniproxy's own --cleanup-kube-proxy flags. As in
+// kube-proxy, most flags write straight into the configuration (cfg), which
+// a --config file replaces as a whole.
 type options struct {
-	kubeconfig        string
-	master            string
-	hostnameOverride  string
-	clusterCIDR       string
-	masqueradeAll     bool
-	masqueradeBit     int32
-	nodePortAddresses []string
-	// syncPeriod and minSyncPeriod are --iptables-sync-period and
-	// --iptables-min-sync-period.
-	syncPeriod    time.Duration
-	minSyncPeriod time.Duration
-	cleanup       bool
-	verbosity     int
-	health        healthOptions
-	// healthzPort and metricsPort are kube-proxy's deprecated port-only
-	// flags; when given they replace the port of the bind addresses.
-	healthzPort, metricsPort int32
-	// configFile is --config: a kube-proxy configuration file whose
-	// settings replace those of the flags in configFlags.
-	configFile string
-	proxyMode  string
-	// The API client: --kube-api-qps, --kube-api-burst,
-	// --kube-api-content-type; configSyncPeriod is the informers' resync.
-	kubeAPIQPS         float32
-	kubeAPIBurst       int32
-	kubeAPIContentType string
-	configSyncPeriod   time.Duration
-	oomScoreAdj        int32
+	// cfg is the effective configuration: the flags' values, or after
+	// complete the --config file's.
+	cfg *config.Config
+	// configFile is --config; writeConfigTo is --write-config-to.
+	configFile, writeConfigTo string
+	// cleanup is --cleanup; initOnly is --init-only.
+	cleanup, initOnly bool
+	// master overrides the kubeconfig's server.
+	master string
+	// hostnameOverride is --hostname-override, which wins over the file.
+	hostnameOverride string
+	// The flags that cannot be written into cfg directly, as in kube-proxy:
+	// they apply only without --config.
+	healthzPort, metricsPort  int32
+	syncPeriod, minSyncPeriod time.Duration
+	clusterCIDR               string
 	// version is --version: "true" or "raw" print it and exit.
 	version string
 	// done says the command line was answered (--help, --version).
@@ -55,25 +46,18 @@ type options struct {
 	cleanupKubeProxy bool
 	// cleanupKubeProxyAfterSync is --cleanup-kube-proxy-after-sync.
 	cleanupKubeProxyAfterSync bool
-	// compat holds the flags accepted so that kube-proxy's command lines
-	// work, whose settings miniproxy does not use (yet).
-	compat compatFlags
+	// health holds what the health and metrics servers need besides cfg.
+	health healthOptions
+	// ipvs holds the flags of the IPVS mode, accepted and ignored.
+	ipvs ipvsFlags
 }
 
-// compatFlags are kube-proxy flags miniproxy accepts without acting on
-// them; a given one is logged at start (compatibilityNotes).
-type compatFlags struct {
-	bindAddress, showHiddenMetrics, writeConfigTo, detectLocalMode  string
-	podBridgeInterface, podInterfaceNamePrefix, vmodule             string
-	loggingFormat, logJSONBuffer, logTextBuffer, ipvsScheduler      string
-	bindAddressHardFail, initOnly, localhostNodePorts, tcpBeLiberal bool
-	ipvsStrictARP, logJSONSplit, logTextSplit                       bool
-	conntrackMaxPerCore, conntrackMin                               int32
-	tcpEstablished, tcpCloseWait, udpTimeout, udpStreamTimeout      time.Duration
-	ipvsSync, ipvsMinSync, ipvsTCP, ipvsTCPFin, ipvsUDP             time.Duration
-	logFlushFrequency                                               time.Duration
-	ipvsExcludeCIDRs                                                []string
-	featureGates                                                    map[string]bool
+// ipvsFlags are kube-proxy's IPVS flags: they configure another proxy mode.
+type ipvsFlags struct {
+	scheduler                       string
+	excludeCIDRs                    []string
+	strictARP                       bool
+	sync, minSync, tcp, tcpFin, udp time.Duration
 }
 
 // The flags of other proxy modes, which have no meaning in iptables mode.
@@ -83,97 +67,74 @@ var otherModeFlags = []string{"ipvs-exclude-cidrs", "ipvs-min-sync-period", "ipv
 // notYetFlags are kube-proxy flags whose setting miniproxy does not act
 // on yet, with what it does instead (docs/compatibility.md).
 var notYetFlags = map[string]string{
-	"bind-address":                      "the node's addresses are read from its interfaces",
-	"bind-address-hard-fail":            "a port that cannot be opened is logged and retried",
-	"conntrack-max-per-core":            "conntrack settings are applied only from a --config file",
-	"conntrack-min":                     "conntrack settings are applied only from a --config file",
-	"conntrack-tcp-be-liberal":          "conntrack settings are applied only from a --config file",
-	"conntrack-tcp-timeout-close-wait":  "conntrack settings are applied only from a --config file",
-	"conntrack-tcp-timeout-established": "conntrack settings are applied only from a --config file",
-	"conntrack-udp-timeout":             "conntrack settings are applied only from a --config file",
-	"conntrack-udp-timeout-stream":      "conntrack settings are applied only from a --config file",
-	"detect-local-mode":                 "local traffic is always detected by --cluster-cidr",
-	"pod-bridge-interface":              "local traffic is always detected by --cluster-cidr",
-	"pod-interface-name-prefix":         "local traffic is always detected by --cluster-cidr",
-	"feature-gates":                     "miniproxy behaves as kube-proxy 1.37 with its default gates",
-	"init-only":                         "there is no separate initialization step; miniproxy starts normally",
-	"iptables-localhost-nodeports":      "NodePorts are never served on localhost",
-	"write-config-to":                   "nothing is written; miniproxy starts normally",
-	"show-hidden-metrics-for-version":   "no hidden metrics are shown",
-	"vmodule":                           "verbosity is per process only",
-	"logging-format":                    "logs are text",
-	"log-flush-frequency":               "logs are written at once",
-	"log-json-info-buffer-size":         "logs are text",
-	"log-json-split-stream":             "logs are text",
-	"log-text-info-buffer-size":         "logs are not buffered",
-	"log-text-split-stream":             "logs go to standard error",
+	"show-hidden-metrics-for-version": "no hidden metrics are shown",
 }
 
+// outsideConfig are the flags that a --config file does not replace, as
+// in kube-proxy: the ones that are not part of the configuration, and the
+// logging flags and --hostname-override, which win over the file.
+var outsideConfig = []string{"config", "write-config-to", "cleanup", "init-only", "master", "hostname-override",
+	"version", "help", "cleanup-kube-proxy", "cleanup-kube-proxy-after-sync",
+	"v", "vmodule", "logging-format", "log-flush-frequency", "log-json-info-buffer-size", "log-json-split-stream",
+	"log-text-info-buffer-size", "log-text-split-stream"}
+
 func (o *options) register(fs *pflag.FlagSet) {
-	c := &o.compat
+	o.cfg = config.Default()
+	c := o.cfg
 	fs.StringVar(&o.configFile, "config", "", "The path to the configuration file.")
-	fs.StringVar(&c.writeConfigTo, "write-config-to", "", "If set, write the default configuration values to this file and exit.")
+	fs.StringVar(&o.writeConfigTo, "write-config-to", "", "If set, write the default configuration values to this file and exit.")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "If true cleanup iptables and ipvs rules and exit.")
-	fs.Var(&mapStringBool{m: &c.featureGates}, "feature-gates", "A set of key=value pairs that describe feature gates for alpha/experimental features.")
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "Path to kubeconfig file with authorization information (the master location can be overridden by the master flag).")
+	fs.Var(&mapStringBool{m: &c.FeatureGates}, "feature-gates", "A set of key=value pairs that describe feature gates for alpha/experimental features (kube-proxy 1.37's gates; unknown ones are an error). This parameter is ignored if a config file is specified by --config.")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "Path to kubeconfig file with authorization information (the master location can be overridden by the master flag).")
 	fs.StringVar(&o.master, "master", "", "The address of the Kubernetes API server (overrides any value in kubeconfig)")
-	fs.StringVar(&o.kubeAPIContentType, "kube-api-content-type", "application/vnd.kubernetes.protobuf", "Content type of requests sent to apiserver.")
-	fs.Int32Var(&o.kubeAPIBurst, "kube-api-burst", 10, "Burst to use while talking with kubernetes apiserver")
-	fs.Float32Var(&o.kubeAPIQPS, "kube-api-qps", 5, "QPS to use while talking with kubernetes apiserver")
+	fs.StringVar(&c.ContentType, "kube-api-content-type", c.ContentType, "Content type of requests sent to apiserver.")
+	fs.Int32Var(&c.Burst, "kube-api-burst", c.Burst, "Burst to use while talking with kubernetes apiserver")
+	fs.Float32Var(&c.QPS, "kube-api-qps", c.QPS, "QPS to use while talking with kubernetes apiserver")
 	fs.StringVar(&o.hostnameOverride, "hostname-override", "", "If non-empty, will be used as the name of the Node that kube-proxy is running on. If unset, the node name is assumed to be the same as the node's hostname.")
-	c.bindAddress = "0.0.0.0"
-	fs.Var(&namedString{val: &c.bindAddress, typ: "ip", validate: validIP}, "bind-address", "Overrides kube-proxy's idea of what its node's primary IP is. This parameter is ignored if a config file is specified by --config.")
-	o.health.healthzBindAddress = fmt.Sprintf("0.0.0.0:%d", defaultHealthzPort)
-	fs.Var(&namedString{val: &o.health.healthzBindAddress, typ: "ipport"}, "healthz-bind-address", "The IP address and port for the health check server to serve on, defaulting to \"0.0.0.0:10256\". An empty value disables it. This parameter is ignored if a config file is specified by --config.")
-	o.health.metricsBindAddress = fmt.Sprintf("127.0.0.1:%d", defaultMetricsPort)
-	fs.Var(&namedString{val: &o.health.metricsBindAddress, typ: "ipport"}, "metrics-bind-address", "The IP address and port for the metrics server to serve on, defaulting to \"127.0.0.1:10249\". (Set to \"0.0.0.0:10249\" / \"[::]:10249\" to bind on all interfaces.) An empty value disables it. This parameter is ignored if a config file is specified by --config.")
-	fs.BoolVar(&c.bindAddressHardFail, "bind-address-hard-fail", false, "If true kube-proxy will treat failure to bind to a port as fatal and exit")
-	fs.BoolVar(&o.health.profiling, "profiling", false, "If true enables profiling via web interface on /debug/pprof handler. This parameter is ignored if a config file is specified by --config.")
-	fs.StringVar(&c.showHiddenMetrics, "show-hidden-metrics-for-version", "", "The previous version for which you want to show hidden metrics.")
-	fs.BoolVar(&c.initOnly, "init-only", false, "If true, perform any initialization steps that must be done with full root privileges, and then exit.")
-	fs.Var(&namedString{val: &o.proxyMode, typ: "ProxyMode"}, "proxy-mode", "Which proxy mode to use: miniproxy implements 'iptables' (the default); any other mode is an error.")
-	fs.Int32Var(&o.masqueradeBit, "iptables-masquerade-bit", rules.DefaultMasqueradeBit, "If using the iptables or ipvs proxy mode, the bit of the fwmark space to mark packets requiring SNAT with.  Must be within the range [0, 31].")
-	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "SNAT all traffic sent via Service cluster IPs. This may be required with some CNI plugins. Only supported on Linux.")
-	fs.BoolVar(&c.localhostNodePorts, "iptables-localhost-nodeports", true, "If false, kube-proxy will disable the legacy behavior of allowing NodePort services to be accessed via localhost.")
-	fs.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "An interval (e.g. '5s', '1m', '2h22m') indicating how frequently various re-synchronizing and cleanup operations are performed. Must be greater than 0.")
-	fs.DurationVar(&o.minSyncPeriod, "iptables-min-sync-period", time.Second, "The minimum period between iptables rule resyncs (e.g. '5s', '1m', '2h22m'). A value of 0 means every Service or EndpointSlice change will result in an immediate iptables resync.")
-	fs.DurationVar(&c.ipvsSync, "ipvs-sync-period", 30*time.Second, "Ignored: miniproxy is iptables mode only.")
-	fs.DurationVar(&c.ipvsMinSync, "ipvs-min-sync-period", time.Second, "Ignored: miniproxy is iptables mode only.")
-	fs.StringVar(&c.ipvsScheduler, "ipvs-scheduler", "", "Ignored: miniproxy is iptables mode only.")
-	fs.StringSliceVar(&c.ipvsExcludeCIDRs, "ipvs-exclude-cidrs", nil, "Ignored: miniproxy is iptables mode only.")
-	fs.BoolVar(&c.ipvsStrictARP, "ipvs-strict-arp", false, "Ignored: miniproxy is iptables mode only.")
-	fs.DurationVar(&c.ipvsTCP, "ipvs-tcp-timeout", 0, "Ignored: miniproxy is iptables mode only.")
-	fs.DurationVar(&c.ipvsTCPFin, "ipvs-tcpfin-timeout", 0, "Ignored: miniproxy is iptables mode only.")
-	fs.DurationVar(&c.ipvsUDP, "ipvs-udp-timeout", 0, "Ignored: miniproxy is iptables mode only.")
-	c.detectLocalMode = ""
-	fs.Var(&namedString{val: &c.detectLocalMode, typ: "LocalMode"}, "detect-local-mode", "Mode to use to detect local traffic. This parameter is ignored if a config file is specified by --config.")
-	fs.StringVar(&c.podBridgeInterface, "pod-bridge-interface", "", "A bridge interface name. When --detect-local-mode is set to BridgeInterface, kube-proxy will consider traffic to be local if it originates from this bridge.")
-	fs.StringVar(&c.podInterfaceNamePrefix, "pod-interface-name-prefix", "", "An interface name prefix. When --detect-local-mode is set to InterfaceNamePrefix, kube-proxy will consider traffic to be local if it originates from any interface whose name begins with this prefix.")
-	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "The CIDR range of the pods in the cluster. (For dual-stack clusters, this can be a comma-separated dual-stack pair of CIDR ranges.) Traffic from outside it to a ClusterIP is masqueraded. This parameter is ignored if a config file is specified by --config.")
-	fs.StringSliceVar(&o.nodePortAddresses, "nodeport-addresses", nil, "A list of CIDR ranges that contain valid node IPs. If set, connections to NodePort services will only be accepted on node IPs in one of the indicated ranges. If unset, NodePort connections will be accepted on all local IPs. This parameter is ignored if a config file is specified by --config.")
-	fs.Int32Var(&o.oomScoreAdj, "oom-score-adj", -999, "The oom-score-adj value for kube-proxy process. Values must be within the range [-1000, 1000]. This parameter is ignored if a config file is specified by --config.")
-	fs.Int32Var(&c.conntrackMaxPerCore, "conntrack-max-per-core", 32768, "Maximum number of NAT connections to track per CPU core (0 to leave the limit as-is and ignore conntrack-min).")
-	fs.Int32Var(&c.conntrackMin, "conntrack-min", 131072, "Minimum number of conntrack entries to allocate, regardless of conntrack-max-per-core (set conntrack-max-per-core=0 to leave the limit as-is).")
-	fs.DurationVar(&c.tcpEstablished, "conntrack-tcp-timeout-established", 24*time.Hour, "Idle timeout for established TCP connections (0 to leave as-is)")
-	fs.DurationVar(&c.tcpCloseWait, "conntrack-tcp-timeout-close-wait", time.Hour, "NAT timeout for TCP connections in the CLOSE_WAIT state")
-	fs.BoolVar(&c.tcpBeLiberal, "conntrack-tcp-be-liberal", false, "Enable liberal mode for tracking TCP packets by setting nf_conntrack_tcp_be_liberal to 1")
-	fs.DurationVar(&c.udpTimeout, "conntrack-udp-timeout", 0, "Idle timeout for UNREPLIED UDP connections (0 to leave as-is)")
-	fs.DurationVar(&c.udpStreamTimeout, "conntrack-udp-timeout-stream", 0, "Idle timeout for ASSURED UDP connections (0 to leave as-is)")
-	fs.DurationVar(&o.configSyncPeriod, "config-sync-period", 15*time.Minute, "How often configuration from the apiserver is refreshed.  Must be greater than 0.")
-	fs.Int32Var(&o.healthzPort, "healthz-port", 10256, "The port to bind the health check server. Use 0 to disable.")
+	fs.Var(&ipValue{&c.BindAddress}, "bind-address", "Overrides kube-proxy's idea of what its node's primary IP is (the keyword 'primary' of --nodeport-addresses). This parameter is ignored if a config file is specified by --config.")
+	fs.Var(&namedString{val: &c.HealthzBindAddress, typ: "ipport"}, "healthz-bind-address", "The IP address and port for the health check server to serve on, defaulting to \"0.0.0.0:10256\". An empty value disables it. This parameter is ignored if a config file is specified by --config.")
+	fs.Var(&namedString{val: &c.MetricsBindAddress, typ: "ipport"}, "metrics-bind-address", "The IP address and port for the metrics server to serve on, defaulting to \"127.0.0.1:10249\". (Set to \"0.0.0.0:10249\" / \"[::]:10249\" to bind on all interfaces.) This parameter is ignored if a config file is specified by --config.")
+	fs.BoolVar(&c.BindAddressHardFail, "bind-address-hard-fail", false, "If true kube-proxy will treat failure to bind to a port as fatal and exit")
+	fs.BoolVar(&c.EnableProfiling, "profiling", false, "If true enables profiling via web interface on /debug/pprof handler. This parameter is ignored if a config file is specified by --config.")
+	fs.StringVar(&c.ShowHiddenMetricsForVersion, "show-hidden-metrics-for-version", "", "The previous version for which you want to show hidden metrics.")
+	fs.BoolVar(&o.initOnly, "init-only", false, "If true, perform any initialization steps that must be done with full root privileges (conntrack and route_localnet sysctls), and then exit. After doing this, you can run miniproxy again with only the CAP_NET_ADMIN capability.")
+	fs.Var(&namedString{val: &c.Mode, typ: "ProxyMode"}, "proxy-mode", "Which proxy mode to use: miniproxy implements 'iptables' (the default); any other mode is an error.")
+	fs.Int32Var(&c.MasqueradeBit, "iptables-masquerade-bit", c.MasqueradeBit, "If using the iptables or ipvs proxy mode, the bit of the fwmark space to mark packets requiring SNAT with.  Must be within the range [0, 31].")
+	fs.BoolVar(&c.MasqueradeAll, "masquerade-all", false, "SNAT all traffic sent via Service cluster IPs. This may be required with some CNI plugins. Only supported on Linux.")
+	fs.BoolVar(&c.LocalhostNodePorts, "iptables-localhost-nodeports", c.LocalhostNodePorts, "If false, kube-proxy will disable the legacy behavior of allowing NodePort services to be accessed via localhost. (Applies only to iptables mode and IPv4.)")
+	fs.DurationVar(&o.syncPeriod, "iptables-sync-period", c.SyncPeriod, "An interval (e.g. '5s', '1m', '2h22m') indicating how frequently various re-synchronizing and cleanup operations are performed. Must be greater than 0.")
+	fs.DurationVar(&o.minSyncPeriod, "iptables-min-sync-period", c.MinSyncPeriod, "The minimum period between iptables rule resyncs (e.g. '5s', '1m', '2h22m'). A value of 0 means every Service or EndpointSlice change will result in an immediate iptables resync.")
+	v := &o.ipvs
+	fs.DurationVar(&v.sync, "ipvs-sync-period", c.SyncPeriod, "Ignored: miniproxy is iptables mode only.")
+	fs.DurationVar(&v.minSync, "ipvs-min-sync-period", c.MinSyncPeriod, "Ignored: miniproxy is iptables mode only.")
+	fs.StringVar(&v.scheduler, "ipvs-scheduler", "", "Ignored: miniproxy is iptables mode only.")
+	fs.StringSliceVar(&v.excludeCIDRs, "ipvs-exclude-cidrs", nil, "Ignored: miniproxy is iptables mode only.")
+	fs.BoolVar(&v.strictARP, "ipvs-strict-arp", false, "Ignored: miniproxy is iptables mode only.")
+	fs.DurationVar(&v.tcp, "ipvs-tcp-timeout", 0, "Ignored: miniproxy is iptables mode only.")
+	fs.DurationVar(&v.tcpFin, "ipvs-tcpfin-timeout", 0, "Ignored: miniproxy is iptables mode only.")
+	fs.DurationVar(&v.udp, "ipvs-udp-timeout", 0, "Ignored: miniproxy is iptables mode only.")
+	fs.Var(&namedString{val: &c.DetectLocalMode, typ: "LocalMode"}, "detect-local-mode", "Mode to use to detect local traffic (ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix). This parameter is ignored if a config file is specified by --config.")
+	fs.StringVar(&c.BridgeInterface, "pod-bridge-interface", "", "A bridge interface name. When --detect-local-mode is set to BridgeInterface, kube-proxy will consider traffic to be local if it originates from this bridge.")
+	fs.StringVar(&c.InterfaceNamePrefix, "pod-interface-name-prefix", "", "An interface name prefix. When --detect-local-mode is set to InterfaceNamePrefix, kube-proxy will consider traffic to be local if it originates from any interface whose name begins with this prefix.")
+	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "The CIDR range of the pods in the cluster. (For dual-stack clusters, this can be a comma-separated dual-stack pair of CIDR ranges.). When --detect-local-mode is set to ClusterCIDR, kube-proxy will consider traffic to be local if its source IP is in this range. (Otherwise it is not used.) This parameter is ignored if a config file is specified by --config.")
+	fs.StringSliceVar(&c.NodePortAddresses, "nodeport-addresses", nil, "A list of CIDR ranges and/or keywords that expand to CIDR ranges ('primary', 'localhost', 'all'). NodePort services are only accessible on node IPs covered by the list. If unset, NodePort connections will be accepted on all local IPs. This parameter is ignored if a config file is specified by --config.")
+	fs.Int32Var(&c.OOMScoreAdj, "oom-score-adj", c.OOMScoreAdj, "The oom-score-adj value for kube-proxy process. Values must be within the range [-1000, 1000]. This parameter is ignored if a config file is specified by --config.")
+	ct := &c.Conntrack
+	fs.Int32Var(&ct.MaxPerCore, "conntrack-max-per-core", ct.MaxPerCore, "Maximum number of NAT connections to track per CPU core (0 to leave the limit as-is and ignore conntrack-min).")
+	fs.Int32Var(&ct.Min, "conntrack-min", ct.Min, "Minimum number of conntrack entries to allocate, regardless of conntrack-max-per-core (set conntrack-max-per-core=0 to leave the limit as-is).")
+	fs.DurationVar(&ct.TCPEstablishedTimeout, "conntrack-tcp-timeout-established", ct.TCPEstablishedTimeout, "Idle timeout for established TCP connections (0 to leave as-is)")
+	fs.DurationVar(&ct.TCPCloseWaitTimeout, "conntrack-tcp-timeout-close-wait", ct.TCPCloseWaitTimeout, "NAT timeout for TCP connections in the CLOSE_WAIT state")
+	fs.BoolVar(&ct.TCPBeLiberal, "conntrack-tcp-be-liberal", false, "Enable liberal mode for tracking TCP packets by setting nf_conntrack_tcp_be_liberal to 1")
+	fs.DurationVar(&ct.UDPTimeout, "conntrack-udp-timeout", 0, "Idle timeout for UNREPLIED UDP connections (0 to leave as-is)")
+	fs.DurationVar(&ct.UDPStreamTimeout, "conntrack-udp-timeout-stream", 0, "Idle timeout for ASSURED UDP connections (0 to leave as-is)")
+	fs.DurationVar(&c.ConfigSyncPeriod, "config-sync-period", c.ConfigSyncPeriod, "How often configuration from the apiserver is refreshed.  Must be greater than 0.")
+	fs.Int32Var(&o.healthzPort, "healthz-port", config.DefaultHealthzPort, "The port to bind the health check server. Use 0 to disable.")
 	_ = fs.MarkDeprecated("healthz-port", "This flag is deprecated and will be removed in a future release. Please use --healthz-bind-address instead.")
-	fs.Int32Var(&o.metricsPort, "metrics-port", 10249, "The port to bind the metrics server. Use 0 to disable.")
+	fs.Int32Var(&o.metricsPort, "metrics-port", config.DefaultMetricsPort, "The port to bind the metrics server. Use 0 to disable.")
 	_ = fs.MarkDeprecated("metrics-port", "This flag is deprecated and will be removed in a future release. Please use --metrics-bind-address instead.")
-	// Logging, as component-base's logs flags.
-	o.verbosity = 0
-	fs.VarP(&level{v: &o.verbosity}, "v", "v", "number for the log level verbosity (4 and above logs every sync)")
-	fs.Var(&namedString{val: &c.vmodule, typ: "pattern=N,..."}, "vmodule", "comma-separated list of pattern=N settings for file-filtered logging (only works for text log format)")
-	fs.StringVar(&c.loggingFormat, "logging-format", "text", "Sets the log format. Permitted formats: \"json\" (gated by LoggingBetaOptions), \"text\".")
-	fs.DurationVar(&c.logFlushFrequency, "log-flush-frequency", 5*time.Second, "Maximum number of seconds between log flushes")
-	fs.Var(&namedString{val: &c.logJSONBuffer, typ: "quantity"}, "log-json-info-buffer-size", "[Alpha] In JSON format with split output streams, the info messages can be buffered for a while to increase performance.")
-	fs.BoolVar(&c.logJSONSplit, "log-json-split-stream", false, "[Alpha] In JSON format, write error messages to stderr and info messages to stdout.")
-	fs.Var(&namedString{val: &c.logTextBuffer, typ: "quantity"}, "log-text-info-buffer-size", "[Alpha] In text format with split output streams, the info messages can be buffered for a while to increase performance.")
-	fs.BoolVar(&c.logTextSplit, "log-text-split-stream", false, "[Alpha] In text format, write error messages to stderr and info messages to stdout.")
+	// -v, --vmodule, --logging-format and the other flags of
+	// component-base's logging, as kube-proxy registers them.
+	logsapi.AddFlags(&c.Logging, fs)
 	o.version = "false"
 	fs.Var(&versionFlag{v: &o.version}, "version", "--version, --version=raw prints version information and quits")
 	fs.Lookup("version").NoOptDefVal = "true"
@@ -182,101 +143,136 @@ func (o *options) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.cleanupKubeProxyAfterSync, "cleanup-kube-proxy-after-sync", false, "miniproxy: once the first sync has put miniproxy's rules in, remove the rules upstream kube-proxy (iptables mode) left on this node, as --cleanup-kube-proxy does (for the DaemonSet that replaces kube-proxy)")
 }
 
-// validate checks what no later step does.
-func (o *options) validate() error {
-	if o.oomScoreAdj < -1000 || o.oomScoreAdj > 1000 {
-		return fmt.Errorf("%w: --oom-score-adj %d must be within [-1000, 1000]", errUsage, o.oomScoreAdj)
-	}
-	return nil
-}
-
-func validIP(s string) error {
-	if _, err := netip.ParseAddr(s); err != nil {
-		return fmt.Errorf("%q is not a valid IP address", s)
-	}
-	return nil
-}
-
-// compatibilityNotes says, for each flag given that miniproxy accepts
-// without acting on it, what it does instead, so that an operator is
-// never surprised silently.
-func (o *options) compatibilityNotes(fs *pflag.FlagSet) []string {
+// complete turns the parsed flags into the effective configuration, as
+// kube-proxy 1.37's Options.Complete does: without --config the deprecated
+// port flags and the flags that are not plain fields (--iptables-sync-period,
+// --iptables-min-sync-period, --cluster-cidr) apply; with --config the file
+// replaces the whole configuration, except that the logging flags given
+// win; then the platform's defaults (mode iptables, detect-local-mode
+// ClusterCIDR) and --hostname-override. It returns lines to log as
+// warnings.
+func (o *options) complete(fs *pflag.FlagSet) ([]string, error) {
 	var notes []string
+	if o.configFile == "" {
+		if o.writeConfigTo == "" {
+			o.applyDeprecatedPorts(fs)
+		}
+		if fs.Changed("iptables-sync-period") {
+			o.cfg.SyncPeriod = o.syncPeriod
+		}
+		if fs.Changed("iptables-min-sync-period") {
+			o.cfg.MinSyncPeriod = o.minSyncPeriod
+		}
+		if fs.Changed("cluster-cidr") {
+			cidrs, err := config.ParseClusterCIDRs(o.clusterCIDR)
+			if err != nil {
+				return nil, fmt.Errorf("%w: --cluster-cidr: %v", errUsage, err)
+			}
+			o.cfg.ClusterCIDRs = cidrs
+		}
+	} else {
+		c, warns, err := config.Load(o.configFile)
+		if err != nil {
+			return nil, fmt.Errorf("%w: --config: %v", errUsage, err)
+		}
+		for _, w := range warns {
+			notes = append(notes, "config file "+o.configFile+": "+w.String())
+		}
+		if err := copyLoggingFlags(fs, &c.Logging); err != nil {
+			return nil, err
+		}
+		fs.Visit(func(f *pflag.Flag) {
+			if !slices.Contains(outsideConfig, f.Name) {
+				notes = append(notes, fmt.Sprintf("--%s is ignored: --config %s decides it, as with kube-proxy", f.Name, o.configFile))
+			}
+		})
+		o.cfg = c
+	}
+	if o.cfg.Mode == "" {
+		o.cfg.Mode = "iptables"
+	}
+	if o.cfg.DetectLocalMode == "" {
+		o.cfg.DetectLocalMode = config.LocalModeClusterCIDR
+	}
+	if o.hostnameOverride != "" {
+		name := strings.TrimSpace(o.hostnameOverride)
+		if name == "" {
+			return nil, fmt.Errorf("%w: --hostname-override: an empty name is invalid", errUsage)
+		}
+		o.cfg.HostnameOverride = strings.ToLower(name)
+	}
 	fs.Visit(func(f *pflag.Flag) {
 		switch {
 		case slices.Contains(otherModeFlags, f.Name):
 			notes = append(notes, fmt.Sprintf("--%s is ignored: it configures another proxy mode; miniproxy is iptables mode", f.Name))
 		case notYetFlags[f.Name] != "":
-			if f.Name == "detect-local-mode" && f.Value.String() == "ClusterCIDR" {
-				return
-			}
 			notes = append(notes, fmt.Sprintf("--%s is accepted for compatibility with kube-proxy but miniproxy does not act on it: %s (docs/compatibility.md)", f.Name, notYetFlags[f.Name]))
 		}
 	})
-	return notes
+	return notes, nil
 }
 
-// configFlags are the flags whose settings a --config file replaces: as
-// kube-proxy with --config, miniproxy then ignores them even when given.
-var configFlags = []string{"kubeconfig", "cluster-cidr", "masquerade-all", "iptables-masquerade-bit",
-	"nodeport-addresses", "iptables-sync-period", "iptables-min-sync-period", "healthz-bind-address", "metrics-bind-address", "profiling"}
+// copyLoggingFlags puts the logging flags given on the command line into a
+// configuration read from a file, so that `--config f -v 4` logs at 4, as
+// in kube-proxy (a vmodule flag's patterns come first).
+func copyLoggingFlags(from *pflag.FlagSet, to *logsapi.LoggingConfiguration) error {
+	fileVModule := to.VModule
+	to.VModule = nil
+	var names pflag.FlagSet
+	logsapi.AddFlags(to, &names)
+	var err error
+	names.VisitAll(func(f *pflag.Flag) {
+		given := from.Lookup(f.Name)
+		if err != nil || given == nil || !given.Changed {
+			return
+		}
+		if e := f.Value.Set(given.Value.String()); e != nil {
+			err = fmt.Errorf("%w: --%s: %v", errUsage, f.Name, e)
+		}
+	})
+	to.VModule = append(to.VModule, fileVModule...)
+	return err
+}
 
-// applyConfigFile loads --config and puts its settings into the options,
-// as kube-proxy does: the file decides everything it can express and those
-// flags are ignored even when given (each one given is reported);
-// --hostname-override and -v given on the command line still win, and
-// --master still overrides the kubeconfig's server. It returns lines to log
-// as warnings (the file's own first) and the file's conntrack settings,
-// which kube-proxy applies at start-up. Call it right after fs.Parse.
-func (o *options) applyConfigFile(fs *pflag.FlagSet) ([]string, config.Conntrack, error) {
-	c, warns, err := config.Load(o.configFile)
-	if err != nil {
-		return nil, config.Conntrack{}, fmt.Errorf("%w: --config: %v", errUsage, err)
-	}
-	given := map[string]bool{}
-	fs.Visit(func(f *pflag.Flag) { given[f.Name] = true })
-	var notes []string
-	for _, w := range warns {
-		notes = append(notes, "config file "+o.configFile+": "+w.String())
-	}
-	for _, name := range configFlags {
-		if given[name] {
-			notes = append(notes, fmt.Sprintf("--%s is ignored: --config %s decides it, as with kube-proxy", name, o.configFile))
+// flagOfField names the flag that sets a configuration field, for errors
+// about a value that came from the command line.
+var flagOfField = map[string]string{
+	"mode": "proxy-mode", "iptables.masqueradeBit": "iptables-masquerade-bit",
+	"iptables.syncPeriod": "iptables-sync-period", "iptables.minSyncPeriod": "iptables-min-sync-period",
+	"configSyncPeriod": "config-sync-period", "oomScoreAdj": "oom-score-adj", "clientConnection.burst": "kube-api-burst",
+	"conntrack.maxPerCore": "conntrack-max-per-core", "conntrack.min": "conntrack-min",
+	"conntrack.tcpEstablishedTimeout": "conntrack-tcp-timeout-established",
+	"conntrack.tcpCloseWaitTimeout":   "conntrack-tcp-timeout-close-wait",
+	"conntrack.udpTimeout":            "conntrack-udp-timeout", "conntrack.udpStreamTimeout": "conntrack-udp-timeout-stream",
+	"metricsBindAddress": "metrics-bind-address", "detectLocalMode": "detect-local-mode",
+	"detectLocal.bridgeInterface": "pod-bridge-interface", "detectLocal.interfaceNamePrefix": "pod-interface-name-prefix",
+	"featureGates": "feature-gates", "logging.format": "logging-format", "logging.verbosity": "v", "logging.vmodule": "vmodule",
+}
+
+// validate checks the effective configuration with kube-proxy's rules; an
+// error names the flag (or, with --config, the file and its field).
+func (o *options) validate() error {
+	var msgs []string
+	for _, e := range config.FieldErrors(errors.Join(o.cfg.Validate()...)) {
+		switch name := flagOfField[strings.Split(e.Field, "[")[0]]; {
+		case o.configFile != "":
+			msgs = append(msgs, fmt.Sprintf("--config %s: %s", o.configFile, e.Error()))
+		case name != "":
+			msgs = append(msgs, fmt.Sprintf("--%s: %s", name, e.Message))
+		case strings.HasPrefix(e.Field, "nodePortAddresses"):
+			msgs = append(msgs, "--nodeport-addresses: "+e.Message)
+		default:
+			msgs = append(msgs, e.Error())
 		}
 	}
-	o.kubeconfig = c.Kubeconfig
-	if !given["hostname-override"] {
-		o.hostnameOverride = c.HostnameOverride
+	if len(msgs) > 0 {
+		return fmt.Errorf("%w: %s", errUsage, strings.Join(msgs, "; "))
 	}
-	if !given["v"] {
-		o.verbosity = c.Verbosity
-	}
-	o.clusterCIDR = joinPrefixes(c.ClusterCIDRs)
-	o.nodePortAddresses = nil
-	if len(c.NodePortAddresses) > 0 {
-		o.nodePortAddresses = strings.Split(joinPrefixes(c.NodePortAddresses), ",")
-	}
-	o.masqueradeAll = c.MasqueradeAll
-	o.masqueradeBit = int32(c.MasqueradeBit)
-	o.syncPeriod = c.SyncPeriod
-	o.minSyncPeriod = c.MinSyncPeriod
-	o.health.healthzBindAddress = c.HealthzBindAddress
-	o.health.metricsBindAddress = c.MetricsBindAddress
-	o.health.profiling = c.EnableProfiling
-	return notes, c.Conntrack, nil
-}
-
-// joinPrefixes writes ranges as a flag value ("" for none).
-func joinPrefixes(ps []netip.Prefix) string {
-	s := make([]string, len(ps))
-	for i, p := range ps {
-		s[i] = p.String()
-	}
-	return strings.Join(s, ",")
+	return nil
 }
 
 func (o *options) nodeName() (string, error) {
-	name := o.hostnameOverride
+	name := o.cfg.HostnameOverride
 	if name == "" {
 		h, err := os.Hostname()
 		if err != nil {
@@ -287,47 +283,25 @@ func (o *options) nodeName() (string, error) {
 	return strings.ToLower(strings.TrimSpace(name)), nil
 }
 
-func (o *options) proxyOptions() (proxy.Options, error) {
-	p := proxy.Options{
-		MasqueradeAll:  o.masqueradeAll,
-		MasqueradeBit:  int(o.masqueradeBit),
-		SyncPeriod:     o.syncPeriod,
-		MinSyncPeriod:  o.minSyncPeriod,
-		FullSyncPeriod: time.Hour,
-	}
-	if o.masqueradeBit < 0 || o.masqueradeBit > 31 {
-		return p, fmt.Errorf("%w: --iptables-masquerade-bit %d is not in 0..31", errUsage, o.masqueradeBit)
-	}
-	if err := durationAtLeast("iptables-sync-period", o.syncPeriod, time.Second); err != nil {
-		return p, err
-	}
-	if o.minSyncPeriod < 0 || o.minSyncPeriod > o.syncPeriod {
-		return p, fmt.Errorf("%w: --iptables-min-sync-period %s must be between 0 and --iptables-sync-period %s", errUsage, o.minSyncPeriod, o.syncPeriod)
-	}
-	if o.proxyMode != "" && o.proxyMode != "iptables" {
-		return p, fmt.Errorf("%w: --proxy-mode %q: miniproxy implements the iptables mode only", errUsage, o.proxyMode)
-	}
-	seen := map[bool]bool{}
-	for _, s := range splitList(o.clusterCIDR) {
-		c, err := netip.ParsePrefix(s)
-		if err != nil {
-			return p, fmt.Errorf("%w: --cluster-cidr %q: %v", errUsage, s, err)
-		}
-		if seen[c.Addr().Is4()] {
-			return p, fmt.Errorf("%w: --cluster-cidr has more than one range of a family", errUsage)
-		}
-		seen[c.Addr().Is4()] = true
-		p.ClusterCIDRs = append(p.ClusterCIDRs, c.Masked())
-	}
-	if len(o.nodePortAddresses) > 0 {
-		p.NodePortAddresses = []netip.Prefix{}
-		for _, s := range o.nodePortAddresses {
-			c, err := netip.ParsePrefix(s)
-			if err != nil {
-				return p, fmt.Errorf("%w: --nodeport-addresses %q: %v", errUsage, s, err)
-			}
-			p.NodePortAddresses = append(p.NodePortAddresses, c.Masked())
-		}
-	}
-	return p, nil
+// proxyOptions gives the proxy's settings; nodePortRanges is
+// --nodeport-addresses resolved (config.NodePortRanges).
+func (o *options) proxyOptions(nodePortRanges []netip.Prefix) (proxy.Options, error) {
+	c := o.cfg
+	return proxy.Options{
+		ClusterCIDRs:      c.ClusterCIDRs,
+		MasqueradeAll:     c.MasqueradeAll,
+		MasqueradeBit:     int(c.MasqueradeBit),
+		SyncPeriod:        c.SyncPeriod,
+		MinSyncPeriod:     c.MinSyncPeriod,
+		FullSyncPeriod:    time.Hour,
+		NodePortAddresses: nodePortRanges,
+	}, nil
+}
+
+// fromConfig takes the health and metrics servers' settings from the
+// effective configuration.
+func (h *healthOptions) fromConfig(c *config.Config) {
+	h.healthzBindAddress = c.HealthzBindAddress
+	h.metricsBindAddress = c.MetricsBindAddress
+	h.profiling = c.EnableProfiling
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 
 	"github.com/spf13/pflag"
+
+	"github.com/miniproxy/miniproxy/pkg/config"
 )
 
 // applyDeprecatedPorts gives kube-proxy's deprecated --healthz-port and
@@ -26,10 +28,10 @@ func (o *options) applyDeprecatedPorts(fs *pflag.FlagSet) {
 		return net.JoinHostPort(host, strconv.Itoa(int(port)))
 	}
 	if fs.Changed("healthz-port") {
-		o.health.healthzBindAddress = withPort(o.health.healthzBindAddress, o.healthzPort)
+		o.cfg.HealthzBindAddress = withPort(o.cfg.HealthzBindAddress, o.healthzPort)
 	}
 	if fs.Changed("metrics-port") {
-		o.health.metricsBindAddress = withPort(o.health.metricsBindAddress, o.metricsPort)
+		o.cfg.MetricsBindAddress = withPort(o.cfg.MetricsBindAddress, o.metricsPort)
 	}
 }
 
@@ -64,4 +66,36 @@ func applyOOMScoreAdj(v int32, log *slog.Logger) {
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte(strconv.Itoa(int(v))), 0o644); err != nil {
 		log.Info("could not apply --oom-score-adj", "value", v, "err", err)
 	}
+}
+
+// writeConfig is --write-config-to: the effective configuration as a
+// KubeProxyConfiguration file.
+func writeConfig(c *config.Config, path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("--write-config-to: %w", err)
+	}
+	if err := c.WriteYAML(f); err != nil {
+		f.Close()
+		return fmt.Errorf("--write-config-to %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("--write-config-to %s: %w", path, err)
+	}
+	return nil
+}
+
+// applyConntrack sets the conntrack parameters, as kube-proxy does at
+// start-up with or without --config: a failure (no privileges, a read-only
+// /proc/sys or /sys) ends the start, as in kube-proxy 1.37. Set
+// --conntrack-max-per-core=0 and the timeouts to 0 to leave them alone.
+func applyConntrack(ct config.Conntrack, log *slog.Logger) error {
+	changed, err := config.ApplySysctls("/", ct.Sysctls(config.NodeCPUs("/")))
+	for _, c := range changed {
+		log.Info("set a conntrack parameter", "change", c)
+	}
+	if err != nil {
+		return fmt.Errorf("could not set conntrack parameters from the configuration: %w", err)
+	}
+	return nil
 }

@@ -26,6 +26,7 @@ import (
 	"strings"
 	"time"
 
+	logsapi "k8s.io/component-base/logs/api/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -54,52 +55,88 @@ const (
 	defaultBurst                 = 10
 )
 
-// Config is what miniproxy takes from a KubeProxyConfiguration: the fields
-// that apply to the iptables mode, with kube-proxy's defaults filled in.
-// Each field names the file's field it comes from.
+// Config is kube-proxy's configuration as miniproxy uses it: the fields of
+// a KubeProxyConfiguration that mean something in the iptables mode, with
+// kube-proxy's defaults filled in. The file (Load) and the command line
+// (cmd/miniproxy binds kube-proxy's flags to these fields) both fill it, so
+// that one Validate checks both and --write-config-to and /configz show
+// what is in effect. Each field names the file's field it comes from.
 type Config struct {
 	// Kubeconfig is clientConnection.kubeconfig: the kubeconfig file to use;
 	// empty means the in-cluster service account.
 	Kubeconfig string
+	// ContentType, QPS and Burst are clientConnection's: how the API client
+	// talks to the API server (defaults protobuf, 5, 10).
+	ContentType string
+	QPS         float32
+	Burst       int32
 	// HostnameOverride is hostnameOverride: the node's name as in its Node
 	// object; empty means the host name. (As with kube-proxy, the flag
 	// --hostname-override wins over it.)
 	HostnameOverride string
-	// BindAddress is bindAddress (default 0.0.0.0). miniproxy finds the
-	// node's addresses itself; the family of this address only decides
-	// the default healthz and metrics addresses, as in kube-proxy.
+	// BindAddress is bindAddress (default 0.0.0.0): when not unspecified,
+	// the node's primary IP (the keyword "primary" of nodePortAddresses, and
+	// the family of the default healthz and metrics addresses).
 	BindAddress netip.Addr
 	// HealthzBindAddress is healthzBindAddress as ip:port: the proxier
 	// health server (/healthz, /livez). Default 0.0.0.0:10256 ([::]:10256
-	// when bindAddress is IPv6); a bare IP gets port 10256.
+	// when bindAddress is IPv6); a bare IP gets port 10256; empty disables.
 	HealthzBindAddress string
-	// MetricsBindAddress is metricsBindAddress as ip:port: /metrics and
-	// /proxyMode. Default 127.0.0.1:10249 ([::1]:10249 when bindAddress is
-	// IPv6); a bare IP gets port 10249.
+	// MetricsBindAddress is metricsBindAddress as ip:port: /metrics,
+	// /proxyMode and /configz. Default 127.0.0.1:10249 ([::1]:10249 when
+	// bindAddress is IPv6); a bare IP gets port 10249.
 	MetricsBindAddress string
+	// BindAddressHardFail is bindAddressHardFail: a health or metrics port
+	// that cannot be opened ends the process instead of being retried.
+	BindAddressHardFail bool
 	// EnableProfiling is enableProfiling: /debug/pprof on the metrics address.
 	EnableProfiling bool
+	// ShowHiddenMetricsForVersion is showHiddenMetricsForVersion.
+	ShowHiddenMetricsForVersion string
+	// Mode is mode: "iptables", or "" until cmd/miniproxy applies the
+	// platform's default (iptables), as kube-proxy; nothing else is accepted.
+	Mode string
+	// DetectLocalMode is detectLocalMode: how traffic from this node's pods
+	// is told apart (ClusterCIDR, NodeCIDR, BridgeInterface,
+	// InterfaceNamePrefix); "" is ClusterCIDR, which cmd/miniproxy fills in
+	// as kube-proxy's platform default.
+	DetectLocalMode string
 	// ClusterCIDRs is clusterCIDR (comma separated, at most one range per
-	// family): traffic from inside it is the pods'. nil when not set.
+	// family): the pods' ranges for ClusterCIDR mode. nil when not set.
 	ClusterCIDRs []netip.Prefix
-	// NodePortAddresses is nodePortAddresses: the ranges of the local
-	// addresses that accept NodePorts; nil means every local address (the
-	// default, and the keyword "all").
-	NodePortAddresses []netip.Prefix
+	// BridgeInterface and InterfaceNamePrefix are detectLocal's, for the
+	// modes of those names.
+	BridgeInterface     string
+	InterfaceNamePrefix string
+	// NodePortAddresses is nodePortAddresses as written: CIDRs and the
+	// keywords primary, localhost and all (NodePortRanges resolves them);
+	// nil means every local address.
+	NodePortAddresses []string
 	// MasqueradeAll is iptables.masqueradeAll.
 	MasqueradeAll bool
 	// MasqueradeBit is iptables.masqueradeBit (default 14).
-	MasqueradeBit int
+	MasqueradeBit int32
+	// LocalhostNodePorts is iptables.localhostNodePorts (default true):
+	// NodePorts also answer on 127.0.0.0/8.
+	LocalhostNodePorts bool
 	// SyncPeriod is iptables.syncPeriod (default 30s).
 	SyncPeriod time.Duration
 	// MinSyncPeriod is iptables.minSyncPeriod (default 1s).
 	MinSyncPeriod time.Duration
+	// ConfigSyncPeriod is configSyncPeriod (default 15m): the informers'
+	// resync.
+	ConfigSyncPeriod time.Duration
+	// OOMScoreAdj is oomScoreAdj (default -999).
+	OOMScoreAdj int32
+	// FeatureGates is featureGates; Validate checks the names against
+	// kube-proxy's (pkg/features).
+	FeatureGates map[string]bool
 	// Conntrack is conntrack: the kernel's connection tracking settings,
 	// which kube-proxy sets at start-up (see Conntrack.Sysctls).
 	Conntrack Conntrack
-	// Verbosity is logging.verbosity (default 0); as with kube-proxy, the
-	// flag -v wins over it.
-	Verbosity int
+	// Logging is logging: format, verbosity, vmodule and the rest, as
+	// component-base defines them.
+	Logging logsapi.LoggingConfiguration
 }
 
 // Conntrack holds the conntrack settings, after kube-proxy's defaulting: a
@@ -107,9 +144,9 @@ type Config struct {
 type Conntrack struct {
 	// MaxPerCore is conntrack.maxPerCore (default 32768): nf_conntrack_max
 	// is raised to this times the number of CPUs, at least Min.
-	MaxPerCore int
+	MaxPerCore int32
 	// Min is conntrack.min (default 131072).
-	Min int
+	Min int32
 	// TCPEstablishedTimeout is conntrack.tcpEstablishedTimeout (default 24h).
 	TCPEstablishedTimeout time.Duration
 	// TCPCloseWaitTimeout is conntrack.tcpCloseWaitTimeout (default 1h).
@@ -123,15 +160,21 @@ type Conntrack struct {
 }
 
 // Default returns the Config of a file that sets nothing, which is also
-// what every Load starts from.
+// what every Load starts from and what the flags default to.
 func Default() *Config {
-	return &Config{
+	c := &Config{
+		ContentType:        defaultContentType,
+		QPS:                defaultQPS,
+		Burst:              defaultBurst,
 		BindAddress:        netip.IPv4Unspecified(),
 		HealthzBindAddress: fmt.Sprintf("0.0.0.0:%d", DefaultHealthzPort),
 		MetricsBindAddress: fmt.Sprintf("127.0.0.1:%d", DefaultMetricsPort),
 		MasqueradeBit:      DefaultMasqueradeBit,
+		LocalhostNodePorts: true,
 		SyncPeriod:         DefaultSyncPeriod,
 		MinSyncPeriod:      DefaultMinSyncPeriod,
+		ConfigSyncPeriod:   defaultConfigSyncPeriod,
+		OOMScoreAdj:        defaultOOMScoreAdj,
 		Conntrack: Conntrack{
 			MaxPerCore:            DefaultConntrackMaxPerCore,
 			Min:                   DefaultConntrackMin,
@@ -139,7 +182,24 @@ func Default() *Config {
 			TCPCloseWaitTimeout:   DefaultTCPCloseWaitTimeout,
 		},
 	}
+	logsapi.SetRecommendedLoggingConfiguration(&c.Logging)
+	return c
 }
+
+// The modes of detectLocalMode.
+const (
+	LocalModeClusterCIDR         = "ClusterCIDR"
+	LocalModeNodeCIDR            = "NodeCIDR"
+	LocalModeBridgeInterface     = "BridgeInterface"
+	LocalModeInterfaceNamePrefix = "InterfaceNamePrefix"
+)
+
+// The keywords of nodePortAddresses.
+const (
+	NodePortsPrimary   = "primary"
+	NodePortsLocalhost = "localhost"
+	NodePortsAll       = "all"
+)
 
 // Warning is something in the file that miniproxy ignores: an unknown
 // field, or a known one it does not implement. It names the field so that
@@ -271,7 +331,7 @@ func interpret(doc map[string]any) (*Config, []Warning, error) {
 	var warns []Warning
 	vals := values{}
 	walk("", doc, schema, vals, &errs, &warns)
-	in := &interpreter{vals: vals, c: Default()}
+	in := &interpreter{vals: vals, raw: doc, c: Default()}
 	in.run()
 	errs = append(errs, in.errs...)
 	warns = append(warns, in.warns...)
@@ -295,6 +355,7 @@ func fieldOf(err error) string {
 // errors.
 type interpreter struct {
 	vals  values
+	raw   map[string]any
 	c     *Config
 	errs  []error
 	warns []Warning
@@ -338,7 +399,10 @@ func (in *interpreter) run() {
 	in.nodePorts()
 	in.conntrack()
 	in.logging()
-	in.ignored()
+	in.rest()
+	if in.errs == nil {
+		in.errs = in.c.Validate()
+	}
 }
 
 func (in *interpreter) typeMeta() {
@@ -357,25 +421,26 @@ func (in *interpreter) typeMeta() {
 }
 
 func (in *interpreter) mode() {
-	if v, _ := in.str("mode"); v != "" && v != "iptables" {
-		in.fail("mode", "miniproxy implements only the iptables mode, not %q; set mode to \"iptables\" or leave it empty", v)
+	if v, _ := in.str("mode"); v != "" {
+		in.c.Mode = v
 	}
 }
 
 func (in *interpreter) client() {
 	in.c.Kubeconfig, _ = in.str("clientConnection.kubeconfig")
 	in.c.HostnameOverride, _ = in.str("hostnameOverride")
-	if v, _ := in.str("clientConnection.contentType"); v != "" && v != defaultContentType {
-		in.warn("clientConnection.contentType", "miniproxy's API client chooses its own content type; %q is ignored", v)
+	// Zero values are kube-proxy's defaults, as its defaulting does.
+	if v, _ := in.str("clientConnection.contentType"); v != "" {
+		in.c.ContentType = v
 	}
 	if v, _ := in.str("clientConnection.acceptContentTypes"); v != "" {
-		in.warn("clientConnection.acceptContentTypes", "miniproxy's API client chooses its own content types; %q is ignored", v)
+		in.warn("clientConnection.acceptContentTypes", "miniproxy's API client chooses its own accepted content types; %q is ignored", v)
 	}
-	if v, ok := in.vals["clientConnection.qps"].(float64); ok && v != 0 && v != defaultQPS {
-		in.warn("clientConnection.qps", "miniproxy's API client has its own rate limit; %v is ignored", v)
+	if v, ok := in.vals["clientConnection.qps"].(float64); ok && v != 0 {
+		in.c.QPS = float32(v)
 	}
-	if v, ok := in.integer("clientConnection.burst"); ok && v != 0 && v != defaultBurst {
-		in.warn("clientConnection.burst", "miniproxy's API client has its own burst limit; %d is ignored", v)
+	if v, ok := in.integer("clientConnection.burst"); ok && v != 0 {
+		in.c.Burst = int32(v)
 	}
 }
 
@@ -386,9 +451,6 @@ func (in *interpreter) addresses() {
 			in.fail("bindAddress", "%q is not an IP address", v)
 		} else {
 			in.c.BindAddress = a.Unmap()
-			if !a.IsUnspecified() {
-				in.warn("bindAddress", "miniproxy takes the node's addresses from its interfaces; %s only decides the family of the default healthz and metrics addresses", v)
-			}
 		}
 	}
 	healthzHost, metricsHost := "0.0.0.0", "127.0.0.1"
@@ -398,6 +460,7 @@ func (in *interpreter) addresses() {
 	in.c.HealthzBindAddress = in.hostPort("healthzBindAddress", healthzHost, DefaultHealthzPort)
 	in.c.MetricsBindAddress = in.hostPort("metricsBindAddress", metricsHost, DefaultMetricsPort)
 	in.c.EnableProfiling, _ = in.boolean("enableProfiling")
+	in.c.BindAddressHardFail, _ = in.boolean("bindAddressHardFail")
 }
 
 // hostPort reads a bind address as kube-proxy does: empty means the default
@@ -422,37 +485,37 @@ func (in *interpreter) hostPort(field, defaultHost string, defaultPort int) stri
 func (in *interpreter) iptables() {
 	in.c.MasqueradeAll, _ = in.boolean("iptables.masqueradeAll")
 	if v, ok := in.integer("iptables.masqueradeBit"); ok {
-		if v < 0 || v > 31 {
-			in.fail("iptables.masqueradeBit", "%d is not in 0..31", v)
-		} else {
-			in.c.MasqueradeBit = int(v)
-		}
+		in.c.MasqueradeBit = int32(v)
 	}
-	if v, ok := in.boolean("iptables.localhostNodePorts"); ok && v {
-		in.warn("iptables.localhostNodePorts", "miniproxy never serves NodePorts on localhost (it would need route_localnet=1, CVE-2020-8558; see docs/decisions.md); NodePorts answer on the node's other addresses")
+	if v, ok := in.boolean("iptables.localhostNodePorts"); ok {
+		in.c.LocalhostNodePorts = v
 	}
 	// Zero means the default, as in kube-proxy's defaulting.
 	if v, ok := in.duration("iptables.syncPeriod"); ok && v != 0 {
-		if v < 0 {
-			in.fail("iptables.syncPeriod", "%s must be greater than 0", v)
-		} else {
-			in.c.SyncPeriod = v
-		}
+		in.c.SyncPeriod = v
 	}
 	if v, ok := in.duration("iptables.minSyncPeriod"); ok && v != 0 {
-		if v < 0 {
-			in.fail("iptables.minSyncPeriod", "%s must not be negative", v)
-		} else {
-			in.c.MinSyncPeriod = v
-		}
-	}
-	if in.c.MinSyncPeriod > in.c.SyncPeriod {
-		in.fail("iptables.minSyncPeriod", "%s is longer than iptables.syncPeriod %s", in.c.MinSyncPeriod, in.c.SyncPeriod)
+		in.c.MinSyncPeriod = v
 	}
 }
 
 func (in *interpreter) detectLocal() {
 	v, _ := in.str("clusterCIDR")
+	list, err := ParseClusterCIDRs(v)
+	if err != nil {
+		in.fail("clusterCIDR", "%v", err)
+	}
+	in.c.ClusterCIDRs = list
+	if mode, _ := in.str("detectLocalMode"); mode != "" {
+		in.c.DetectLocalMode = mode
+	}
+	in.c.BridgeInterface, _ = in.str("detectLocal.bridgeInterface")
+	in.c.InterfaceNamePrefix, _ = in.str("detectLocal.interfaceNamePrefix")
+}
+
+// ParseClusterCIDRs reads a clusterCIDR value (--cluster-cidr): comma
+// separated ranges, at most one per family.
+func ParseClusterCIDRs(v string) ([]netip.Prefix, error) {
 	families := map[bool]bool{}
 	var list []netip.Prefix
 	for _, s := range strings.Split(v, ",") {
@@ -461,81 +524,30 @@ func (in *interpreter) detectLocal() {
 		}
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
-			in.fail("clusterCIDR", "%q is not a CIDR (e.g. 10.244.0.0/16)", s)
-			continue
+			return nil, fmt.Errorf("%q is not a CIDR (e.g. 10.244.0.0/16)", s)
 		}
 		if families[p.Addr().Is4()] {
-			in.fail("clusterCIDR", "%q has more than one range of a family; want one range, or an IPv4 and an IPv6 range", v)
-			continue
+			return nil, fmt.Errorf("%q has more than one range of a family; want one range, or an IPv4 and an IPv6 range", v)
 		}
 		families[p.Addr().Is4()] = true
 		list = append(list, p.Masked())
 	}
-	in.c.ClusterCIDRs = list
-
-	mode, _ := in.str("detectLocalMode")
-	switch mode {
-	case "", "ClusterCIDR":
-	case "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix":
-		what := "without clusterCIDR no traffic counts as the pods' (ClusterIP traffic is not masqueraded and Local-policy Services treat pods like outside clients)"
-		if len(list) > 0 {
-			what = "here: " + v
-		}
-		in.warn("detectLocalMode", "%q is not supported; miniproxy tells the pods' traffic by clusterCIDR only (%s)", mode, what)
-	default:
-		in.fail("detectLocalMode", "%q is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix", mode)
-	}
+	return list, nil
 }
 
 func (in *interpreter) nodePorts() {
-	list, ok := in.vals["nodePortAddresses"].([]string)
-	if !ok || len(list) == 0 {
-		return
-	}
-	all, localhost := false, false
-	var out []netip.Prefix
-	for i, s := range list {
-		field := fmt.Sprintf("nodePortAddresses[%d]", i)
-		switch s {
-		case "all":
-			all = true
-		case "localhost":
-			localhost = true
-			in.warn(field, "miniproxy never serves NodePorts on localhost (see docs/decisions.md); the keyword is ignored")
-		case "primary":
-			in.fail(field, "the keyword \"primary\" is not supported: miniproxy does not read the Node object's addresses for this; list the CIDRs of the node network instead (e.g. 10.240.0.0/24)")
-		default:
-			p, err := netip.ParsePrefix(s)
-			if err != nil {
-				in.fail(field, "%q is neither a CIDR nor one of the keywords all, localhost, primary", s)
-				continue
-			}
-			out = append(out, p.Masked())
-		}
-	}
-	switch {
-	case all:
-		in.c.NodePortAddresses = nil
-	case len(out) > 0:
-		in.c.NodePortAddresses = out
-	case localhost:
-		in.fail("nodePortAddresses", "names only localhost, where miniproxy never serves NodePorts; remove the field to serve them on every local address, or list CIDRs")
+	if list, ok := in.vals["nodePortAddresses"].([]string); ok && len(list) > 0 {
+		in.c.NodePortAddresses = list
 	}
 }
 
 func (in *interpreter) conntrack() {
 	ct := &in.c.Conntrack
-	for _, f := range []struct {
-		name string
-		dst  *int
-	}{{"conntrack.maxPerCore", &ct.MaxPerCore}, {"conntrack.min", &ct.Min}} {
-		if v, ok := in.integer(f.name); ok {
-			if v < 0 {
-				in.fail(f.name, "%d must not be negative (0 leaves the kernel's value as it is)", v)
-			} else {
-				*f.dst = int(v)
-			}
-		}
+	if v, ok := in.integer("conntrack.maxPerCore"); ok {
+		ct.MaxPerCore = int32(v)
+	}
+	if v, ok := in.integer("conntrack.min"); ok {
+		ct.Min = int32(v)
 	}
 	for _, f := range []struct {
 		name string
@@ -547,49 +559,42 @@ func (in *interpreter) conntrack() {
 		{"conntrack.udpStreamTimeout", &ct.UDPStreamTimeout},
 	} {
 		if v, ok := in.duration(f.name); ok {
-			if v < 0 {
-				in.fail(f.name, "%s must not be negative (0 leaves the kernel's value as it is)", v)
-			} else {
-				*f.dst = v
-			}
+			*f.dst = v
 		}
 	}
 	ct.TCPBeLiberal, _ = in.boolean("conntrack.tcpBeLiberal")
 }
 
 func (in *interpreter) logging() {
-	if v, ok := in.integer("logging.verbosity"); ok {
-		in.c.Verbosity = int(v)
+	raw, ok := in.raw["logging"]
+	if !ok {
+		return
 	}
-	if v, _ := in.str("logging.format"); v != "" && v != "text" {
-		in.warn("logging.format", "miniproxy logs text (key=value) only; %q is ignored", v)
+	// component-base's own type reads its section, so that every logging
+	// setting means what it means in kube-proxy.
+	j, err := json.Marshal(raw)
+	if err == nil {
+		err = json.Unmarshal(j, &in.c.Logging)
 	}
-	if v, ok := in.vals["logging.vmodule"].([]any); ok && len(v) > 0 {
-		in.warn("logging.vmodule", "miniproxy has no per-file verbosity; ignored (use logging.verbosity)")
+	if err != nil {
+		in.fail("logging", "%v", err)
 	}
+	// kube-proxy's defaulting: an empty format is text, a zero flush
+	// frequency 5s.
+	logsapi.SetRecommendedLoggingConfiguration(&in.c.Logging)
 }
 
-// ignored warns about the known fields miniproxy does not implement, when
-// their value asks for something (zero values and kube-proxy's defaults
-// stay quiet). The IPVS, nftables and Windows sections only matter in
-// those modes, which mode already refuses, so they are ignored as
-// kube-proxy's iptables mode ignores them.
-func (in *interpreter) ignored() {
+// rest reads the fields that need no interpretation.
+func (in *interpreter) rest() {
 	if v, ok := in.vals["featureGates"].(map[string]bool); ok && len(v) > 0 {
-		var gates []string
-		for _, k := range sortedKeys(v) {
-			gates = append(gates, fmt.Sprintf("%s=%v", k, v[k]))
-		}
-		in.warn("featureGates", "miniproxy has no feature gates; %s ignored", strings.Join(gates, ","))
+		in.c.FeatureGates = v
 	}
-	if v, _ := in.str("showHiddenMetricsForVersion"); v != "" {
-		in.warn("showHiddenMetricsForVersion", "miniproxy has no hidden metrics; ignored")
+	in.c.ShowHiddenMetricsForVersion, _ = in.str("showHiddenMetricsForVersion")
+	if v, ok := in.integer("oomScoreAdj"); ok {
+		in.c.OOMScoreAdj = int32(v)
 	}
-	if v, ok := in.integer("oomScoreAdj"); ok && v != defaultOOMScoreAdj {
-		in.warn("oomScoreAdj", "miniproxy does not change its OOM score (the kubelet sets it from the pod's priority class and resources); %d is ignored", v)
-	}
-	if v, ok := in.duration("configSyncPeriod"); ok && v != 0 && v != defaultConfigSyncPeriod {
-		in.warn("configSyncPeriod", "miniproxy's informers never relist on a timer (iptables.syncPeriod is its periodic resync of the rules); %s is ignored", v)
+	if v, ok := in.duration("configSyncPeriod"); ok && v != 0 {
+		in.c.ConfigSyncPeriod = v
 	}
 	if v, _ := in.str("portRange"); v != "" {
 		in.warn("portRange", "it applied to kube-proxy's userspace mode, which no longer exists; ignored")

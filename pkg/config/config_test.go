@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"net/netip"
 	"os"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"k8s.io/apimachinery/pkg/api/resource"
+	logsapi "k8s.io/component-base/logs/api/v1"
 )
 
 // header is the type every test file starts with.
@@ -41,6 +44,9 @@ func fields(ws []Warning) []string {
 	return out
 }
 
+// A file that sets nothing, with the platform's defaults kube-proxy fills
+// in (mode iptables, detectLocalMode ClusterCIDR), is written out byte for
+// byte as kube-proxy v1.37.2's --write-config-to wrote its defaults.
 func TestDefaultsAreKubeProxys(t *testing.T) {
 	c, warns, err := Parse([]byte(header))
 	if err != nil {
@@ -49,22 +55,17 @@ func TestDefaultsAreKubeProxys(t *testing.T) {
 	if len(warns) != 0 {
 		t.Errorf("warnings for a file that sets nothing: %v", warns)
 	}
-	expected := &Config{
-		BindAddress:        netip.MustParseAddr("0.0.0.0"),
-		HealthzBindAddress: "0.0.0.0:10256",
-		MetricsBindAddress: "127.0.0.1:10249",
-		MasqueradeBit:      14,
-		SyncPeriod:         30 * time.Second,
-		MinSyncPeriod:      time.Second,
-		Conntrack: Conntrack{
-			MaxPerCore:            32768,
-			Min:                   131072,
-			TCPEstablishedTimeout: 24 * time.Hour,
-			TCPCloseWaitTimeout:   time.Hour,
-		},
+	c.Mode, c.DetectLocalMode = "iptables", LocalModeClusterCIDR
+	var got bytes.Buffer
+	if err := c.WriteYAML(&got); err != nil {
+		t.Fatal(err)
 	}
-	if diff := cmp.Diff(expected, c, addrCmp); diff != "" {
-		t.Errorf("defaults (-kube-proxy's +got):\n%s", diff)
+	upstream, err := os.ReadFile(filepath.Join("testdata", "write-config-to.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(string(upstream), got.String()); diff != "" {
+		t.Errorf("defaults written out (-kube-proxy's +miniproxy's):\n%s", diff)
 	}
 }
 
@@ -79,9 +80,7 @@ func TestWhatKubeProxyWrites(t *testing.T) {
 	}{
 		{
 			file: "write-config-to.yaml",
-			want: Default(),
-			// kube-proxy's default is true, which miniproxy does not do.
-			wantWarns: []string{"iptables.localhostNodePorts"},
+			want: want(func(c *Config) { c.Mode, c.DetectLocalMode = "iptables", "ClusterCIDR" }),
 		},
 		{
 			file: "kubeadm-config.conf",
@@ -95,6 +94,7 @@ func TestWhatKubeProxyWrites(t *testing.T) {
 			want: want(func(c *Config) {
 				c.ClusterCIDRs = prefixes("10.244.0.0/16")
 				c.SyncPeriod = time.Minute
+				c.Mode = "iptables"
 			}),
 		},
 	}
@@ -118,6 +118,7 @@ func TestWhatKubeProxyWrites(t *testing.T) {
 var addrCmp = cmp.Options{
 	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
 	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+	cmp.Comparer(func(a, b resource.QuantityValue) bool { return a.Cmp(b.Quantity) == 0 }),
 }
 
 // TestSupportedFields sets each field that means something for the
@@ -139,8 +140,10 @@ func TestSupportedFields(t *testing.T) {
 				c.BindAddress = netip.IPv6Unspecified()
 				c.HealthzBindAddress, c.MetricsBindAddress = "[::]:10256", "[::1]:10249"
 			}), nil},
-		{"bindAddress of a node address is only used for the family", "bindAddress: 10.240.0.3\n",
-			want(func(c *Config) { c.BindAddress = netip.MustParseAddr("10.240.0.3") }), []string{"bindAddress"}},
+		{"bindAddress of a node address is its primary IP", "bindAddress: 10.240.0.3\n",
+			want(func(c *Config) { c.BindAddress = netip.MustParseAddr("10.240.0.3") }), nil},
+		{"bindAddressHardFail", "bindAddressHardFail: true\n",
+			want(func(c *Config) { c.BindAddressHardFail = true }), nil},
 		{"healthzBindAddress ip:port", "healthzBindAddress: 10.240.0.3:10256\n",
 			want(func(c *Config) { c.HealthzBindAddress = "10.240.0.3:10256" }), nil},
 		{"healthzBindAddress bare IP gets port 10256", "healthzBindAddress: 10.240.0.3\n",
@@ -158,11 +161,17 @@ func TestSupportedFields(t *testing.T) {
 		{"clusterCIDR dual-stack, with blanks, host bits masked", "clusterCIDR: '10.244.0.0/16, fd00:244::1/56'\n",
 			want(func(c *Config) { c.ClusterCIDRs = prefixes("10.244.0.0/16", "fd00:244::/56") }), nil},
 		{"detectLocalMode ClusterCIDR", "detectLocalMode: ClusterCIDR\nclusterCIDR: 10.244.0.0/16\n",
-			want(func(c *Config) { c.ClusterCIDRs = prefixes("10.244.0.0/16") }), nil},
+			want(func(c *Config) { c.ClusterCIDRs, c.DetectLocalMode = prefixes("10.244.0.0/16"), "ClusterCIDR" }), nil},
+		{"detectLocalMode NodeCIDR", "detectLocalMode: NodeCIDR\n",
+			want(func(c *Config) { c.DetectLocalMode = "NodeCIDR" }), nil},
+		{"detectLocalMode BridgeInterface", "detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: cbr0\n",
+			want(func(c *Config) { c.DetectLocalMode, c.BridgeInterface = "BridgeInterface", "cbr0" }), nil},
+		{"detectLocalMode InterfaceNamePrefix", "detectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: veth\n",
+			want(func(c *Config) { c.DetectLocalMode, c.InterfaceNamePrefix = "InterfaceNamePrefix", "veth" }), nil},
 		{"nodePortAddresses CIDRs", "nodePortAddresses: [10.240.0.0/24, 'fd00:240::/64']\n",
-			want(func(c *Config) { c.NodePortAddresses = prefixes("10.240.0.0/24", "fd00:240::/64") }), nil},
-		{"nodePortAddresses all means every address", "nodePortAddresses: [all]\n", Default(), nil},
-		{"nodePortAddresses all wins over CIDRs", "nodePortAddresses: [10.240.0.0/24, all]\n", Default(), nil},
+			want(func(c *Config) { c.NodePortAddresses = []string{"10.240.0.0/24", "fd00:240::/64"} }), nil},
+		{"nodePortAddresses keywords", "nodePortAddresses: [primary, localhost, all]\n",
+			want(func(c *Config) { c.NodePortAddresses = []string{"primary", "localhost", "all"} }), nil},
 		{"nodePortAddresses empty list means every address", "nodePortAddresses: []\n", Default(), nil},
 		{"iptables.masqueradeAll", "iptables:\n  masqueradeAll: true\n",
 			want(func(c *Config) { c.MasqueradeAll = true }), nil},
@@ -176,7 +185,8 @@ func TestSupportedFields(t *testing.T) {
 		{"iptables.minSyncPeriod", "iptables:\n  minSyncPeriod: 10s\n",
 			want(func(c *Config) { c.MinSyncPeriod = 10 * time.Second }), nil},
 		{"iptables.minSyncPeriod 0s means the default", "iptables:\n  minSyncPeriod: 0s\n", Default(), nil},
-		{"iptables.localhostNodePorts false is what miniproxy does", "iptables:\n  localhostNodePorts: false\n", Default(), nil},
+		{"iptables.localhostNodePorts false", "iptables:\n  localhostNodePorts: false\n",
+			want(func(c *Config) { c.LocalhostNodePorts = false }), nil},
 		{"conntrack.maxPerCore", "conntrack:\n  maxPerCore: 65536\n",
 			want(func(c *Config) { c.Conntrack.MaxPerCore = 65536 }), nil},
 		{"conntrack.maxPerCore 0 leaves the limit alone", "conntrack:\n  maxPerCore: 0\n",
@@ -196,8 +206,22 @@ func TestSupportedFields(t *testing.T) {
 		{"conntrack.udpStreamTimeout", "conntrack:\n  udpStreamTimeout: 2m\n",
 			want(func(c *Config) { c.Conntrack.UDPStreamTimeout = 2 * time.Minute }), nil},
 		{"logging.verbosity", "logging:\n  verbosity: 4\n",
-			want(func(c *Config) { c.Verbosity = 4 }), nil},
-		{"mode iptables", "mode: iptables\n", Default(), nil},
+			want(func(c *Config) { c.Logging.Verbosity = 4 }), nil},
+		{"logging.format json", "logging:\n  format: json\n",
+			want(func(c *Config) { c.Logging.Format = "json" }), nil},
+		{"logging.vmodule", "logging:\n  vmodule:\n  - filePattern: proxier.go\n    verbosity: 5\n",
+			want(func(c *Config) {
+				c.Logging.VModule = logsapi.VModuleConfiguration{{FilePattern: "proxier.go", Verbosity: 5}}
+			}), nil},
+		{"mode iptables", "mode: iptables\n", want(func(c *Config) { c.Mode = "iptables" }), nil},
+		{"featureGates", "featureGates:\n  AllowServiceExternalIPs: false\n",
+			want(func(c *Config) { c.FeatureGates = map[string]bool{"AllowServiceExternalIPs": false} }), nil},
+		{"showHiddenMetricsForVersion", "showHiddenMetricsForVersion: '1.36'\n",
+			want(func(c *Config) { c.ShowHiddenMetricsForVersion = "1.36" }), nil},
+		{"oomScoreAdj", "oomScoreAdj: -500\n", want(func(c *Config) { c.OOMScoreAdj = -500 }), nil},
+		{"configSyncPeriod", "configSyncPeriod: 5m\n", want(func(c *Config) { c.ConfigSyncPeriod = 5 * time.Minute }), nil},
+		{"clientConnection", "clientConnection:\n  qps: 50\n  burst: 100\n  contentType: application/json\n",
+			want(func(c *Config) { c.QPS, c.Burst, c.ContentType = 50, 100, "application/json" }), nil},
 		{"null is as if absent", "iptables:\n  syncPeriod: null\n  masqueradeBit: null\nclusterCIDR: null\n", Default(), nil},
 	}
 	for _, tc := range tests {
@@ -247,24 +271,8 @@ func TestUnsupportedFields(t *testing.T) {
 		wantText  string
 		want      *Config
 	}{
-		{"iptables:\n  localhostNodePorts: true\n", "iptables.localhostNodePorts", "miniproxy never serves NodePorts on localhost", nil},
-		{"nodePortAddresses: [localhost, 10.240.0.0/24]\n", "nodePortAddresses[0]", "never serves NodePorts on localhost",
-			want(func(c *Config) { c.NodePortAddresses = prefixes("10.240.0.0/24") })},
-		{"detectLocalMode: NodeCIDR\nclusterCIDR: 10.244.0.0/16\n", "detectLocalMode", "by clusterCIDR only (here: 10.244.0.0/16)",
-			want(func(c *Config) { c.ClusterCIDRs = prefixes("10.244.0.0/16") })},
-		{"detectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: cbr0\n", "detectLocalMode", "without clusterCIDR no traffic counts as the pods'", nil},
-		{"detectLocalMode: InterfaceNamePrefix\n", "detectLocalMode", `"InterfaceNamePrefix" is not supported`, nil},
-		{"featureGates:\n  SomeGate: true\n", "featureGates", "no feature gates; SomeGate=true ignored", nil},
-		{"showHiddenMetricsForVersion: '1.36'\n", "showHiddenMetricsForVersion", "no hidden metrics", nil},
-		{"oomScoreAdj: -500\n", "oomScoreAdj", "does not change its OOM score", nil},
-		{"configSyncPeriod: 5m\n", "configSyncPeriod", "never relist", nil},
 		{"portRange: 30000-32767\n", "portRange", "userspace mode", nil},
-		{"clientConnection:\n  qps: 50\n", "clientConnection.qps", "own rate limit", nil},
-		{"clientConnection:\n  burst: 100\n", "clientConnection.burst", "own burst limit", nil},
-		{"clientConnection:\n  contentType: application/json\n", "clientConnection.contentType", "own content type", nil},
-		{"clientConnection:\n  acceptContentTypes: application/json\n", "clientConnection.acceptContentTypes", "own content types", nil},
-		{"logging:\n  format: json\n", "logging.format", "text (key=value) only", nil},
-		{"logging:\n  vmodule:\n  - filePattern: proxier.go\n    verbosity: 5\n", "logging.vmodule", "no per-file verbosity", nil},
+		{"clientConnection:\n  acceptContentTypes: application/json\n", "clientConnection.acceptContentTypes", "own accepted content types", nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.wantField, func(t *testing.T) {
@@ -312,7 +320,7 @@ windowsRunAsService: true
 	if len(warns) != 0 {
 		t.Errorf("warnings = %v, want none", warns)
 	}
-	if diff := cmp.Diff(Default(), c, addrCmp); diff != "" {
+	if diff := cmp.Diff(want(func(c *Config) { c.BindAddressHardFail = true }), c, addrCmp); diff != "" {
 		t.Errorf("config (-want +got):\n%s", diff)
 	}
 }
@@ -363,7 +371,7 @@ func TestErrors(t *testing.T) {
 		{"integer with a fraction", header + "iptables:\n  masqueradeBit: 14.5\n",
 			[]string{`iptables.masqueradeBit: want a whole number, got 14.5`}},
 		{"masquerade bit out of range", header + "iptables:\n  masqueradeBit: 32\n",
-			[]string{`iptables.masqueradeBit: 32 is not in 0..31`}},
+			[]string{`iptables.masqueradeBit: 32 must be within the range [0, 31]`}},
 		{"boolean given as a string", header + "iptables:\n  masqueradeAll: \"true\"\n",
 			[]string{`iptables.masqueradeAll: want true or false, got the string "true"`}},
 		{"object given as a string", header + "iptables: fast\n",
@@ -371,7 +379,7 @@ func TestErrors(t *testing.T) {
 		{"int32 overflow", header + "conntrack:\n  min: 4294967296\n",
 			[]string{`conntrack.min: 4294967296 is out of range`}},
 		{"negative conntrack setting", header + "conntrack:\n  maxPerCore: -1\n  udpTimeout: -5s\n",
-			[]string{`conntrack.maxPerCore: -1 must not be negative`, `conntrack.udpTimeout: -5s must not be negative`}},
+			[]string{`conntrack.maxPerCore: -1 must be greater than or equal to 0`, `conntrack.udpTimeout: -5s must be greater than or equal to 0`}},
 		{"negative sync period", header + "iptables:\n  syncPeriod: -1s\n",
 			[]string{`iptables.syncPeriod: -1s must be greater than 0`}},
 		{"min sync period longer than sync period", header + "iptables:\n  syncPeriod: 10s\n  minSyncPeriod: 1m\n",
@@ -399,13 +407,21 @@ func TestErrors(t *testing.T) {
 		{"detectLocalMode unknown", header + "detectLocalMode: PodCIDR\n",
 			[]string{`detectLocalMode: "PodCIDR" is not one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix`}},
 		{"nodePortAddresses entry not a CIDR", header + "nodePortAddresses: [10.240.0.0/24, 10.240.0.3]\n",
-			[]string{`nodePortAddresses[1]: "10.240.0.3" is neither a CIDR nor one of the keywords`}},
+			[]string{`nodePortAddresses[1]: "10.240.0.3" must be a valid CIDR or one of the keywords 'primary', 'localhost', 'all'`}},
 		{"nodePortAddresses entry not a string", header + "nodePortAddresses: [10.240.0.0/24, 7]\n",
 			[]string{`nodePortAddresses[1]: want a string, got the number 7`}},
-		{"nodePortAddresses primary", header + "nodePortAddresses: [primary]\n",
-			[]string{`nodePortAddresses[0]: the keyword "primary" is not supported`}},
-		{"nodePortAddresses localhost only", header + "nodePortAddresses: [localhost]\n",
-			[]string{`nodePortAddresses: names only localhost`}},
+		{"nodePortAddresses keyword twice", header + "nodePortAddresses: [primary, primary]\n",
+			[]string{`nodePortAddresses[1]: the keyword "primary" is given twice`}},
+		{"featureGates unknown gate", header + "featureGates:\n  SomeGate: true\n",
+			[]string{`featureGates: unrecognized feature gate: SomeGate`}},
+		{"featureGates locked gate", header + "featureGates:\n  PreferSameTrafficDistribution: false\n",
+			[]string{`featureGates: cannot set feature gate PreferSameTrafficDistribution to false, feature is locked to true`}},
+		{"detectLocalMode BridgeInterface without a bridge", header + "detectLocalMode: BridgeInterface\n",
+			[]string{`detectLocal.bridgeInterface: must be set with detectLocalMode BridgeInterface`}},
+		{"logging format unknown", header + "logging:\n  format: xml\n",
+			[]string{`logging.format: Invalid value: "xml": Unsupported log format`}},
+		{"oomScoreAdj out of range", header + "oomScoreAdj: -1001\n",
+			[]string{`oomScoreAdj: -1001 must be within the range [-1000, 1000]`}},
 		{"featureGates value not a boolean", header + "featureGates:\n  SomeGate: enabled\n",
 			[]string{`featureGates.SomeGate: want true or false, got the string "enabled"`}},
 		{"duplicated key", header + "clusterCIDR: 10.244.0.0/16\nclusterCIDR: 10.245.0.0/16\n",
@@ -418,7 +434,7 @@ func TestErrors(t *testing.T) {
 		{"several KubeProxyConfigurations", header + "---\n" + header,
 			[]string{`kind: 2 documents are a KubeProxyConfiguration; want exactly one`}},
 		{"every error at once, in field order", header + "mode: ipvs\niptables:\n  syncPeriod: abc\nclusterCIDR: x\n",
-			[]string{`clusterCIDR: "x" is not a CIDR`, `iptables.syncPeriod: cannot parse "abc"`, `mode: miniproxy implements only`}},
+			[]string{`clusterCIDR: "x" is not a CIDR`, `iptables.syncPeriod: cannot parse "abc"`}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

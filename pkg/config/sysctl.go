@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -37,18 +38,17 @@ const (
 // MaxPerCore is 0) with the hash size raised to a quarter of it, then the
 // TCP and UDP timeouts that are not 0 and tcp_be_liberal when set.
 //
-// miniproxy applies them only when run with --config, because only the
-// configuration file carries these settings; without it the node's
-// conntrack settings are left as they are.
+// miniproxy applies them at every start, from the flags or the --config
+// file, as kube-proxy does; zero values leave the kernel's alone.
 func (c Conntrack) Sysctls(numCPU int) []Sysctl {
 	var out []Sysctl
 	if c.MaxPerCore > 0 {
-		limit := c.MaxPerCore * max(numCPU, 1)
+		limit := int(c.MaxPerCore) * max(numCPU, 1)
 		switch {
 		case limit > conntrackLimit:
 			limit = conntrackLimit
-		case limit < c.Min:
-			limit = c.Min
+		case limit < int(c.Min):
+			limit = int(c.Min)
 		}
 		out = append(out,
 			Sysctl{Path: sysctlDir + "nf_conntrack_max", Value: limit, RaiseOnly: true},
@@ -99,4 +99,28 @@ func ApplySysctls(root string, list []Sysctl) ([]string, error) {
 		changed = append(changed, fmt.Sprintf("%s: %d -> %d", s.Path, cur, s.Value))
 	}
 	return changed, nil
+}
+
+// NodeCPUs counts the node's online CPUs from sysfs under root, as
+// kube-proxy sizes nf_conntrack_max: the limit is the node's, so a process
+// pinned to fewer CPUs (runtime.NumCPU) must not shrink it.
+func NodeCPUs(root string) int {
+	raw, err := os.ReadFile(filepath.Join(root, "sys/devices/system/cpu/online"))
+	if err != nil {
+		return runtime.NumCPU()
+	}
+	n := 0
+	for _, part := range strings.Split(strings.TrimSpace(string(raw)), ",") {
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err1 := strconv.Atoi(lo)
+		b, err2 := a, error(nil)
+		if isRange {
+			b, err2 = strconv.Atoi(hi)
+		}
+		if err1 != nil || err2 != nil || b < a {
+			return runtime.NumCPU()
+		}
+		n += b - a + 1
+	}
+	return max(n, 1)
 }

@@ -67,6 +67,8 @@ type Tracker struct {
 	// port names it has in prev.
 	prev    *Snapshot
 	applied map[objectKey][]ServicePortName
+	// dropExternalIPs is DropExternalIPs.
+	dropExternalIPs bool
 }
 
 // NewTracker makes a Tracker for the node named nodeName (the name
@@ -97,6 +99,30 @@ func NewTracker(nodeName string, logger *slog.Logger, onInvalid InvalidFunc) *Tr
 		},
 		applied: map[objectKey][]ServicePortName{},
 	}
+}
+
+// DropExternalIPs makes the Tracker ignore spec.externalIPs, as kube-proxy
+// with the feature gate AllowServiceExternalIPs=false: no rules for those
+// addresses, while the Service still counts as externally accessible (as
+// upstream, which decides that from the spec). Call it before any event.
+func (t *Tracker) DropExternalIPs() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.dropExternalIPs = true
+}
+
+// withoutExternalIPs copies the ports that have external IPs without them.
+func withoutExternalIPs(ports []*ServicePort) []*ServicePort {
+	out := make([]*ServicePort, len(ports))
+	for i, p := range ports {
+		out[i] = p
+		if len(p.ExternalIPs) > 0 {
+			c := *p
+			c.ExternalIPs = nil
+			out[i] = &c
+		}
+	}
+	return out
 }
 
 // SetOnChange registers f to be called after every event that changed the
@@ -146,6 +172,9 @@ func (t *Tracker) setService(key objectKey, conv convertedService) {
 		t.log.Debug("not proxying Service", "service", key.String(), "reason", conv.skipped)
 	}
 	t.mu.Lock()
+	if t.dropExternalIPs {
+		conv.ports = withoutExternalIPs(conv.ports)
+	}
 	changed := !servicePortsEqual(t.services[key], conv.ports)
 	if changed {
 		if len(conv.ports) == 0 {

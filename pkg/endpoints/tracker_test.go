@@ -670,3 +670,28 @@ func TestConcurrentUse(t *testing.T) {
 		t.Errorf("onChange called %d times, want %d", changes.Load(), 2*4*n)
 	}
 }
+
+// With the feature gate AllowServiceExternalIPs off, as kube-proxy, a
+// Service's externalIPs get no rules; everything else about it stays.
+func TestDropExternalIPs(t *testing.T) {
+	for _, drop := range []bool{false, true} {
+		tr, _ := newTestTracker(t)
+		if drop {
+			tr.DropExternalIPs()
+		}
+		tr.OnServiceAdd(makeService("ns", "a", func(s *v1.Service) {
+			s.Spec.ExternalIPs = []string{"192.0.2.10"}
+		}))
+		snap := tr.Snapshot()
+		sp := snap.Services[ServicePortName{Namespace: "ns", Name: "a"}]
+		if sp == nil {
+			t.Fatalf("drop=%v: the Service is gone: %v", drop, snap.SortedNames())
+		}
+		if got := len(sp.ExternalIPs); (got == 0) != drop {
+			t.Errorf("drop=%v: external IPs %v", drop, sp.ExternalIPs)
+		}
+		if len(sp.ClusterIPs) == 0 {
+			t.Errorf("drop=%v: the cluster IP went too", drop)
+		}
+	}
+}

@@ -309,29 +309,23 @@ func (b *bench) proxyCmd(kind, logPath string) (*exec.Cmd, error) {
 }
 
 func miniproxyArgs(kubeconfig string) []string {
-	return []string{
+	return append([]string{
 		"--kubeconfig", kubeconfig,
 		"--hostname-override", nodeName,
 		"--cluster-cidr", clusterCIDR.String(),
-	}
+	}, netns.LeaveConntrackAlone...)
 }
 
 func kubeProxyArgs(kubeconfig string) []string {
-	return []string{
+	return append([]string{
 		"--proxy-mode=iptables",
 		"--kubeconfig=" + kubeconfig,
 		"--hostname-override=" + nodeName,
 		"--cluster-cidr=" + clusterCIDR.String(),
-		// Leave every conntrack sysctl alone (nf_conntrack_max and the
-		// hash size are global to the machine).
-		"--conntrack-max-per-core=0",
-		"--conntrack-min=0",
-		"--conntrack-tcp-timeout-established=0",
-		"--conntrack-tcp-timeout-close-wait=0",
 		"--metrics-bind-address=127.0.0.1:10249",
 		"--healthz-bind-address=0.0.0.0:10256",
 		"--v=2",
-	}
+	}, netns.LeaveConntrackAlone...)
 }
 
 var errStartupTimeout = errors.New("start-up timed out")

@@ -293,11 +293,11 @@ func (c *Cluster) StartProxy(ctx context.Context, n *Node, extra func(*Node) ([]
 // KUBERNETES_SERVICE_PORT) or to run the binary under another program. It
 // waits for the first sync as StartProxy does.
 func (c *Cluster) StartProxyCmd(ctx context.Context, n *Node, mk func(bin string, args []string) *exec.Cmd) error {
-	args := []string{
+	args := append([]string{
 		"--kubeconfig", c.Control.ProxyKubeconfig(),
 		"--hostname-override", n.Name,
 		"--cluster-cidr", ClusterCIDR.String(),
-	}
+	}, netns.LeaveConntrackAlone...)
 	p, err := n.NS.StartCmd(mk(c.proxyBin, args))
 	if err != nil {
 		return fmt.Errorf("start miniproxy on %s: %w", n.Name, err)

@@ -90,8 +90,9 @@ func firstAnswer(ns *netns.Namespace, address string, limit time.Duration) (time
 	}
 }
 
-// syncedRE finds the time of each sync in miniproxy's log.
-var syncedRE = regexp.MustCompile(`time=(\S+) level=INFO msg="rules synced"`)
+// syncedRE finds the time of each sync in miniproxy's log (klog's text
+// format: "I1202 04:45:18.243394   7157 proxier.go:255] "rules synced" ...").
+var syncedRE = regexp.MustCompile(`(?m)^I(\d{4} \d{2}:\d{2}:\d{2}\.\d{6})\s+\d+ \S+\] "rules synced"`)
 
 // waitForQuietNodes waits until no node's miniproxy has synced for 1.2 s,
 // so that the next change is not held back by --iptables-min-sync-period.
@@ -103,10 +104,13 @@ func waitForQuietNodes(t *testing.T) {
 			if len(m) == 0 {
 				continue
 			}
-			last, err := time.Parse(time.RFC3339Nano, m[len(m)-1][1])
+			// klog writes local time without the year.
+			last, err := time.ParseInLocation("0102 15:04:05.000000", m[len(m)-1][1], time.Local)
 			if err != nil {
 				return err
 			}
+			now := time.Now()
+			last = last.AddDate(now.Year(), 0, 0)
 			if since := time.Since(last); since < 1200*time.Millisecond {
 				return fmt.Errorf("%s synced %s ago", n.Name, since)
 			}
@@ -182,12 +186,12 @@ func TestAServiceTheKernelRefusesAffectsNoOther(t *testing.T) {
 	// The log line, the event, the metric.
 	wait, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := node.Proxy.WaitForOutput(wait, "service=default/refused"); err != nil {
+	if err := node.Proxy.WaitForOutput(wait, `service="default/refused"`); err != nil {
 		t.Fatalf("node1's miniproxy should log the refused Service: %v\n%s", err, node.Proxy.Output())
 	}
 	var logLine string
 	for _, l := range strings.Split(node.Proxy.Output(), "\n") {
-		if strings.Contains(l, "service=default/refused") && strings.Contains(l, "level=ERROR") {
+		if strings.Contains(l, `service="default/refused"`) && strings.HasPrefix(l, "E") {
 			logLine = l
 		}
 	}

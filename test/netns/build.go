@@ -75,3 +75,12 @@ func build(pkg string) (string, error) {
 	}
 	return out, nil
 }
+
+// LeaveConntrackAlone are the flags that keep a proxy (miniproxy or
+// kube-proxy, which take the same flags) from changing conntrack settings
+// when it starts in a lab namespace: nf_conntrack_max and the conntrack
+// hash size belong to the whole machine, and the lab never changes the
+// machine; the timeouts are left as the kernel has them too, so that both
+// proxies see the same.
+var LeaveConntrackAlone = []string{"--conntrack-max-per-core=0", "--conntrack-min=0",
+	"--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0"}

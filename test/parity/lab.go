@@ -84,19 +84,16 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 			return nil, err
 		}
 		opts.Proxy = func(n *cluster.Node, kubeconfig string) *exec.Cmd {
-			cmd := exec.Command(bins.KubeProxy,
+			cmd := exec.Command(bins.KubeProxy, append([]string{
 				"--proxy-mode=iptables",
-				"--kubeconfig="+kubeconfig,
-				"--hostname-override="+n.Name,
-				"--cluster-cidr="+cluster.ClusterCIDR.String(),
-				"--iptables-min-sync-period="+minSyncPeriod,
-				// Leave every conntrack sysctl alone: some are global.
-				"--conntrack-max-per-core=0", "--conntrack-min=0",
-				"--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
+				"--kubeconfig=" + kubeconfig,
+				"--hostname-override=" + n.Name,
+				"--cluster-cidr=" + cluster.ClusterCIDR.String(),
+				"--iptables-min-sync-period=" + minSyncPeriod,
 				"--metrics-bind-address=127.0.0.1:10249",
 				"--healthz-bind-address=0.0.0.0:10256",
 				"--v=2",
-			)
+			}, netns.LeaveConntrackAlone...)...)
 			cmd.Env = netns.CleanEnv()
 			return cmd
 		}
