@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -142,10 +143,20 @@ func run(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	signalled, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// A change of the Node that needs a new start ends ctx with its cause.
+	ctx, fail := context.WithCancelCause(signalled)
+	defer fail(nil)
 
-	nodePorts, err := config.NodePortRanges(cfg.NodePortAddresses, primaryNodeIPs(ctx, client, nodeName, cfg, log))
+	needPodCIDRs := cfg.DetectLocalMode == config.LocalModeNodeCIDR
+	usesPrimary := slices.Contains(cfg.NodePortAddresses, config.NodePortsPrimary)
+	facts, err := readNode(ctx, client, nodeName, needPodCIDRs, usesPrimary, log)
+	if err != nil {
+		return err
+	}
+	watchNode(ctx, client, nodeName, facts, needPodCIDRs, usesPrimary, fail)
+	nodePorts, err := config.NodePortRanges(cfg.NodePortAddresses, primaryNodeIPs(facts, cfg, nodeName, log))
 	if err != nil {
 		return err
 	}
@@ -194,12 +205,19 @@ func run(args []string, out io.Writer) error {
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
 		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
 	if err := endpoints.Watch(ctx, client, tracker, cfg.ConfigSyncPeriod); err != nil {
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+			return cause
+		}
 		if ctx.Err() != nil {
 			return nil
 		}
 		return fmt.Errorf("watch the API server: %w", err)
 	}
 	proxier.Run(ctx)
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		log.Error("stopping; rules are left in place", "err", err)
+		return err
+	}
 	log.Info("stopping; rules are left in place so that traffic keeps flowing (use --cleanup to remove them)")
 	return nil
 }

@@ -6,15 +6,19 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"time"
 
 	goipt "github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 
@@ -159,43 +163,143 @@ func (e *eventSink) starting() {
 	e.recorder.Event(ref, v1.EventTypeNormal, "Starting", "Starting miniproxy, the kube-proxy replacement (StartKubeProxy).")
 }
 
-// primaryNodeIPs finds the node's primary address of each family for the
-// keyword "primary" of --nodeport-addresses, as kube-proxy does: the Node
-// object's first InternalIP (or else ExternalIP), and the first of the
-// other family, with a --bind-address that is not 0.0.0.0 or :: taking its
-// family's place. It reads the Node only when the keyword is used.
-func primaryNodeIPs(ctx context.Context, client kubernetes.Interface, nodeName string, c *config.Config, log *slog.Logger) []netip.Addr {
-	if !slices.Contains(c.NodePortAddresses, config.NodePortsPrimary) {
-		return nil
+// nodeFacts is what miniproxy takes from its own Node object at start, as
+// kube-proxy's NodeManager does: its addresses (for the keyword "primary"
+// of --nodeport-addresses) and spec.podCIDRs (for --detect-local-mode
+// NodeCIDR).
+type nodeFacts struct {
+	// ips are the Node's addresses in kube-proxy's order: the first
+	// InternalIP (else ExternalIP), then the first of the other family.
+	ips []netip.Addr
+	// podCIDRs is spec.podCIDRs.
+	podCIDRs []netip.Prefix
+}
+
+// The waits of kube-proxy's NodeManager: for the Node to exist, and then,
+// in NodeCIDR mode, for its pod CIDRs.
+var (
+	nodeWait     = 30 * time.Second
+	podCIDRsWait = 5 * time.Minute
+	nodePoll     = time.Second
+)
+
+// readNode reads the Node named name when something needs it, waiting as
+// kube-proxy does: up to 30 s for it to exist with addresses (then
+// miniproxy goes on without them), and when podCIDRs are needed up to 5
+// min more for spec.podCIDRs, whose absence is then an error. Unlike
+// kube-proxy, which always waits for the Node's addresses, miniproxy does
+// not wait when it needs neither (it finds its addresses on its
+// interfaces), so a Node without addresses does not delay its start.
+func readNode(ctx context.Context, client kubernetes.Interface, name string, needPodCIDRs, needIPs bool, log *slog.Logger) (nodeFacts, error) {
+	var facts nodeFacts
+	if !needPodCIDRs && !needIPs {
+		return facts, nil
 	}
-	byFamily := map[bool]netip.Addr{}
-	var order []bool
-	node, err := client.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
-	if err != nil {
-		log.Warn("cannot read this node's addresses for --nodeport-addresses primary", "node", nodeName, "err", err)
-	} else {
-		for _, kind := range []v1.NodeAddressType{v1.NodeInternalIP, v1.NodeExternalIP} {
-			for _, a := range node.Status.Addresses {
-				ip, err := netip.ParseAddr(a.Address)
-				if a.Type != kind || err != nil {
-					continue
-				}
-				if _, seen := byFamily[ip.Is4()]; !seen {
-					byFamily[ip.Is4()] = ip.Unmap()
-					order = append(order, ip.Is4())
-				}
+	var last error
+	poll := func(limit time.Duration, done func() bool) {
+		ctx, cancel := context.WithTimeout(ctx, limit)
+		defer cancel()
+		for {
+			node, err := client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+			if last = err; err == nil {
+				facts = factsOf(node)
+			}
+			if done() {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(nodePoll):
 			}
 		}
 	}
-	if b := c.BindAddress; b.IsValid() && !b.IsUnspecified() {
-		if _, seen := byFamily[b.Is4()]; !seen {
-			order = append(order, b.Is4())
+	poll(nodeWait, func() bool { return last == nil && (len(facts.ips) > 0 || needPodCIDRs) })
+	if !needPodCIDRs {
+		if last != nil {
+			log.Warn("cannot read this node's Node object; going on without its addresses", "node", name, "err", last)
 		}
-		byFamily[b.Is4()] = b
+		return facts, nil
 	}
-	var out []netip.Addr
-	for _, fam := range order {
-		out = append(out, byFamily[fam])
+	poll(podCIDRsWait, func() bool { return len(facts.podCIDRs) > 0 })
+	if len(facts.podCIDRs) == 0 {
+		if last != nil {
+			return facts, fmt.Errorf("--detect-local-mode NodeCIDR: timeout waiting for node %q to exist: %w", name, last)
+		}
+		return facts, fmt.Errorf("--detect-local-mode NodeCIDR: timeout waiting for PodCIDR allocation on node %q", name)
+	}
+	return facts, nil
+}
+
+// factsOf reads a Node's addresses and pod CIDRs (invalid ones are skipped).
+func factsOf(node *v1.Node) nodeFacts {
+	var f nodeFacts
+	seen := map[bool]bool{}
+	for _, kind := range []v1.NodeAddressType{v1.NodeInternalIP, v1.NodeExternalIP} {
+		for _, a := range node.Status.Addresses {
+			ip, err := netip.ParseAddr(a.Address)
+			if a.Type != kind || err != nil || seen[ip.Is4()] {
+				continue
+			}
+			seen[ip.Is4()] = true
+			f.ips = append(f.ips, ip.Unmap())
+		}
+	}
+	for _, c := range node.Spec.PodCIDRs {
+		if p, err := netip.ParsePrefix(c); err == nil {
+			f.podCIDRs = append(f.podCIDRs, p.Masked())
+		}
+	}
+	return f
+}
+
+// watchNode ends miniproxy (cause) when what it took from its Node at
+// start changes: the pod CIDRs in NodeCIDR mode, the addresses when
+// --nodeport-addresses uses "primary". kube-proxy exits then too, so that
+// the DaemonSet starts it again with the new values; miniproxy's rules stay
+// in place meanwhile.
+func watchNode(ctx context.Context, client kubernetes.Interface, name string, start nodeFacts, podCIDRs, ips bool, cause func(error)) {
+	if !podCIDRs && !ips {
+		return
+	}
+	byName := fields.OneTermEqualSelector("metadata.name", name).String()
+	inf := coreinformers.NewFilteredNodeInformer(client, 0, cache.Indexers{}, func(o *metav1.ListOptions) { o.FieldSelector = byName })
+	check := func(obj any) {
+		node, ok := obj.(*v1.Node)
+		if !ok {
+			return
+		}
+		now := factsOf(node)
+		switch {
+		case podCIDRs && !slices.Equal(now.podCIDRs, start.podCIDRs):
+			cause(fmt.Errorf("the pod CIDRs of node %s changed from %v to %v (--detect-local-mode NodeCIDR); exiting so that the DaemonSet starts miniproxy again with them", name, start.podCIDRs, now.podCIDRs))
+		case ips && !slices.Equal(now.ips, start.ips):
+			cause(fmt.Errorf("the addresses of node %s changed from %v to %v (--nodeport-addresses primary); exiting so that the DaemonSet starts miniproxy again with them", name, start.ips, now.ips))
+		}
+	}
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    check,
+		UpdateFunc: func(_, obj any) { check(obj) },
+	})
+	go inf.Run(ctx.Done())
+}
+
+// primaryNodeIPs gives the node's primary address of each family for the
+// keyword "primary" of --nodeport-addresses, as kube-proxy does: the
+// Node's addresses, with a --bind-address that is not 0.0.0.0 or :: taking
+// its family's place.
+func primaryNodeIPs(facts nodeFacts, c *config.Config, nodeName string, log *slog.Logger) []netip.Addr {
+	if !slices.Contains(c.NodePortAddresses, config.NodePortsPrimary) {
+		return nil
+	}
+	out := slices.Clone(facts.ips)
+	if b := c.BindAddress; b.IsValid() && !b.IsUnspecified() {
+		i := slices.IndexFunc(out, func(a netip.Addr) bool { return a.Is4() == b.Is4() })
+		if i < 0 {
+			out = append(out, b)
+		} else {
+			out[i] = b
+		}
 	}
 	if len(out) == 0 {
 		log.Info("cannot determine this node's IP, so --nodeport-addresses primary matches no address; set --bind-address if this is wrong", "node", nodeName)
