@@ -178,7 +178,7 @@ func run(args []string, out io.Writer) error {
 	}
 
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
-		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
+		"clusterCIDRs", fmt.Sprint(popts.DetectLocal.CIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
 	if err := endpoints.Watch(ctx, client, tracker, opts.configSyncPeriod); err != nil {
 		if ctx.Err() != nil {
 			return nil

@@ -307,6 +307,7 @@ func (o *options) proxyOptions() (proxy.Options, error) {
 	if o.proxyMode != "" && o.proxyMode != "iptables" {
 		return p, fmt.Errorf("%w: --proxy-mode %q: miniproxy implements the iptables mode only", errUsage, o.proxyMode)
 	}
+	p.DetectLocal.Mode = rules.DetectClusterCIDR
 	seen := map[bool]bool{}
 	for _, s := range splitList(o.clusterCIDR) {
 		c, err := netip.ParsePrefix(s)
@@ -317,7 +318,7 @@ func (o *options) proxyOptions() (proxy.Options, error) {
 			return p, fmt.Errorf("%w: --cluster-cidr has more than one range of a family", errUsage)
 		}
 		seen[c.Addr().Is4()] = true
-		p.ClusterCIDRs = append(p.ClusterCIDRs, c.Masked())
+		p.DetectLocal.CIDRs = append(p.DetectLocal.CIDRs, c.Masked())
 	}
 	if len(o.nodePortAddresses) > 0 {
 		p.NodePortAddresses = []netip.Prefix{}

@@ -131,7 +131,7 @@ func (top *topology) apply6(t *testing.T, snap *endpoints.Snapshot) dataplane.Re
 	t.Helper()
 	cfg := rules.Config{
 		Family:      iptables.IPv6,
-		ClusterCIDR: clusterNet6,
+		DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet6}},
 		NodeIPs:     []netip.Addr{nodeIP6, pod1GW6, pod2GW6},
 	}
 	var res dataplane.Result
@@ -150,7 +150,7 @@ func (top *topology) apply(t *testing.T, snap *endpoints.Snapshot) dataplane.Res
 	t.Helper()
 	cfg := rules.Config{
 		Family:      iptables.IPv4,
-		ClusterCIDR: clusterNet,
+		DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet}},
 		NodeIPs:     []netip.Addr{nodeIP, pod1GW, pod2GW},
 	}
 	var res dataplane.Result
