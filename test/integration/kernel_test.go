@@ -55,18 +55,25 @@ var (
 	clusterNet6 = pfx("fd00:244::/32")
 )
 
-func setUp(t *testing.T) *topology {
+// rootLab skips the test unless it runs as root, and gives a lab of
+// namespaces torn down with the test, and a helper that fails the test on
+// an error.
+func rootLab(t *testing.T) (*netns.Lab, func(error)) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create network namespaces")
 	}
-	lab := netns.NewLab(t)
-	must := func(err error) {
+	return netns.NewLab(t), func(err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+func setUp(t *testing.T) *topology {
+	t.Helper()
+	lab, must := rootLab(t)
 	var top topology
 	var err error
 	for _, p := range []struct {

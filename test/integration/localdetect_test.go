@@ -5,7 +5,6 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
@@ -45,16 +44,7 @@ var (
 
 func setUpLocalTopology(t *testing.T) *localTopology {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	lab := netns.NewLab(t)
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	lab, must := rootLab(t)
 	add := func(short string) *netns.Namespace {
 		ns, err := lab.AddNamespace(short)
 		must(err)
