@@ -158,6 +158,6 @@ func runFlagsOnly(args []string, out *bytes.Buffer) error {
 	if err != nil || opts.done {
 		return err
 	}
-	_, err = opts.proxyOptions(nil)
+	_, err = opts.proxyOptions(nil, nil)
 	return err
 }

@@ -146,7 +146,7 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp)}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tracker := endpoints.NewTracker("node1", log, nil)
-	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}},
+	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}},
 		tracker, planes, addrs, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -14,10 +14,8 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/spf13/pflag"
 
@@ -131,6 +129,16 @@ func run(args []string, out io.Writer) error {
 		return err
 	}
 	if opts.initOnly {
+		// And route_localnet, which localhost NodePorts need (kube-proxy's
+		// iptables proxier sets it here too); "primary" never names a
+		// loopback address, so the Node need not be read for this.
+		ranges, _ := config.NodePortRanges(cfg.NodePortAddresses, nil)
+		if rules.LocalhostNodePorts(cfg.LocalhostNodePorts, iptables.IPv4, ranges) {
+			if _, err := (proxy.ProcSysctl{}).Ensure(proxy.RouteLocalnet, 1); err != nil {
+				return fmt.Errorf("set route_localnet for localhost NodePorts: %w", err)
+			}
+			log.Info("set route_localnet=1 to serve NodePorts on localhost; to avoid it, set --iptables-localhost-nodeports=false or --nodeport-addresses without 127.0.0.0/8")
+		}
 		log.Info("the node is initialized and --init-only was given; exiting")
 		return nil
 	}
@@ -160,7 +168,7 @@ func run(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	popts, err := opts.proxyOptions(nodePorts)
+	popts, err := opts.proxyOptions(nodePorts, facts.podCIDRs)
 	if err != nil {
 		return err
 	}
@@ -203,7 +211,7 @@ func run(args []string, out io.Writer) error {
 
 	events.starting()
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
-		"clusterCIDRs", fmt.Sprint(popts.ClusterCIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
+		"localTraffic", popts.DetectLocal.Mode, "podRanges", fmt.Sprint(popts.DetectLocal.CIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
 	if err := endpoints.Watch(ctx, client, tracker, cfg.ConfigSyncPeriod); err != nil {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
 			return cause
@@ -282,24 +290,6 @@ func returnStartupMemory(log *slog.Logger) func() {
 
 // errUsage marks a flag value that cannot be used.
 var errUsage = errors.New("invalid flag")
-
-func splitList(s string) []string {
-	var out []string
-	for _, f := range strings.Split(s, ",") {
-		if f = strings.TrimSpace(f); f != "" {
-			out = append(out, f)
-		}
-	}
-	return out
-}
-
-// durationAtLeast refuses periods that would make the loop spin.
-func durationAtLeast(name string, d, least time.Duration) error {
-	if d < least {
-		return fmt.Errorf("%w: --%s %s is shorter than %s", errUsage, name, d, least)
-	}
-	return nil
-}
 
 // iptablesFamilies lists IPv4, and IPv6 when ip6tables works here: a node
 // without IPv6 has no ip6tables rules to clean, and removing kube-proxy's

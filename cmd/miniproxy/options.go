@@ -14,6 +14,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // options holds the command line: every flag of kube-proxy 1.37 with its
@@ -284,17 +285,30 @@ func (o *options) nodeName() (string, error) {
 }
 
 // proxyOptions gives the proxy's settings; nodePortRanges is
-// --nodeport-addresses resolved (config.NodePortRanges).
-func (o *options) proxyOptions(nodePortRanges []netip.Prefix) (proxy.Options, error) {
+// --nodeport-addresses resolved (config.NodePortRanges), podCIDRs the
+// Node's (for --detect-local-mode NodeCIDR).
+func (o *options) proxyOptions(nodePortRanges, podCIDRs []netip.Prefix) (proxy.Options, error) {
 	c := o.cfg
+	detect := rules.DetectLocal{Mode: c.DetectLocalMode, BridgeInterface: c.BridgeInterface, InterfaceNamePrefix: c.InterfaceNamePrefix}
+	switch c.DetectLocalMode {
+	case "", config.LocalModeClusterCIDR:
+		detect.Mode, detect.CIDRs = rules.DetectClusterCIDR, c.ClusterCIDRs
+	case config.LocalModeNodeCIDR:
+		detect.CIDRs = podCIDRs
+	}
+	if err := detect.Validate(); err != nil {
+		return proxy.Options{}, fmt.Errorf("%w: --detect-local-mode %s: %v", errUsage, detect.Mode, err)
+	}
 	return proxy.Options{
-		ClusterCIDRs:      c.ClusterCIDRs,
-		MasqueradeAll:     c.MasqueradeAll,
-		MasqueradeBit:     int(c.MasqueradeBit),
-		SyncPeriod:        c.SyncPeriod,
-		MinSyncPeriod:     c.MinSyncPeriod,
-		FullSyncPeriod:    time.Hour,
-		NodePortAddresses: nodePortRanges,
+		DetectLocal:        detect,
+		MasqueradeAll:      c.MasqueradeAll,
+		MasqueradeBit:      int(c.MasqueradeBit),
+		SyncPeriod:         c.SyncPeriod,
+		MinSyncPeriod:      c.MinSyncPeriod,
+		FullSyncPeriod:     time.Hour,
+		NodePortAddresses:  nodePortRanges,
+		LocalhostNodePorts: c.LocalhostNodePorts,
+		Sysctl:             proxy.ProcSysctl{},
 	}, nil
 }
 

@@ -91,7 +91,7 @@ func ApplySysctls(root string, list []Sysctl) ([]string, error) {
 			continue
 		}
 		if err := os.WriteFile(file, []byte(strconv.Itoa(s.Value)), 0o644); err != nil {
-			if errors.Is(err, os.ErrPermission) {
+			if errors.Is(err, os.ErrPermission) && strings.Contains(s.Path, "conntrack") {
 				err = fmt.Errorf("%w (miniproxy needs a privileged container to set conntrack parameters; set them to 0 in the configuration to leave them alone)", err)
 			}
 			return changed, fmt.Errorf("set %s to %d: %w", file, s.Value, err)

@@ -52,27 +52,39 @@ func verdict(accept bool) string {
 	return "refuse"
 }
 
+// shapeInput is the full restore input of one family for one Service of
+// every shape under one node setting.
+type shapeInput struct {
+	setting string
+	fam     iptables.Family
+	text    string
+}
+
 // everyShapeInput renders the rules of one Service of every shape, both
-// families, as one full restore input per family.
-func everyShapeInput(t *testing.T) map[iptables.Family]string {
+// families, as one full restore input per family and node setting (every
+// --detect-local-mode, localhost NodePorts; rulestest.EverySetting), the
+// ClusterCIDR mode first.
+func everyShapeInput(t *testing.T) []shapeInput {
 	t.Helper()
-	out := map[iptables.Family]string{}
-	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
-		a := rulestest.Addrs{
-			ServiceBase: netip.MustParseAddr("10.96.10.1"), LoadBalancerBase: netip.MustParseAddr("203.0.113.10"),
-			ExternalBase: netip.MustParseAddr("203.0.113.100"), NodePortBase: 30100,
-			LocalPod: netip.MustParseAddr("10.244.1.5"), RemotePod: netip.MustParseAddr("10.244.2.6"),
-			TCPPort: 8080, UDPPort: 8081, Admitted: netip.MustParsePrefix("198.51.100.0/24"), Zone: "zone-a",
+	var out []shapeInput
+	for _, set := range rulestest.EverySetting("cni0", "veth") {
+		for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+			a := rulestest.Addrs{
+				ServiceBase: netip.MustParseAddr("10.96.10.1"), LoadBalancerBase: netip.MustParseAddr("203.0.113.10"),
+				ExternalBase: netip.MustParseAddr("203.0.113.100"), NodePortBase: 30100,
+				LocalPod: netip.MustParseAddr("10.244.1.5"), RemotePod: netip.MustParseAddr("10.244.2.6"),
+				TCPPort: 8080, UDPPort: 8081, Admitted: netip.MustParsePrefix("198.51.100.0/24"), Zone: "zone-a",
+			}
+			cfg := rules.Config{Family: fam, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:244::/32")}}, NodeIPs: []netip.Addr{netip.MustParseAddr("10.240.0.3")}, RandomFully: true}
+			if fam == iptables.IPv6 {
+				a.ServiceBase, a.LoadBalancerBase, a.ExternalBase = netip.MustParseAddr("fd00:96::10:1"), netip.MustParseAddr("fd00:203::10"), netip.MustParseAddr("fd00:203::100")
+				a.LocalPod, a.RemotePod, a.Admitted = netip.MustParseAddr("fd00:244:1::5"), netip.MustParseAddr("fd00:244:2::6"), netip.MustParsePrefix("fd00:198::/64")
+				cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("fd00:240::3")}
+			}
+			set.Apply(&cfg)
+			rs := rules.Build(rulestest.Snapshot("zone-a", rulestest.EveryShape(a)...), cfg)
+			out = append(out, shapeInput{setting: set.Name, fam: fam, text: iptables.RenderComplete(rs)})
 		}
-		cfg := rules.Config{Family: fam, ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16"), NodeIPs: []netip.Addr{netip.MustParseAddr("10.240.0.3")}, RandomFully: true}
-		if fam == iptables.IPv6 {
-			a.ServiceBase, a.LoadBalancerBase, a.ExternalBase = netip.MustParseAddr("fd00:96::10:1"), netip.MustParseAddr("fd00:203::10"), netip.MustParseAddr("fd00:203::100")
-			a.LocalPod, a.RemotePod, a.Admitted = netip.MustParseAddr("fd00:244:1::5"), netip.MustParseAddr("fd00:244:2::6"), netip.MustParsePrefix("fd00:198::/64")
-			cfg.ClusterCIDR, cfg.NodeIPs = netip.MustParsePrefix("fd00:244::/32"), []netip.Addr{netip.MustParseAddr("fd00:240::3")}
-		}
-		rs := rules.Build(rulestest.Snapshot("zone-a", rulestest.EveryShape(a)...), cfg)
-		text := iptables.RenderComplete(rs)
-		out[fam] = text
 	}
 	return out
 }
@@ -159,6 +171,12 @@ var mutations = []mutation{
 		}
 		return jumpRE.ReplaceAllString(l, " -j "+f[1]), true
 	}},
+	{"an interface name over 15 characters", func(_ iptables.Family, l string) (string, bool) {
+		return regexp.MustCompile(` -i \S+`).ReplaceAllString(l, " -i a-name-too-long-for-linux"), strings.Contains(l, " -i ")
+	}},
+	{"-i in the built-in chain that jumps to ours", func(_ iptables.Family, l string) (string, bool) {
+		return strings.Replace(l, "-A OUTPUT ", "-A OUTPUT -i cni0 ", 1), strings.HasPrefix(l, "-A OUTPUT ")
+	}},
 	{"a harmless new comment", func(_ iptables.Family, l string) (string, bool) {
 		return strings.Replace(l, "-j ", `-m comment --comment "changed by the test" -j `, 1), strings.HasPrefix(l, "-A ") && strings.Contains(l, "-j ")
 	}},
@@ -171,17 +189,22 @@ var mutations = []mutation{
 func TestFakeAndKernelAgreeOnEveryShapeAndItsMutations(t *testing.T) {
 	ns := enterTestNetns(t)
 	kernel, fake := NewRunner(), NewFake()
-	inputs := everyShapeInput(t)
 	rng := rand.New(rand.NewPCG(11, 2026))
 	counts := map[bool]int{}
-	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
-		base := inputs[fam]
+	for n, in := range everyShapeInput(t) {
+		fam, base := in.fam, in.text
 		ns.check(t)
 		if err := kernel.Restore(fam, []byte(base)); err != nil {
-			t.Fatalf("%s: the kernel refuses the rules of every shape: %v", fam, err)
+			t.Fatalf("%s, %s: the kernel refuses the rules of every shape: %v", fam, in.setting, err)
 		}
 		if err := fake.Restore(fam, []byte(base)); err != nil {
-			t.Fatalf("%s: the fake refuses the rules of every shape: %v", fam, err)
+			t.Fatalf("%s, %s: the fake refuses the rules of every shape: %v", fam, in.setting, err)
+		}
+		// A few lines per mutation under the first setting, one under
+		// each other setting.
+		perMutation := 1
+		if n < 2 {
+			perMutation = 4
 		}
 		lines := strings.Split(strings.TrimSuffix(base, "\n"), "\n")
 		for _, m := range mutations {
@@ -191,9 +214,9 @@ func TestFakeAndKernelAgreeOnEveryShapeAndItsMutations(t *testing.T) {
 					candidates = append(candidates, i)
 				}
 			}
-			// A few lines per mutation, chosen reproducibly.
+			// Chosen reproducibly.
 			rng.Shuffle(len(candidates), func(i, j int) { candidates[i], candidates[j] = candidates[j], candidates[i] })
-			for _, i := range candidates[:min(4, len(candidates))] {
+			for _, i := range candidates[:min(perMutation, len(candidates))] {
 				mutated := append([]string(nil), lines...)
 				mutated[i], _ = m.fn(fam, lines[i])
 				input := strings.Join(mutated, "\n") + "\n"
@@ -202,7 +225,7 @@ func TestFakeAndKernelAgreeOnEveryShapeAndItsMutations(t *testing.T) {
 				ferr := fake.Restore(fam, []byte(input))
 				counts[kerr == nil]++
 				if (kerr == nil) != (ferr == nil) {
-					t.Errorf("%s, %s, line %d %q -> %q:\n  kernel: %v\n  fake:   %v", fam, m.name, i+1, lines[i], mutated[i], kerr, ferr)
+					t.Errorf("%s, %s, %s, line %d %q -> %q:\n  kernel: %v\n  fake:   %v", fam, in.setting, m.name, i+1, lines[i], mutated[i], kerr, ferr)
 				}
 			}
 		}

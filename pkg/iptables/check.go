@@ -22,6 +22,32 @@ import (
 // MaxChainName is the longest chain name iptables accepts.
 const MaxChainName = 28
 
+// maxIfName is the longest -i/-o argument ("+" included) iptables takes.
+const maxIfName = 15
+
+// noInIface and noOutIface are the built-in chains where iptables refuses
+// -i or -o: no packet there has an input (output) interface yet. It checks
+// only the built-in chain itself; a chain it jumps to may hold -i, which
+// then never matches there.
+var (
+	noInIface  = []string{"OUTPUT", "POSTROUTING"}
+	noOutIface = []string{"PREROUTING", "INPUT"}
+)
+
+// checkIfaceIn refuses -i or -o in a built-in chain that cannot have them.
+func checkIfaceIn(table, chain string, p *parsedRule) error {
+	if !IsBuiltin(table, chain) {
+		return nil
+	}
+	switch {
+	case p.inIface && contains(noInIface, chain):
+		return fmt.Errorf("Can't use -i with %s", chain)
+	case p.outIface && contains(noOutIface, chain):
+		return fmt.Errorf("Can't use -o with %s", chain)
+	}
+	return nil
+}
+
 // maxJumpDepth is how deep jumps from a built-in chain may nest; nf_tables
 // and x_tables refuse deeper rulesets as they refuse loops.
 const maxJumpDepth = 16
@@ -76,6 +102,8 @@ type parsedRule struct {
 	matches  []*instance
 	target   *instance // nil for a jump to a chain or no target
 	jumpTo   string    // the -j/-g argument
+	inIface  bool      // has -i
+	outIface bool      // has -o
 }
 
 // protocols iptables knows by name; numbers 0-255 are accepted too.
@@ -269,9 +297,9 @@ var addrTypes = map[string]bool{
 // matches are the match modules the model knows.
 var matches = map[string]*extension{
 	"comment": {opts: map[string]optSpec{"--comment": {1, nil}}},
-	"tcp":  portMatch("tcp", map[string]optSpec{"--tcp-flags": {2, nil}, "--syn": {0, nil}}),
-	"udp":  portMatch("udp", nil),
-	"sctp": portMatch("sctp", nil),
+	"tcp":     portMatch("tcp", map[string]optSpec{"--tcp-flags": {2, nil}, "--syn": {0, nil}}),
+	"udp":     portMatch("udp", nil),
+	"sctp":    portMatch("sctp", nil),
 	"multiport": {
 		opts: map[string]optSpec{
 			"--dports": {1, oneArg(checkPortList)}, "--sports": {1, oneArg(checkPortList)}, "--ports": {1, oneArg(checkPortList)},
@@ -536,8 +564,17 @@ func parseRule(fam Family, table string, args Rule) (*parsedRule, error) {
 			}
 		case "-i", "--in-interface", "-o", "--out-interface":
 			i++
-			if _, err := value(i, a); err != nil {
+			v, err := value(i, a)
+			if err != nil {
 				return nil, err
+			}
+			if len(v) > maxIfName {
+				return nil, fmt.Errorf("interface name `%s' must be shorter than IFNAMSIZ (%d)", v, maxIfName)
+			}
+			if a == "-i" || a == "--in-interface" {
+				r.inIface = true
+			} else {
+				r.outIface = true
 			}
 		case "-m", "--match":
 			i++

@@ -298,7 +298,7 @@ func applyOp(family Family, table string, tab Table, refs map[string]int, op Op)
 		if !ok {
 			return fmt.Errorf("No chain/target/match by that name (chain %q, table %q)", op.Chain, table)
 		}
-		if err := checkRuleIn(family, table, tab, op.Rule); err != nil {
+		if err := checkRuleIn(family, table, op.Chain, tab, op.Rule); err != nil {
 			return err
 		}
 		if op.Kind == 'A' {
@@ -333,11 +333,15 @@ func applyOp(family Family, table string, tab Table, refs map[string]int, op Op)
 	return nil
 }
 
-// checkRuleIn checks a rule about to be added to tab: the rule by itself,
-// and that the chain it jumps to exists already.
-func checkRuleIn(family Family, table string, tab Table, r Rule) error {
+// checkRuleIn checks a rule about to be added to chain of tab: the rule by
+// itself, its interfaces in that chain, and that the chain it jumps to
+// exists already.
+func checkRuleIn(family Family, table, chain string, tab Table, r Rule) error {
 	p, err := parseRule(family, table, r)
 	if err != nil {
+		return err
+	}
+	if err := checkIfaceIn(table, chain, p); err != nil {
 		return err
 	}
 	if p.jumpTo == "" || p.target != nil {
@@ -372,7 +376,7 @@ func (s State) Insert(family Family, table, chain string, pos int, r Rule) (Stat
 	if pos < 1 || pos > len(c.Rules)+1 {
 		return s, fmt.Errorf("index of insertion %d too big for %s", pos, chain)
 	}
-	if err := checkRuleIn(family, table, next[table], r); err != nil {
+	if err := checkRuleIn(family, table, chain, next[table], r); err != nil {
 		return s, err
 	}
 	c.Rules = slices.Insert(c.Rules, pos-1, slices.Clone(r))

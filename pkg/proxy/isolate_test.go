@@ -306,7 +306,7 @@ func TestARefusalInOneFamilyHoldsTheServiceBackInBoth(t *testing.T) {
 		}
 		return []netip.Addr{nodeIP}, nil
 	}
-	p := New(Options{SyncPeriod: time.Minute, ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:244::/32")}},
+	p := New(Options{SyncPeriod: time.Minute, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:244::/32")}}},
 		tracker, planes, addrs, quietLog())
 	for i, name := range []string{"a", "bad"} {
 		svc := service(name, fmt.Sprintf("10.0.0.%d", 10+i), v1.ProtocolTCP)

@@ -23,14 +23,27 @@ import (
 
 // Options are the daemon's settings that shape the rules and the loop.
 type Options struct {
-	// ClusterCIDRs holds at most one pod range per family.
-	ClusterCIDRs []netip.Prefix
+	// DetectLocal tells this node's pods' traffic from other traffic
+	// (--detect-local-mode and the range or interface it uses).
+	DetectLocal rules.DetectLocal
 	// MasqueradeAll and MasqueradeBit have kube-proxy's meanings.
 	MasqueradeAll bool
 	MasqueradeBit int
 	// NodePortAddresses restricts NodePorts to the local addresses inside
 	// these ranges; nil means every local address.
 	NodePortAddresses []netip.Prefix
+	// LocalhostNodePorts (--iptables-localhost-nodeports) serves NodePorts
+	// on 127.0.0.0/8 to the node's own traffic, as upstream, when
+	// NodePortAddresses cover IPv4 loopback (nil does); IPv6 never serves
+	// them. It sets net.ipv4.conf.all.route_localnet=1 through Sysctl
+	// before the first rules that need it, and adds upstream's filter rule
+	// against CVE-2020-8558 (rules.Config.LocalhostNodePorts). False leaves
+	// loopback out of NodePorts and the sysctl alone.
+	LocalhostNodePorts bool
+	// Sysctl sets kernel parameters of the daemon's own network namespace
+	// (ProcSysctl on a node); needed when LocalhostNodePorts applies, and
+	// a sync fails without it.
+	Sysctl Sysctl
 	// RandomFully adds --random-fully to MASQUERADE.
 	RandomFully bool
 	// SyncPeriod is the longest time between two syncs; MinSyncPeriod the
@@ -105,6 +118,8 @@ type Proxier struct {
 	applied *endpoints.Snapshot
 	// refused are the Services whose latest rules the kernel refused.
 	refused map[endpoints.ServicePortName]refusal
+	// routeLocalnet is set once route_localnet=1 is ensured.
+	routeLocalnet bool
 }
 
 // New wires a Proxier; planes holds one Applier per family to program.
@@ -272,6 +287,11 @@ func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) 
 			return nil, nil, fmt.Errorf("%s: %w", fam, err)
 		}
 		cfgs[fam] = cfg
+		if cfg.LocalhostNodePorts {
+			if err := p.ensureRouteLocalnet(); err != nil {
+				return nil, nil, err
+			}
+		}
 	}
 	base := p.applied
 	if base == nil {
@@ -416,17 +436,35 @@ func (p *Proxier) rulesConfig(fam iptables.Family) (rules.Config, error) {
 		MasqueradeBit: p.opts.MasqueradeBit,
 		RandomFully:   p.opts.RandomFully,
 	}
-	for _, c := range p.opts.ClusterCIDRs {
-		if (c.Addr().Is4()) == (fam == iptables.IPv4) {
-			cfg.ClusterCIDR = c
-			break
-		}
-	}
+	cfg.DetectLocal = p.opts.DetectLocal
+	cfg.LocalhostNodePorts = rules.LocalhostNodePorts(p.opts.LocalhostNodePorts, fam, p.opts.NodePortAddresses)
 	local, err := p.addrs(fam)
 	if err != nil {
 		return cfg, fmt.Errorf("list local addresses: %w", err)
 	}
 	cfg.NodeIPs = local
-	cfg.NodePortAddresses = rules.NodePortAddresses(local, p.opts.NodePortAddresses)
+	cfg.NodePortAddresses = rules.NodePortAddresses(local, p.opts.NodePortAddresses, cfg.LocalhostNodePorts)
 	return cfg, nil
+}
+
+// ensureRouteLocalnet sets route_localnet=1 once: without it the kernel
+// drops, as martian, the replies to the node's own connections from
+// 127.0.0.1 that a localhost NodePort sent elsewhere.
+func (p *Proxier) ensureRouteLocalnet() error {
+	if p.routeLocalnet {
+		return nil
+	}
+	if p.opts.Sysctl == nil {
+		return errors.New("localhost NodePorts need route_localnet=1, and no Sysctl was given to set it")
+	}
+	changed, err := p.opts.Sysctl.Ensure(RouteLocalnet, 1)
+	if err != nil {
+		return fmt.Errorf("localhost NodePorts (--iptables-localhost-nodeports) need %s=1: %w", RouteLocalnet, err)
+	}
+	if changed {
+		p.log.Info("set route_localnet=1 to serve NodePorts on localhost; to avoid it, set --iptables-localhost-nodeports=false or --nodeport-addresses without 127.0.0.0/8",
+			"sysctl", RouteLocalnet)
+	}
+	p.routeLocalnet = true
+	return nil
 }

@@ -82,7 +82,7 @@ func newLabWith(t *testing.T, opts Options, wrap func(dataplane.Runner) dataplan
 	if opts.SyncPeriod == 0 {
 		opts.SyncPeriod = time.Minute
 	}
-	opts.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
+	opts.DetectLocal = rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}
 	addrs := func(f iptables.Family) ([]netip.Addr, error) {
 		if f == iptables.IPv4 {
 			return []netip.Addr{nodeIP, netip.MustParseAddr("127.0.0.1")}, nil
@@ -208,3 +208,76 @@ func TestRunSyncsEachChangeWithinAFewSeconds(t *testing.T) {
 }
 
 func intstrFrom(i int) intstr.IntOrString { return intstr.FromInt32(int32(i)) }
+
+// fakeSysctl records what the proxier asks of the kernel's parameters.
+type fakeSysctl struct {
+	values map[string]int
+	calls  int
+	err    error
+}
+
+func (f *fakeSysctl) Ensure(name string, value int) (bool, error) {
+	f.calls++
+	if f.err != nil {
+		return false, f.err
+	}
+	changed := f.values[name] != value
+	f.values[name] = value
+	return changed, nil
+}
+
+func TestLocalhostNodePortsSetRouteLocalnetOnceAndServeLoopback(t *testing.T) {
+	loopback := rules.Packet{Src: netip.MustParseAddr("127.0.0.1"), Dst: netip.MustParseAddr("127.0.0.1"), Proto: "tcp", DPort: 30080, FromNode: true}
+	served, untouched := "[ACCEPT 10.244.2.6:8080 masqueraded (p=1.000)]", "[ACCEPT 127.0.0.1:30080 (p=1.000)]"
+	tests := []struct {
+		name      string
+		opts      Options
+		sysctlErr error
+		noSysctl  bool
+		wantErr   bool
+		wantCalls int
+		want      string
+	}{
+		{name: "on: route_localnet set once, localhost served", opts: Options{LocalhostNodePorts: true}, wantCalls: 1, want: served},
+		{name: "on, nodeport-addresses covering 127.0.0.1", opts: Options{LocalhostNodePorts: true, NodePortAddresses: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}, wantCalls: 1, want: served},
+		{name: "on, nodeport-addresses without loopback: the sysctl left alone", opts: Options{LocalhostNodePorts: true, NodePortAddresses: []netip.Prefix{netip.MustParsePrefix("10.240.0.0/16")}}, want: untouched},
+		{name: "off: the sysctl left alone, localhost untouched", opts: Options{}, want: untouched},
+		{name: "on, the sysctl cannot be set: the sync fails", opts: Options{LocalhostNodePorts: true}, sysctlErr: fmt.Errorf("read-only file system"), wantErr: true, wantCalls: 2},
+		{name: "on, no Sysctl given: the sync fails", opts: Options{LocalhostNodePorts: true}, noSysctl: true, wantErr: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			sysctl := &fakeSysctl{values: map[string]int{RouteLocalnet: 0}, err: tc.sysctlErr}
+			opts := tc.opts
+			if !tc.noSysctl {
+				opts.Sysctl = sysctl
+			}
+			l := newLab(t, opts)
+			svc := service("web", "10.0.0.10", v1.ProtocolTCP)
+			svc.Spec.Type = v1.ServiceTypeNodePort
+			svc.Spec.Ports[0].NodePort = 30080
+			l.tracker.OnServiceAdd(svc)
+			l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+			for range 2 {
+				if res := l.proxier.Sync(false); (res.Err != nil) != tc.wantErr {
+					t.Fatalf("sync: %v, want an error: %v", res.Err, tc.wantErr)
+				}
+			}
+			if sysctl.calls != tc.wantCalls {
+				t.Errorf("Sysctl.Ensure called %d times, want %d", sysctl.calls, tc.wantCalls)
+			}
+			if tc.wantCalls > 0 && !tc.wantErr && sysctl.values[RouteLocalnet] != 1 {
+				t.Errorf("%s = %d, want 1", RouteLocalnet, sysctl.values[RouteLocalnet])
+			}
+			if tc.wantErr {
+				if len(l.fake.Inputs()) != 0 {
+					t.Error("no rules should be applied before the sysctl they need")
+				}
+				return
+			}
+			if got := l.trace(t, loopback); got != tc.want {
+				t.Errorf("localhost to the NodePort: %s, want %s", got, tc.want)
+			}
+		})
+	}
+}

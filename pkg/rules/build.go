@@ -38,6 +38,7 @@ const (
 	ChainHairpin     = Prefix + "HAIRPIN"      // nat: masquerades pods reaching themselves
 	ChainForward     = Prefix + "FORWARD"      // filter: accepts what we forward
 	ChainHealthCheck = Prefix + "HEALTHCHECKS" // filter: accepts healthCheckNodePorts (from INPUT)
+	ChainLocalnet    = Prefix + "LOCALNET"     // filter: drops others' traffic to 127.0.0.0/8 (localhost NodePorts)
 )
 
 // DefaultMasqueradeBit is kube-proxy's default --iptables-masquerade-bit.
@@ -46,22 +47,36 @@ const DefaultMasqueradeBit = 14
 // Config is what the rules depend on besides the cluster state.
 type Config struct {
 	Family iptables.Family
-	// ClusterCIDR is the pods' range of this family; traffic from outside it
-	// to a ClusterIP is masqueraded. Invalid (zero) when unknown.
-	ClusterCIDR netip.Prefix
+	// DetectLocal tells this node's pods' traffic from other traffic:
+	// traffic to a ClusterIP that is not local is masqueraded, and local
+	// traffic to an external address of an externalTrafficPolicy: Local
+	// Service may use any endpoint.
+	DetectLocal DetectLocal
 	// MasqueradeAll masquerades all traffic to service IPs.
 	MasqueradeAll bool
 	// MasqueradeBit is the packet mark bit used to request masquerade.
 	MasqueradeBit int
 	// NodePortAddresses restricts NodePorts to these local addresses; nil
-	// means every local address but loopback.
+	// means every local address (loopback only with LocalhostNodePorts).
 	NodePortAddresses []netip.Addr
+	// LocalhostNodePorts serves NodePorts on 127.0.0.0/8 to the node's own
+	// traffic (IPv4 only; ignored in IPv6), masqueraded, and adds
+	// upstream's guard against CVE-2020-8558: a packet to 127.0.0.0/8 from
+	// a source outside it that is not part of a connection or translated is
+	// dropped (filter INPUT and OUTPUT, MP-LOCALNET). It needs the sysctl
+	// net.ipv4.conf.all.route_localnet=1, which pkg/proxy sets.
+	LocalhostNodePorts bool
 	// NodeIPs are the node's own addresses of this family; a load balancer
 	// source range containing one also admits the node's own traffic to the
 	// load balancer IP, as upstream does.
 	NodeIPs []netip.Addr
 	// RandomFully adds --random-fully to MASQUERADE where iptables supports it.
 	RandomFully bool
+}
+
+// localhostNodePorts says whether loopback addresses serve NodePorts.
+func (c Config) localhostNodePorts() bool {
+	return c.LocalhostNodePorts && c.Family == iptables.IPv4
 }
 
 func (c Config) markHex() string {
@@ -73,11 +88,19 @@ func (c Config) markHex() string {
 }
 
 // Jumps returns the rules that lead from the built-in chains into ours.
-func Jumps() []iptables.Jump {
+func Jumps(cfg Config) []iptables.Jump {
 	newConn := []string{"-m", "conntrack", "--ctstate", "NEW"}
 	portals := []string{"-m", "comment", "--comment", "miniproxy service portals"}
 	svcJump := append(append(append([]string{}, newConn...), portals...), "-j", ChainServices)
-	return []iptables.Jump{
+	var out []iptables.Jump
+	if cfg.localhostNodePorts() {
+		// First, for every packet, as upstream's KUBE-FIREWALL jumps:
+		// nothing after them may accept what they drop.
+		out = append(out,
+			iptables.Jump{Table: "filter", Chain: "INPUT", Rule: iptables.Rule{"-j", ChainLocalnet}},
+			iptables.Jump{Table: "filter", Chain: "OUTPUT", Rule: iptables.Rule{"-j", ChainLocalnet}})
+	}
+	return append(out, []iptables.Jump{
 		{Table: "nat", Chain: "PREROUTING", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
 		{Table: "nat", Chain: "OUTPUT", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
 		{Table: "nat", Chain: "POSTROUTING", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy postrouting rules", "-j", ChainPostrouting}},
@@ -89,7 +112,7 @@ func Jumps() []iptables.Jump {
 		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule(svcJump)},
 		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy forwarding rules", "-j", ChainForward}},
 		{Table: "filter", Chain: "OUTPUT", Rule: iptables.Rule(svcJump)},
-	}
+	}...)
 }
 
 // Build computes the ruleset of one family for a snapshot. It is pure: the
@@ -320,11 +343,12 @@ func (b *builder) addClusterIP(s *servicePortRules, ip netip.Addr) {
 	}
 	comment := s.comment + " cluster IP"
 	var out []iptables.Rule
+	notLocal := b.cfg.DetectLocal.IfNotLocal(b.cfg.Family)
 	switch {
 	case b.cfg.MasqueradeAll:
 		out = append(out, rule(comment, match, nil, "-j", ChainMarkMasq))
-	case b.cfg.ClusterCIDR.IsValid():
-		out = append(out, rule(comment, match, []string{"!", "-s", b.cfg.ClusterCIDR.String()}, "-j", ChainMarkMasq))
+	case notLocal != nil:
+		out = append(out, rule(comment, match, notLocal, "-j", ChainMarkMasq))
 	}
 	out = append(out, b.pick(s, comment, match, nil, s.internal)...)
 	s.frag.natVIP = append(s.frag.natVIP, addrRules{ip, out})
@@ -363,8 +387,8 @@ func (b *builder) externalRules(s *servicePortRules, comment string, match []str
 	}
 	var out []iptables.Rule
 	if len(podSet) > 0 {
-		if b.cfg.ClusterCIDR.IsValid() {
-			out = append(out, b.pick(s, comment+" from pods", match, []string{"-s", b.cfg.ClusterCIDR.String()}, podSet)...)
+		if local := b.cfg.DetectLocal.IfLocal(b.cfg.Family); local != nil {
+			out = append(out, b.pick(s, comment+" from pods", match, local, podSet)...)
 		}
 		fromNode := []string{"-m", "addrtype", "--src-type", "LOCAL"}
 		out = append(out, rule(comment+" from this node", match, fromNode, "-j", ChainMarkMasq))
@@ -545,7 +569,17 @@ func (b *builder) finish() *iptables.Ruleset {
 	// filter
 	filterServices := b.filterVIP.topRules()
 	filterServices = append(filterServices, b.nodePortJumps()...)
-	filt := []iptables.Chain{
+	filt := []iptables.Chain{}
+	if b.cfg.localhostNodePorts() {
+		// Upstream's rule, to the letter: with route_localnet=1 a neighbour
+		// could otherwise reach what listens on the node's 127.0.0.1.
+		filt = append(filt, iptables.Chain{Name: ChainLocalnet, Rules: []iptables.Rule{{
+			"-m", "comment", "--comment", "block incoming localnet connections",
+			"-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8",
+			"-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP",
+		}}})
+	}
+	filt = append(filt, []iptables.Chain{
 		{Name: ChainServices, Rules: filterServices},
 		{Name: ChainHealthCheck, Rules: b.healthChecks},
 		{Name: ChainNodePorts, Rules: b.filterNP.topRules()},
@@ -554,28 +588,29 @@ func (b *builder) finish() *iptables.Ruleset {
 			{"-m", "comment", "--comment", "miniproxy forwarding rules", "-m", "mark", "--mark", mark + "/" + mark, "-j", "ACCEPT"},
 			{"-m", "comment", "--comment", "miniproxy forwarding conntrack rule", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
 		}},
-	}
+	}...)
 	filt = append(filt, b.filterVIP.chains()...)
 	filt = append(filt, b.filterNP.chains()...)
 
 	return &iptables.Ruleset{
 		Family: b.cfg.Family,
 		Tables: []iptables.TableRules{{Table: "filter", Chains: filt}, {Table: "nat", Chains: nat}},
-		Jumps:  Jumps(),
+		Jumps:  Jumps(b.cfg),
 	}
 }
 
 // NodePortAddresses picks the node's addresses that serve NodePorts under
-// --nodeport-addresses ranges: the local addresses inside a range, never a
-// loopback one (docs/decisions.md: no localhost NodePorts). Without ranges
-// it returns nil, which Config reads as every local address but loopback.
-func NodePortAddresses(local []netip.Addr, ranges []netip.Prefix) []netip.Addr {
+// --nodeport-addresses ranges: the local addresses inside a range; a
+// loopback one only when localhost NodePorts are on and it is IPv4 (as
+// upstream, docs/decisions.md). Without ranges it returns nil, which Config
+// reads as every local address (loopback as above).
+func NodePortAddresses(local []netip.Addr, ranges []netip.Prefix, localhostNodePorts bool) []netip.Addr {
 	if ranges == nil {
 		return nil
 	}
 	out := []netip.Addr{}
 	for _, a := range local {
-		if a.IsLoopback() {
+		if a.IsLoopback() && !(localhostNodePorts && a.Unmap().Is4()) {
 			continue
 		}
 		for _, r := range ranges {
@@ -588,20 +623,57 @@ func NodePortAddresses(local []netip.Addr, ranges []netip.Prefix) []netip.Addr {
 	return out
 }
 
+// LocalhostNodePorts says whether a family serves NodePorts on loopback
+// under --iptables-localhost-nodeports (on) and --nodeport-addresses
+// (ranges, nil when not given), as upstream decides: only IPv4, and only
+// when the ranges, if given, cover IPv4 loopback.
+func LocalhostNodePorts(on bool, fam iptables.Family, ranges []netip.Prefix) bool {
+	if !on || fam != iptables.IPv4 {
+		return false
+	}
+	if ranges == nil {
+		return true
+	}
+	for _, r := range ranges {
+		if r.Addr().Is4() && (r.Addr().IsLoopback() || r.Contains(ipv4Loopback)) {
+			return true
+		}
+	}
+	return false
+}
+
+var ipv4Loopback = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+
 // nodePortJumps sends traffic for the node's own addresses to the NodePort
-// dispatch: every local address but loopback, or only --nodeport-addresses.
+// dispatch: every local address, or only --nodeport-addresses. Loopback
+// addresses serve NodePorts only with localhost NodePorts, and then only to
+// the node's own traffic (a neighbour that routes 127.0.0.1 to the node is
+// left untranslated, and MP-LOCALNET drops it).
 func (b *builder) nodePortJumps() []iptables.Rule {
 	comment := []string{"-m", "comment", "--comment", "miniproxy service nodeports; NOTE: this must be the last rule in this chain"}
+	jump := func(match ...string) iptables.Rule {
+		return append(append(append(iptables.Rule{}, comment...), match...), "-j", ChainNodePorts)
+	}
+	fromNode := []string{"-m", "addrtype", "--src-type", "LOCAL"}
 	if b.cfg.NodePortAddresses == nil {
 		loopback := "127.0.0.0/8"
 		if b.cfg.Family == iptables.IPv6 {
 			loopback = "::1/128"
 		}
-		return []iptables.Rule{append(append(iptables.Rule{}, comment...), "-m", "addrtype", "--dst-type", "LOCAL", "!", "-d", loopback, "-j", ChainNodePorts)}
+		out := []iptables.Rule{jump("-m", "addrtype", "--dst-type", "LOCAL", "!", "-d", loopback)}
+		if b.cfg.localhostNodePorts() {
+			out = append(out, jump(append([]string{"-d", loopback}, fromNode...)...))
+		}
+		return out
 	}
 	var out []iptables.Rule
 	for _, a := range b.addrsOfFamily(b.cfg.NodePortAddresses) {
-		out = append(out, append(append(iptables.Rule{}, comment...), "-d", b.hostPrefix(a), "-j", ChainNodePorts))
+		switch {
+		case !a.IsLoopback():
+			out = append(out, jump("-d", b.hostPrefix(a)))
+		case b.cfg.localhostNodePorts():
+			out = append(out, jump(append([]string{"-d", b.hostPrefix(a)}, fromNode...)...))
+		}
 	}
 	return out
 }

@@ -31,9 +31,18 @@ const nodePort = 30080
 func testConfig() Config {
 	return Config{
 		Family:      iptables.IPv4,
-		ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16"),
+		DetectLocal: clusterCIDR("10.244.0.0/16"),
 		NodeIPs:     []netip.Addr{node1IP},
 	}
+}
+
+// clusterCIDR is --detect-local-mode ClusterCIDR with these ranges.
+func clusterCIDR(ranges ...string) DetectLocal {
+	d := DetectLocal{Mode: DetectClusterCIDR}
+	for _, r := range ranges {
+		d.CIDRs = append(d.CIDRs, netip.MustParsePrefix(r))
+	}
+	return d
 }
 
 func sourceIPApp(mods ...func(*endpoints.ServicePort)) *endpoints.ServicePort {
@@ -501,7 +510,7 @@ func TestIPv6ClusterIPAndNodePort(t *testing.T) {
 	nodeIP6 := netip.MustParseAddr("fd00:10:240::3")
 	svc := sourceIPApp(withNodePort, func(s *endpoints.ServicePort) { s.ClusterIPs = []netip.Addr{clusterIP, cip} })
 	eps := []endpoints.Endpoint{ready(node2Pod, false), ready(pod, false)}
-	cfg := Config{Family: iptables.IPv6, ClusterCIDR: netip.MustParsePrefix("fd00:10:244::/56")}
+	cfg := Config{Family: iptables.IPv6, DetectLocal: clusterCIDR("fd00:10:244::/56")}
 	tr, err := NewTracer(Build(snapshotOf(svc, eps), cfg), []netip.Addr{nodeIP6})
 	if err != nil {
 		t.Fatal(err)

@@ -19,6 +19,9 @@ type Packet struct {
 	// otherwise it arrives from a network (nat PREROUTING, then filter INPUT
 	// or FORWARD).
 	FromNode bool
+	// InIface is the interface a packet from a network arrives on ("" for
+	// none, and always for the node's own packets): what -i matches.
+	InIface string
 	// Recent names the affinity lists that already hold the source, as if an
 	// earlier connection had set them.
 	Recent map[string]bool
@@ -266,6 +269,8 @@ func (t *Tracer) match(r iptables.Rule, s pstate) (float64, pstate) {
 			ok = addrMatches(s.dst.Addr(), val())
 		case "-p":
 			ok = strings.EqualFold(val(), s.pkt.Proto)
+		case "-i":
+			ok = ifaceMatches(s.pkt, val())
 		case "--dport":
 			ok = portMatches(int(s.dst.Port()), val())
 		case "--src-type":
@@ -273,7 +278,10 @@ func (t *Tracer) match(r iptables.Rule, s pstate) (float64, pstate) {
 		case "--dst-type":
 			ok = val() == "LOCAL" && t.isLocal(s.dst.Addr())
 		case "--ctstate":
-			ok = containsWord(val(), "NEW")
+			// The first packet of a connection; DNAT once nat translated
+			// its destination.
+			v := val()
+			ok = containsWord(v, "NEW") || (s.dnat && containsWord(v, "DNAT"))
 		case "--mark":
 			ok = markMatches(s.mark, val())
 		case "--probability":
@@ -318,6 +326,18 @@ func recentName(r iptables.Rule, i int) string {
 		}
 	}
 	return name
+}
+
+// ifaceMatches is -i: the name, or a prefix when it ends in "+". The
+// node's own packets have no input interface and match no name.
+func ifaceMatches(p Packet, spec string) bool {
+	if p.FromNode || p.InIface == "" {
+		return false
+	}
+	if prefix, ok := strings.CutSuffix(spec, "+"); ok {
+		return strings.HasPrefix(p.InIface, prefix)
+	}
+	return p.InIface == spec
 }
 
 func containsWord(list, w string) bool {

@@ -177,6 +177,9 @@ type upSetup struct {
 	// noLocalDetector is upstream's no-op local traffic detector; for us,
 	// no cluster CIDR.
 	noLocalDetector bool
+	// noLocalhostNodePorts is --iptables-localhost-nodeports=false
+	// (upstream's fake proxier has them on).
+	noLocalhostNodePorts bool
 	// nodePortAddresses is --nodeport-addresses (nil: not set).
 	nodePortAddresses []string
 }
@@ -196,17 +199,18 @@ func (s upSetup) config() Config {
 	local := upNodeAddrs(fam)
 	cfg := Config{Family: fam, MasqueradeAll: s.masqueradeAll, NodeIPs: local}
 	if !s.noLocalDetector {
-		cfg.ClusterCIDR = netip.MustParsePrefix("10.0.0.0/8")
-		if s.ipv6 {
-			cfg.ClusterCIDR = netip.MustParsePrefix("fd00:10::/64")
-		}
+		cfg.DetectLocal = clusterCIDR("10.0.0.0/8", "fd00:10::/64")
 	}
+	var ranges []netip.Prefix
 	if s.nodePortAddresses != nil {
-		ranges := []netip.Prefix{}
+		ranges = []netip.Prefix{}
 		for _, r := range s.nodePortAddresses {
 			ranges = append(ranges, netip.MustParsePrefix(r))
 		}
-		cfg.NodePortAddresses = NodePortAddresses(local, ranges)
+	}
+	cfg.LocalhostNodePorts = LocalhostNodePorts(!s.noLocalhostNodePorts, fam, ranges)
+	if ranges != nil {
+		cfg.NodePortAddresses = NodePortAddresses(local, ranges, cfg.LocalhostNodePorts)
 	}
 	return cfg
 }
@@ -536,14 +540,12 @@ func TestUpstreamLoadBalancerFlows(t *testing.T) {
 
 // upstream TestNodePorts, one NodePort Service under each combination of
 // family, --iptables-localhost-nodeports and --nodeport-addresses upstream
-// tries. miniproxy has no localhost-nodeports switch: it always behaves as
-// upstream with the switch off (decisions.md, "Localhost NodePorts are not
-// served").
+// tries.
 func TestUpstreamNodePortsFlows(t *testing.T) {
 	configs := []struct {
 		name               string
 		ipv6               bool
-		localhostNodePorts bool // upstream's flag; we have none
+		localhostNodePorts bool
 		nodePortAddresses  []string
 		altIPServes        bool
 	}{
@@ -571,8 +573,9 @@ func TestUpstreamNodePortsFlows(t *testing.T) {
 				netip.AddrPortFrom(netip.MustParseAddr(ep2), 80).String(),
 			}
 			s := upSetup{
-				ipv6:              c.ipv6,
-				nodePortAddresses: c.nodePortAddresses,
+				ipv6:                 c.ipv6,
+				nodePortAddresses:    c.nodePortAddresses,
+				noLocalhostNodePorts: !c.localhostNodePorts,
 				services: []*v1.Service{
 					upSvc("ns1", "svc1", svcIP, upPort("p80", v1.ProtocolTCP, 80, 3001), upTypeNodePort),
 				},
@@ -591,8 +594,8 @@ func TestUpstreamNodePortsFlows(t *testing.T) {
 			}
 			if !c.ipv6 && c.localhostNodePorts {
 				flows = append(flows, upFlow{
-					name: "localhost to NodePort: untouched (decisions.md: localhost NodePorts are not served; upstream: spread over both, masqueraded)",
-					src:  lo, dst: lo, port: 3001, fromNode: true, want: upUntouched})
+					name: "localhost to NodePort: spread over both, masqueraded",
+					src:  lo, dst: lo, port: 3001, fromNode: true, want: upMasqTo(both...)})
 			} else {
 				flows = append(flows, upFlow{
 					name: "localhost to NodePort: untouched",
@@ -888,7 +891,6 @@ func TestUpstreamInternalExternalMasqueradeFlows(t *testing.T) {
 	plain := []string{"10.180.0.1:80", "10.180.1.1:80"}
 	etp := []string{"10.180.0.2:80", "10.180.1.2:80"}
 	itp := []string{"10.180.0.3:80", "10.180.1.3:80"}
-	localhostNote := " (decisions.md: localhost NodePorts are not served; upstream: spread over both, masqueraded)"
 	rows := []struct {
 		flow upFlow
 		// unless maps a variant (noDetector, masqAll or both) to what
@@ -907,8 +909,8 @@ func TestUpstreamInternalExternalMasqueradeFlows(t *testing.T) {
 			unless: map[int]upResult{noDetector: upTo(plain...)}},
 		{flow: upFlow{name: "node to NodePort: both endpoints, masqueraded",
 			src: upNodeIP, dst: upNodeIP, port: 3001, fromNode: true, want: upMasqTo(plain...)}},
-		{flow: upFlow{name: "localhost to NodePort: untouched" + localhostNote,
-			src: "127.0.0.1", dst: "127.0.0.1", port: 3001, fromNode: true, want: upUntouched}},
+		{flow: upFlow{name: "localhost to NodePort: both endpoints, masqueraded",
+			src: "127.0.0.1", dst: "127.0.0.1", port: 3001, fromNode: true, want: upMasqTo(plain...)}},
 		{flow: upFlow{name: "node to LB IP: both endpoints, masqueraded",
 			src: upNodeIP, dst: "1.2.3.4", port: 80, fromNode: true, want: upMasqTo(plain...)}},
 		{flow: upFlow{name: "external client to ClusterIP: both endpoints, masqueraded",
@@ -934,8 +936,8 @@ func TestUpstreamInternalExternalMasqueradeFlows(t *testing.T) {
 		// Upstream sends this one to the plain Service's NodePort 3001.
 		{flow: upFlow{name: "node to NodePort (upstream's row uses the plain Service's port): both endpoints, masqueraded",
 			src: upNodeIP, dst: upNodeIP, port: 3001, fromNode: true, want: upMasqTo(plain...)}},
-		{flow: upFlow{name: "localhost to NodePort of an eTP:Local Service: untouched" + localhostNote,
-			src: "127.0.0.1", dst: "127.0.0.1", port: 3002, fromNode: true, want: upUntouched}},
+		{flow: upFlow{name: "localhost to NodePort of an eTP:Local Service: both endpoints (the node bypasses the policy), masqueraded",
+			src: "127.0.0.1", dst: "127.0.0.1", port: 3002, fromNode: true, want: upMasqTo(etp...)}},
 		{flow: upFlow{name: "node to LB IP of an eTP:Local Service: both endpoints (the node bypasses the policy), masqueraded",
 			src: upNodeIP, dst: "5.6.7.8", port: 80, fromNode: true, want: upMasqTo(etp...)}},
 		{flow: upFlow{name: "external client to ClusterIP of an eTP:Local Service: both endpoints, masqueraded",
@@ -958,8 +960,8 @@ func TestUpstreamInternalExternalMasqueradeFlows(t *testing.T) {
 			unless: map[int]upResult{noDetector: upTo(itp[0])}},
 		{flow: upFlow{name: "node to NodePort of an iTP:Local Service: both endpoints, masqueraded",
 			src: upNodeIP, dst: upNodeIP, port: 3003, fromNode: true, want: upMasqTo(itp...)}},
-		{flow: upFlow{name: "localhost to NodePort of an iTP:Local Service: untouched" + localhostNote,
-			src: "127.0.0.1", dst: "127.0.0.1", port: 3003, fromNode: true, want: upUntouched}},
+		{flow: upFlow{name: "localhost to NodePort of an iTP:Local Service: both endpoints, masqueraded",
+			src: "127.0.0.1", dst: "127.0.0.1", port: 3003, fromNode: true, want: upMasqTo(itp...)}},
 		{flow: upFlow{name: "node to LB IP of an iTP:Local Service: both endpoints, masqueraded",
 			src: upNodeIP, dst: "9.10.11.12", port: 80, fromNode: true, want: upMasqTo(itp...)}},
 		{flow: upFlow{name: "external client to ClusterIP of an iTP:Local Service: the local endpoint only, masqueraded",

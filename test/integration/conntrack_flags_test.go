@@ -120,9 +120,45 @@ func TestConntrackParametersRefusedStopTheStart(t *testing.T) {
 	if !strings.Contains(stderr, "could not set conntrack parameters") || !strings.Contains(stderr, "nf_conntrack_tcp_timeout_established") {
 		t.Errorf("the error should say which conntrack parameter could not be set:\n%s", stderr)
 	}
-	// Asking for nothing needs no writable /proc/sys.
-	args := append([]string{"--mount", "--propagation", "private", "--", "sh", "-c", script, bin, "--init-only"}, netns.LeaveConntrackAlone...)
+	// Asking for nothing (no conntrack setting, no localhost NodePorts and
+	// so no route_localnet) needs no writable /proc/sys.
+	args := append([]string{"--mount", "--propagation", "private", "--", "sh", "-c", script, bin, "--init-only",
+		"--iptables-localhost-nodeports=false"}, netns.LeaveConntrackAlone...)
 	if _, stderr, err := ns.Run(ctx, "unshare", args...); err != nil {
 		t.Errorf("with every conntrack setting at 0 a read-only /proc/sys must not matter: %v\n%s", err, stderr)
+	}
+}
+
+// --init-only also sets route_localnet, as kube-proxy's iptables proxier
+// does at start, when localhost NodePorts apply (the default); not when
+// they are off or --nodeport-addresses leaves loopback out.
+func TestInitOnlySetsRouteLocalnet(t *testing.T) {
+	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lab := netns.NewLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "1"},
+		{[]string{"--iptables-localhost-nodeports=false"}, "0"},
+		{[]string{"--nodeport-addresses=10.0.0.0/8"}, "0"},
+		{[]string{"--nodeport-addresses=localhost"}, "1"},
+	} {
+		ns, err := lab.AddNamespace("rl" + string(rune('a'+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		args := append(append([]string{"--init-only"}, netns.LeaveConntrackAlone...), tc.args...)
+		if _, stderr, err := ns.Run(ctx, bin, args...); err != nil {
+			t.Fatalf("miniproxy %s: %v\n%s", strings.Join(args, " "), err, stderr)
+		}
+		if got, _ := ns.Sysctl("net/ipv4/conf/all/route_localnet"); got != tc.want {
+			t.Errorf("%v: route_localnet = %s, want %s", tc.args, got, tc.want)
+		}
 	}
 }

@@ -55,18 +55,25 @@ var (
 	clusterNet6 = pfx("fd00:244::/32")
 )
 
-func setUp(t *testing.T) *topology {
+// rootLab skips the test unless it runs as root, and gives a lab of
+// namespaces torn down with the test, and a helper that fails the test on
+// an error.
+func rootLab(t *testing.T) (*netns.Lab, func(error)) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create network namespaces")
 	}
-	lab := netns.NewLab(t)
-	must := func(err error) {
+	return netns.NewLab(t), func(err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+func setUp(t *testing.T) *topology {
+	t.Helper()
+	lab, must := rootLab(t)
 	var top topology
 	var err error
 	for _, p := range []struct {
@@ -131,7 +138,7 @@ func (top *topology) apply6(t *testing.T, snap *endpoints.Snapshot) dataplane.Re
 	t.Helper()
 	cfg := rules.Config{
 		Family:      iptables.IPv6,
-		ClusterCIDR: clusterNet6,
+		DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet6}},
 		NodeIPs:     []netip.Addr{nodeIP6, pod1GW6, pod2GW6},
 	}
 	var res dataplane.Result
@@ -150,7 +157,7 @@ func (top *topology) apply(t *testing.T, snap *endpoints.Snapshot) dataplane.Res
 	t.Helper()
 	cfg := rules.Config{
 		Family:      iptables.IPv4,
-		ClusterCIDR: clusterNet,
+		DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet}},
 		NodeIPs:     []netip.Addr{nodeIP, pod1GW, pod2GW},
 	}
 	var res dataplane.Result

@@ -101,7 +101,7 @@ func TestARefusedServiceStopsNoOtherInTheKernel(t *testing.T) {
 			}
 			m := metrics.New(metrics.Options{NoProcessMetrics: true})
 			tracker := endpoints.NewTracker("node1", log, nil)
-			p := proxy.New(proxy.Options{ClusterCIDRs: []netip.Prefix{clusterNet}, SyncPeriod: time.Minute}, tracker,
+			p := proxy.New(proxy.Options{DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet}}, SyncPeriod: time.Minute}, tracker,
 				map[iptables.Family]proxy.Applier{iptables.IPv4: m.WrapApplier(iptables.IPv4, dp)},
 				func(f iptables.Family) ([]netip.Addr, error) {
 					if f == iptables.IPv4 {
