@@ -20,6 +20,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // EventReasonListenFailed is the reason of the Warning event put on a
@@ -205,12 +206,8 @@ func (s *ServiceHealth) listenHosts() []string {
 	}
 	var hosts []string
 	for _, a := range local {
-		a = a.Unmap()
-		for _, p := range s.o.NodePortAddresses {
-			if p.Contains(a) {
-				hosts = append(hosts, a.String())
-				break
-			}
+		if rules.InNodePortRanges(a, s.o.NodePortAddresses) {
+			hosts = append(hosts, a.Unmap().String())
 		}
 	}
 	slices.Sort(hosts)

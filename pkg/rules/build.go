@@ -600,7 +600,7 @@ func (b *builder) finish() *iptables.Ruleset {
 }
 
 // NodePortAddresses picks the node's addresses that serve NodePorts under
-// --nodeport-addresses ranges: the local addresses inside a range; a
+// --nodeport-addresses ranges: the local addresses InNodePortRanges; a
 // loopback one only when localhost NodePorts are on and it is IPv4 (as
 // upstream, docs/decisions.md). Without ranges it returns nil, which Config
 // reads as every local address (loopback as above).
@@ -613,14 +613,31 @@ func NodePortAddresses(local []netip.Addr, ranges []netip.Prefix, localhostNodeP
 		if a.IsLoopback() && !(localhostNodePorts && a.Unmap().Is4()) {
 			continue
 		}
-		for _, r := range ranges {
-			if r.Contains(a) {
-				out = append(out, a)
-				break
-			}
+		if InNodePortRanges(a, ranges) {
+			out = append(out, a)
 		}
 	}
 	return out
+}
+
+// InNodePortRanges says whether --nodeport-addresses ranges admit the
+// node's address a, as kube-proxy decides: a is inside a range of its
+// family, or the ranges have none of its family (which then serves
+// NodePorts, and healthCheckNodePorts, on every address). nil ranges admit
+// everything.
+func InNodePortRanges(a netip.Addr, ranges []netip.Prefix) bool {
+	a = a.Unmap()
+	ofFamily := false
+	for _, r := range ranges {
+		if r.Addr().Is4() != a.Is4() {
+			continue
+		}
+		ofFamily = true
+		if r.Contains(a) {
+			return true
+		}
+	}
+	return !ofFamily
 }
 
 // LocalhostNodePorts says whether a family serves NodePorts on loopback
@@ -631,15 +648,9 @@ func LocalhostNodePorts(on bool, fam iptables.Family, ranges []netip.Prefix) boo
 	if !on || fam != iptables.IPv4 {
 		return false
 	}
-	if ranges == nil {
-		return true
-	}
-	for _, r := range ranges {
-		if r.Addr().Is4() && (r.Addr().IsLoopback() || r.Contains(ipv4Loopback)) {
-			return true
-		}
-	}
-	return false
+	return InNodePortRanges(ipv4Loopback, ranges) || slices.ContainsFunc(ranges, func(r netip.Prefix) bool {
+		return r.Addr().Is4() && r.Addr().IsLoopback()
+	})
 }
 
 var ipv4Loopback = netip.AddrFrom4([4]byte{127, 0, 0, 1})

@@ -213,6 +213,10 @@ func TestNodePortAddressesAndLoopback(t *testing.T) {
 		{"every address, localhost NodePorts off: no loopback", all, false, []netip.Addr{node1IP, netip.MustParseAddr("fd00::3")}},
 		{"every address, localhost NodePorts on: IPv4 loopback only", all, true, []netip.Addr{netip.MustParseAddr("127.0.0.1"), node1IP, netip.MustParseAddr("fd00::3")}},
 		{"loopback ranges only, on", []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}, true, []netip.Addr{netip.MustParseAddr("127.0.0.1")}},
+		{"IPv4 ranges only: every IPv6 address still serves, as upstream", []netip.Prefix{netip.MustParsePrefix("10.240.0.0/24")}, false,
+			[]netip.Addr{node1IP, netip.MustParseAddr("fd00::3")}},
+		{"IPv6 ranges only: every IPv4 address still serves, loopback with localhost NodePorts", []netip.Prefix{netip.MustParsePrefix("fd00::/64")}, true,
+			[]netip.Addr{netip.MustParseAddr("127.0.0.1"), node1IP, netip.MustParseAddr("fd00::3")}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -233,6 +237,7 @@ func TestNodePortAddressesAndLoopback(t *testing.T) {
 		{"on, IPv6: never", true, iptables.IPv6, nil, false},
 		{"off", false, iptables.IPv4, nil, false},
 		{"on, ranges covering 127.0.0.1", true, iptables.IPv4, []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}, true},
+		{"on, IPv6 ranges only: IPv4 is every address, loopback too", true, iptables.IPv4, []netip.Prefix{netip.MustParsePrefix("fd00::/64")}, true},
 		{"on, a loopback range", true, iptables.IPv4, []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}, true},
 		{"on, ranges without loopback", true, iptables.IPv4, []netip.Prefix{netip.MustParsePrefix("10.240.0.0/16"), netip.MustParsePrefix("::/0")}, false},
 	} {
