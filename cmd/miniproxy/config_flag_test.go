@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -135,5 +136,36 @@ func TestWriteConfigTo(t *testing.T) {
 		if !strings.Contains(a.String(), want) {
 			t.Errorf("written configuration lacks %q:\n%s", want, a.String())
 		}
+	}
+}
+
+// A --config file that changes ends miniproxy, as kube-proxy, so that the
+// DaemonSet starts it again with the new configuration; a file that stays
+// does not.
+func TestConfigFileChangeEndsMiniproxy(t *testing.T) {
+	defer func(p time.Duration) { configFilePoll = p }(configFilePoll)
+	configFilePoll = 20 * time.Millisecond
+	path := filepath.Join(t.TempDir(), "config.conf")
+	os.WriteFile(path, []byte("a: 1\n"), 0o600)
+	ended := make(chan error, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	watchConfigFile(ctx, path, func(err error) { ended <- err })
+	select {
+	case err := <-ended:
+		t.Fatalf("ended although the file did not change: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	// A ConfigMap update: the mounted file is replaced.
+	next := path + ".new"
+	os.WriteFile(next, []byte("a: 2\n"), 0o600)
+	os.Rename(next, path)
+	select {
+	case err := <-ended:
+		if !strings.Contains(err.Error(), "configuration file") {
+			t.Errorf("cause %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a replaced configuration file did not end miniproxy")
 	}
 }

@@ -157,6 +157,9 @@ func run(args []string, out io.Writer) error {
 	ctx, fail := context.WithCancelCause(signalled)
 	defer fail(nil)
 
+	if opts.configFile != "" {
+		watchConfigFile(ctx, opts.configFile, fail)
+	}
 	needPodCIDRs := cfg.DetectLocalMode == config.LocalModeNodeCIDR
 	usesPrimary := slices.Contains(cfg.NodePortAddresses, config.NodePortsPrimary)
 	facts, err := readNode(ctx, client, nodeName, needPodCIDRs, usesPrimary, log)

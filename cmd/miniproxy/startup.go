@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"runtime/debug"
 	"strconv"
+	"time"
 
 	"github.com/spf13/pflag"
 
@@ -98,4 +100,37 @@ func applyConntrack(ct config.Conntrack, log *slog.Logger) error {
 		return fmt.Errorf("could not set conntrack parameters from the configuration: %w", err)
 	}
 	return nil
+}
+
+// configFilePoll is how often watchConfigFile looks at the file.
+var configFilePoll = 5 * time.Second
+
+// watchConfigFile ends miniproxy (cause) when the --config file changes, as
+// kube-proxy does, so that the DaemonSet starts it again with the new
+// configuration (a ConfigMap update replaces the mounted file). It looks at
+// what the path resolves to: a replaced file, a new size or modification
+// time, or the file's disappearance.
+func watchConfigFile(ctx context.Context, path string, cause func(error)) {
+	stat := func() (os.FileInfo, error) { return os.Stat(path) }
+	first, err := stat()
+	if err != nil {
+		cause(fmt.Errorf("watch the configuration file: %w", err))
+		return
+	}
+	go func() {
+		t := time.NewTicker(configFilePoll)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			now, err := stat()
+			if err != nil || !os.SameFile(first, now) || now.Size() != first.Size() || !now.ModTime().Equal(first.ModTime()) {
+				cause(fmt.Errorf("the configuration file %s changed; exiting so that miniproxy starts again with it, as kube-proxy does", path))
+				return
+			}
+		}
+	}()
 }
