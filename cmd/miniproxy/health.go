@@ -46,26 +46,39 @@ type healthOptions struct {
 	// retry is how often a server port that cannot be opened is tried
 	// again (kube-proxy's 5 s when zero).
 	retry time.Duration
+	// bindAddressHardFail is --bind-address-hard-fail: a server port that
+	// cannot be opened is fatal instead of retried.
+	bindAddressHardFail bool
+	// build is what kubernetes_build_info says (the daemon's buildInfo).
+	build metrics.BuildInfo
+}
+
+// newMetrics makes the metrics once; a copy of the options made after
+// shares them.
+func (o *healthOptions) newMetrics(log *slog.Logger) *metrics.Metrics {
+	if o.metrics == nil {
+		o.metrics = metrics.New(metrics.Options{Log: log, Build: o.build})
+	}
+	return o.metrics
 }
 
 // wrapApplier makes a family's dataplane report its rule counts and CPU
 // time to the metrics (kubeproxy_sync_proxy_rules_iptables_total cannot be
 // known otherwise). Call it on each dataplane before proxy.New; without it
 // that metric is simply absent.
-func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier) proxy.Applier {
-	if o.metrics == nil {
-		o.metrics = metrics.New(metrics.Options{})
-	}
-	return o.metrics.WrapApplier(fam, a)
+func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier, log *slog.Logger) proxy.Applier {
+	return o.newMetrics(log).WrapApplier(fam, a)
 }
 
 // startHealth starts the healthz server, the metrics server and the
 // healthCheckNodePort listeners, and feeds them every sync of p. It returns
-// an error only when a flag is invalid. A server port that cannot be opened
-// is logged and retried every 5 s, as kube-proxy does (proxying matters
-// more than probes); a Service's healthCheckNodePort that cannot be opened
-// is reported on the Service and retried at every sync. Everything stops
-// when ctx ends.
+// an error when a flag is invalid, and, with --bind-address-hard-fail, when
+// the healthz or metrics port cannot be opened (naming the address and the
+// error; the daemon exits 1). Without that flag, such a port is logged and
+// retried every 5 s, as kube-proxy does (proxying matters more than
+// probes). A Service's healthCheckNodePort that cannot be opened is
+// reported on the Service and retried at every sync. Everything stops when
+// ctx ends.
 //
 // nodePortAddresses is --nodeport-addresses (nil: every address);
 // recorder receives Warning events on Services whose port is taken.
@@ -94,10 +107,7 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 		listAddrs = localAddresses
 	}
 
-	m := o.metrics
-	if m == nil {
-		m = metrics.New(metrics.Options{Log: log})
-	}
+	m := o.newMetrics(log)
 	m.TrackChanges(t)
 	ph := healthcheck.NewProxierHealth(healthcheck.ProxierHealthOptions{
 		Timeout:  2 * o.syncPeriod,
@@ -126,11 +136,24 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 	if retry <= 0 {
 		retry = 5 * time.Second
 	}
-	if healthzAddr != "" {
-		healthcheck.KeepServing(ctx, "healthz", healthzAddr, ph.Handler(), retry, log)
+	serve := func(name, addr string, h http.Handler) error {
+		if addr == "" {
+			return nil
+		}
+		if !o.bindAddressHardFail {
+			healthcheck.KeepServing(ctx, name, addr, h, retry, log)
+			return nil
+		}
+		if _, err := healthcheck.Serve(ctx, name, addr, h, log); err != nil {
+			return fmt.Errorf("%w (--bind-address-hard-fail makes this fatal)", err)
+		}
+		return nil
 	}
-	if metricsAddr != "" {
-		healthcheck.KeepServing(ctx, "metrics", metricsAddr, withProfiling(m.Handler(), o.profiling), retry, log)
+	if err := serve("healthz", healthzAddr, ph.Handler()); err != nil {
+		return err
+	}
+	if err := serve("metrics", metricsAddr, withProfiling(m.Handler(), o.profiling)); err != nil {
+		return err
 	}
 
 	// The proxier's health first, so that the Service answers of this very

@@ -142,7 +142,7 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp)}
+	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp, nil)}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tracker := endpoints.NewTracker("node1", log, nil)
 	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}},
@@ -192,11 +192,11 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 
 	_, page := httpGet(t, base(metricsPort)+"/metrics")
 	for _, want := range []string{
-		"kubeproxy_sync_proxy_rules_duration_seconds_count 3\n",
-		"kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1\n",
+		`kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"} 3` + "\n",
+		`kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"} 1` + "\n",
 		"kubeproxy_sync_proxy_rules_service_changes_total 1\n",
 		"kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n",
-		`kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"} 1` + "\n",
+		`kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="external"} 1` + "\n",
 		`kubeproxy_proxy_healthz_total{code="200"} 1` + "\n",
 		`kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"} `,
 		"process_cpu_seconds_total ",

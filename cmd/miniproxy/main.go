@@ -25,6 +25,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -100,6 +101,7 @@ func run(args []string, out io.Writer) error {
 	}
 	applyOOMScoreAdj(opts.oomScoreAdj, log)
 	runner := dataplane.NewRunner()
+	opts.health.build = buildInfo()
 
 	if opts.cleanupKubeProxy {
 		families := iptablesFamilies(runner, log)
@@ -126,6 +128,9 @@ func run(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// client-go's metrics hooks before the first client, so that every
+	// request is counted in rest_client_*.
+	metrics.HookClientGo()
 	client, err := newClient(opts.kubeconfig, opts.master, opts.clientSettings())
 	if err != nil {
 		return err
@@ -156,7 +161,7 @@ func run(args []string, out io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("set up %s dataplane: %w", fam, err)
 		}
-		planes[fam] = opts.health.wrapApplier(fam, dp)
+		planes[fam] = opts.health.wrapApplier(fam, dp, log)
 	}
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)

@@ -84,7 +84,6 @@ var otherModeFlags = []string{"ipvs-exclude-cidrs", "ipvs-min-sync-period", "ipv
 // on yet, with what it does instead (docs/compatibility.md).
 var notYetFlags = map[string]string{
 	"bind-address":                      "the node's addresses are read from its interfaces",
-	"bind-address-hard-fail":            "a port that cannot be opened is logged and retried",
 	"conntrack-max-per-core":            "conntrack settings are applied only from a --config file",
 	"conntrack-min":                     "conntrack settings are applied only from a --config file",
 	"conntrack-tcp-be-liberal":          "conntrack settings are applied only from a --config file",
@@ -127,7 +126,7 @@ func (o *options) register(fs *pflag.FlagSet) {
 	fs.Var(&namedString{val: &o.health.healthzBindAddress, typ: "ipport"}, "healthz-bind-address", "The IP address and port for the health check server to serve on, defaulting to \"0.0.0.0:10256\". An empty value disables it. This parameter is ignored if a config file is specified by --config.")
 	o.health.metricsBindAddress = fmt.Sprintf("127.0.0.1:%d", defaultMetricsPort)
 	fs.Var(&namedString{val: &o.health.metricsBindAddress, typ: "ipport"}, "metrics-bind-address", "The IP address and port for the metrics server to serve on, defaulting to \"127.0.0.1:10249\". (Set to \"0.0.0.0:10249\" / \"[::]:10249\" to bind on all interfaces.) An empty value disables it. This parameter is ignored if a config file is specified by --config.")
-	fs.BoolVar(&c.bindAddressHardFail, "bind-address-hard-fail", false, "If true kube-proxy will treat failure to bind to a port as fatal and exit")
+	fs.BoolVar(&o.health.bindAddressHardFail, "bind-address-hard-fail", false, "If true kube-proxy will treat failure to bind to a port as fatal and exit")
 	fs.BoolVar(&o.health.profiling, "profiling", false, "If true enables profiling via web interface on /debug/pprof handler. This parameter is ignored if a config file is specified by --config.")
 	fs.StringVar(&c.showHiddenMetrics, "show-hidden-metrics-for-version", "", "The previous version for which you want to show hidden metrics.")
 	fs.BoolVar(&c.initOnly, "init-only", false, "If true, perform any initialization steps that must be done with full root privileges, and then exit.")
