@@ -275,3 +275,73 @@ func TestProfilingIsServedOnlyWhenAsked(t *testing.T) {
 		}
 	}
 }
+
+// --bind-address-hard-fail: a healthz or metrics port someone else holds
+// is fatal, with an error naming the address and the cause, and nothing is
+// left serving; without it the same start-up succeeds and the port is
+// served once free (TestStartHealthRefusesBadOptionsAndRetriesTakenPorts).
+func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, server := range []string{"healthz", "metrics"} {
+		t.Run(server, func(t *testing.T) {
+			tracker := endpoints.NewTracker("node1", log, nil)
+			p := proxy.New(proxy.Options{SyncPeriod: time.Minute}, tracker, map[iptables.Family]proxy.Applier{}, nil, log)
+			squatter, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer squatter.Close()
+			taken, free := squatter.Addr().String(), fmt.Sprintf("127.0.0.1:%d", freeLoopbackPort(t))
+
+			var o options
+			args := []string{"--bind-address-hard-fail", "--healthz-bind-address=" + free, "--metrics-bind-address=" + taken}
+			if server == "healthz" {
+				args[1], args[2] = "--healthz-bind-address="+taken, "--metrics-bind-address="+free
+			}
+			fs := newFlagSet(&o)
+			if err := fs.Parse(args); err != nil {
+				t.Fatal(err)
+			}
+			if notes := o.compatibilityNotes(fs); len(notes) != 0 {
+				t.Errorf("--bind-address-hard-fail is acted on now, yet: %q", notes)
+			}
+			ho := o.health
+			ho.syncPeriod = time.Minute
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			start := time.Now()
+			err = startHealth(ctx, ho, p, tracker, nil, nil, log)
+			if err == nil {
+				t.Fatal("a taken port must be fatal with --bind-address-hard-fail")
+			}
+			if time.Since(start) > time.Second {
+				t.Errorf("the failure took %s", time.Since(start))
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, server) || !strings.Contains(msg, taken) || !strings.Contains(msg, "address already in use") {
+				t.Errorf("the error should name the server, the address and the cause: %q", msg)
+			}
+
+			// The same command line without the flag starts, and serves
+			// once the squatter leaves.
+			ho.bindAddressHardFail = false
+			ho.retry = 20 * time.Millisecond
+			ho.metrics = nil
+			if err := startHealth(ctx, ho, p, tracker, nil, nil, log); err != nil {
+				t.Fatalf("without --bind-address-hard-fail a taken port is retried: %v", err)
+			}
+			squatter.Close()
+			path := map[string]string{"healthz": "/livez", "metrics": "/proxyMode"}[server]
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				if code, _ := httpGet(t, "http://"+taken+path); code == 200 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the %s server never came up on %s", server, taken)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
+	}
+}
