@@ -23,6 +23,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -343,5 +344,21 @@ func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
 				time.Sleep(10 * time.Millisecond)
 			}
 		})
+	}
+}
+
+func TestBuildInfoLabelsComeFromTheBuild(t *testing.T) {
+	for _, tc := range []struct {
+		b    build
+		want metrics.BuildInfo
+	}{
+		{build{version: "v0.4.2", revision: "0123abc", treeState: "clean", vcsTime: "2026-11-30T10:00:00Z"},
+			metrics.BuildInfo{Major: "0", Minor: "4", GitVersion: "v0.4.2", GitCommit: "0123abc", GitTreeState: "clean", BuildDate: "2026-11-30T10:00:00Z"}},
+		{build{version: "(devel)", revision: "0123abc", treeState: "dirty"},
+			metrics.BuildInfo{GitVersion: "(devel)", GitCommit: "0123abc", GitTreeState: "dirty"}},
+	} {
+		if got := tc.b.info(); got != tc.want {
+			t.Errorf("%+v: got %+v, want %+v", tc.b, got, tc.want)
+		}
 	}
 }

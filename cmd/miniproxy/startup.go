@@ -92,8 +92,9 @@ func versionText(raw bool) string {
 // git_commit and git_tree_state are the VCS revision and whether the tree
 // was modified, and build_date is the commit's time (Go records no build
 // time); each is empty when Go did not record it.
-func buildInfo() metrics.BuildInfo {
-	b := readBuild()
+func buildInfo() metrics.BuildInfo { return readBuild().info() }
+
+func (b build) info() metrics.BuildInfo {
 	bi := metrics.BuildInfo{GitVersion: b.version, GitCommit: b.revision, GitTreeState: b.treeState, BuildDate: b.vcsTime}
 	if v, ok := strings.CutPrefix(b.version, "v"); ok {
 		parts := strings.SplitN(v, ".", 3)

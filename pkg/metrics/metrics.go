@@ -5,8 +5,10 @@
 //
 // Every value comes from something that happened: a SyncResult handed to
 // OnSync, an apply seen through WrapApplier, a probe answered by the health
-// server, or the change tracker's counters read at scrape time. Nothing is
-// kept in package-level state; each Metrics has its own registry.
+// server, or the change tracker's counters read at scrape time. Each
+// Metrics has its own registry; the one package-level state is the
+// rest_client_* collectors, because client-go takes one set of metric hooks
+// per process (HookClientGo), and every registry serves them.
 package metrics
 
 import (

@@ -348,6 +348,15 @@ func compareHardFail(ctx context.Context, t *testing.T, c *cluster.Cluster, kube
 			t.Errorf("miniproxy's error should name the address and the cause:\n%s", out)
 		}
 	}
+	evs, err := c.Kube.EventsV1().Events(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs.Items {
+		if e.Regarding.Kind == "Node" && strings.HasPrefix(e.Reason, "FailedToStart") {
+			t.Logf("event on Node %s: %s %s: %s (%s)", e.Regarding.Name, e.Type, e.Reason, e.Note, e.ReportingController)
+		}
+	}
 }
 
 func lastLines(s string, n int) string {
