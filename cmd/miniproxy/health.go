@@ -145,7 +145,7 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 			return nil
 		}
 		if _, err := healthcheck.Serve(ctx, name, addr, h, log); err != nil {
-			return fmt.Errorf("%w (--bind-address-hard-fail makes this fatal)", err)
+			return &hardFailure{reason: hardFailReasons[name], err: err}
 		}
 		return nil
 	}
@@ -170,6 +170,27 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 	}()
 	return nil
 }
+
+// hardFailReasons are the reasons of kube-proxy's Warning event on its Node
+// when --bind-address-hard-fail stops it, by server.
+var hardFailReasons = map[string]string{
+	"healthz": "FailedToStartProxierHealthcheck",
+	"metrics": "FailedToStartMetricServer",
+}
+
+// hardFailure is a healthz or metrics port that could not be opened under
+// --bind-address-hard-fail: the daemon reports it on its Node, as
+// kube-proxy does, and exits 1.
+type hardFailure struct {
+	reason string // the Node event's reason
+	err    error
+}
+
+func (e *hardFailure) Error() string {
+	return e.err.Error() + " (--bind-address-hard-fail makes this fatal)"
+}
+
+func (e *hardFailure) Unwrap() error { return e.err }
 
 // bindAddress checks a bind address flag and gives the address to listen
 // on: "" stays "" (disabled), a bare IP gets the default port, ip:port and

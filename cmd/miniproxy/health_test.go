@@ -17,6 +17,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
 
@@ -322,6 +323,10 @@ func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
 			if !strings.Contains(msg, server) || !strings.Contains(msg, taken) || !strings.Contains(msg, "address already in use") {
 				t.Errorf("the error should name the server, the address and the cause: %q", msg)
 			}
+			wantReason := map[string]string{"healthz": "FailedToStartProxierHealthcheck", "metrics": "FailedToStartMetricServer"}[server]
+			if hf := (*hardFailure)(nil); !errors.As(err, &hf) || hf.reason != wantReason {
+				t.Errorf("want a hard failure reported on the Node as %s, got %#v", wantReason, err)
+			}
 
 			// The same command line without the flag starts, and serves
 			// once the squatter leaves.
@@ -360,5 +365,21 @@ func TestBuildInfoLabelsComeFromTheBuild(t *testing.T) {
 		if got := tc.b.info(); got != tc.want {
 			t.Errorf("%+v: got %+v, want %+v", tc.b, got, tc.want)
 		}
+	}
+}
+
+// The Node event of a hard failure is written before the daemon exits.
+func TestNodeWarningNowWritesTheEvent(t *testing.T) {
+	client := fake.NewClientset()
+	sink := &eventSink{client: client, node: "node1", log: slog.New(slog.DiscardHandler)}
+	sink.nodeWarningNow(context.Background(), "FailedToStartProxierHealthcheck", "start healthz server on 0.0.0.0:10256: bind: address already in use")
+	evs, err := client.CoreV1().Events(metav1.NamespaceDefault).List(context.Background(), metav1.ListOptions{})
+	if err != nil || len(evs.Items) != 1 {
+		t.Fatalf("events %v %v", evs, err)
+	}
+	e := evs.Items[0]
+	if e.InvolvedObject.Kind != "Node" || e.InvolvedObject.Name != "node1" || e.Type != v1.EventTypeWarning ||
+		e.Reason != "FailedToStartProxierHealthcheck" || e.Message != "start healthz server on 0.0.0.0:10256: bind: address already in use" {
+		t.Errorf("event %+v", e)
 	}
 }

@@ -179,6 +179,9 @@ func run(args []string, out io.Writer) error {
 	// no sync result is missed.
 	opts.health.syncPeriod = popts.SyncPeriod
 	if err := startHealth(ctx, opts.health, proxier, tracker, popts.NodePortAddresses, events.recorder, log); err != nil {
+		if hf := (*hardFailure)(nil); errors.As(err, &hf) {
+			events.nodeWarningNow(ctx, hf.reason, hf.err.Error())
+		}
 		return err
 	}
 
