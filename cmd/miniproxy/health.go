@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -13,6 +14,7 @@ import (
 
 	"k8s.io/client-go/tools/record"
 
+	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/healthcheck"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -34,6 +36,8 @@ type healthOptions struct {
 	metricsBindAddress string
 	// profiling is --profiling: /debug/pprof on the metrics address.
 	profiling bool
+	// config is the effective configuration, for /configz (none when nil).
+	config *config.Config
 	// syncPeriod is --iptables-sync-period; the proxy is unhealthy when a
 	// change waits twice as long. It must be set before startHealth.
 	syncPeriod time.Duration
@@ -46,26 +50,39 @@ type healthOptions struct {
 	// retry is how often a server port that cannot be opened is tried
 	// again (kube-proxy's 5 s when zero).
 	retry time.Duration
+	// bindAddressHardFail is --bind-address-hard-fail: a server port that
+	// cannot be opened is fatal instead of retried.
+	bindAddressHardFail bool
+	// build is what kubernetes_build_info says (the daemon's buildInfo).
+	build metrics.BuildInfo
+}
+
+// newMetrics makes the metrics once; a copy of the options made after
+// shares them.
+func (o *healthOptions) newMetrics(log *slog.Logger) *metrics.Metrics {
+	if o.metrics == nil {
+		o.metrics = metrics.New(metrics.Options{Log: log, Build: o.build})
+	}
+	return o.metrics
 }
 
 // wrapApplier makes a family's dataplane report its rule counts and CPU
 // time to the metrics (kubeproxy_sync_proxy_rules_iptables_total cannot be
 // known otherwise). Call it on each dataplane before proxy.New; without it
 // that metric is simply absent.
-func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier) proxy.Applier {
-	if o.metrics == nil {
-		o.metrics = metrics.New(metrics.Options{})
-	}
-	return o.metrics.WrapApplier(fam, a)
+func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier, log *slog.Logger) proxy.Applier {
+	return o.newMetrics(log).WrapApplier(fam, a)
 }
 
 // startHealth starts the healthz server, the metrics server and the
 // healthCheckNodePort listeners, and feeds them every sync of p. It returns
-// an error only when a flag is invalid. A server port that cannot be opened
-// is logged and retried every 5 s, as kube-proxy does (proxying matters
-// more than probes); a Service's healthCheckNodePort that cannot be opened
-// is reported on the Service and retried at every sync. Everything stops
-// when ctx ends.
+// an error when a flag is invalid, and, with --bind-address-hard-fail, when
+// the healthz or metrics port cannot be opened (naming the address and the
+// error; the daemon exits 1). Without that flag, such a port is logged and
+// retried every 5 s, as kube-proxy does (proxying matters more than
+// probes). A Service's healthCheckNodePort that cannot be opened is
+// reported on the Service and retried at every sync. Everything stops when
+// ctx ends.
 //
 // nodePortAddresses is --nodeport-addresses (nil: every address);
 // recorder receives Warning events on Services whose port is taken.
@@ -94,10 +111,7 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 		listAddrs = localAddresses
 	}
 
-	m := o.metrics
-	if m == nil {
-		m = metrics.New(metrics.Options{Log: log})
-	}
+	m := o.newMetrics(log)
 	m.TrackChanges(t)
 	ph := healthcheck.NewProxierHealth(healthcheck.ProxierHealthOptions{
 		Timeout:  2 * o.syncPeriod,
@@ -126,11 +140,24 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 	if retry <= 0 {
 		retry = 5 * time.Second
 	}
-	if healthzAddr != "" {
-		healthcheck.KeepServing(ctx, "healthz", healthzAddr, ph.Handler(), retry, log)
+	serve := func(name, addr string, h http.Handler) error {
+		if addr == "" {
+			return nil
+		}
+		if !o.bindAddressHardFail {
+			healthcheck.KeepServing(ctx, name, addr, h, retry, log)
+			return nil
+		}
+		if _, err := healthcheck.Serve(ctx, name, addr, h, log); err != nil {
+			return &hardFailure{reason: hardFailReasons[name], err: err}
+		}
+		return nil
 	}
-	if metricsAddr != "" {
-		healthcheck.KeepServing(ctx, "metrics", metricsAddr, withProfiling(m.Handler(), o.profiling), retry, log)
+	if err := serve("healthz", healthzAddr, ph.Handler()); err != nil {
+		return err
+	}
+	if err := serve("metrics", metricsAddr, withConfigz(withProfiling(m.Handler(), o.profiling), o.config)); err != nil {
+		return err
 	}
 
 	// The proxier's health first, so that the Service answers of this very
@@ -147,6 +174,27 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 	}()
 	return nil
 }
+
+// hardFailReasons are the reasons of kube-proxy's Warning event on its Node
+// when --bind-address-hard-fail stops it, by server.
+var hardFailReasons = map[string]string{
+	"healthz": "FailedToStartProxierHealthcheck",
+	"metrics": "FailedToStartMetricServer",
+}
+
+// hardFailure is a healthz or metrics port that could not be opened under
+// --bind-address-hard-fail: the daemon reports it on its Node, as
+// kube-proxy does, and exits 1.
+type hardFailure struct {
+	reason string // the Node event's reason
+	err    error
+}
+
+func (e *hardFailure) Error() string {
+	return e.err.Error() + " (--bind-address-hard-fail makes this fatal)"
+}
+
+func (e *hardFailure) Unwrap() error { return e.err }
 
 // bindAddress checks a bind address flag and gives the address to listen
 // on: "" stays "" (disabled), a bare IP gets the default port, ip:port and
@@ -173,6 +221,27 @@ func bindAddress(flagName, v string, defaultPort int) (string, error) {
 		return "", fmt.Errorf("%w: --%s %q: port must be 1..65535 (an empty value disables the server)", errUsage, flagName, v)
 	}
 	return net.JoinHostPort(host, port), nil
+}
+
+// withConfigz serves /configz as kube-proxy does: the effective
+// configuration as a KubeProxyConfiguration under the key of its API
+// group, so that an operator sees what flags and file made of it.
+func withConfigz(h http.Handler, c *config.Config) http.Handler {
+	if c == nil {
+		return h
+	}
+	body, err := json.Marshal(map[string]any{"kubeproxy.config.k8s.io": c.KubeProxyConfiguration()})
+	if err != nil {
+		body = []byte(fmt.Sprintf(`{"error": %q}`, err.Error()))
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/", h)
+	mux.HandleFunc("/configz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Write(body)
+	})
+	return mux
 }
 
 // withProfiling adds Go's profiling handlers to the metrics server when

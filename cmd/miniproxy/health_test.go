@@ -17,12 +17,14 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
 
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -143,7 +145,7 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp)}
+	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp, nil)}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tracker := endpoints.NewTracker("node1", log, nil)
 	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}},
@@ -157,6 +159,12 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 
 	if code, body := httpGet(t, base(metricsPort)+"/proxyMode"); code != 200 || body != "iptables" {
 		t.Errorf("/proxyMode: %d %q", code, body)
+	}
+	// /configz: the effective configuration, as kube-proxy shows it.
+	if code, body := httpGet(t, base(metricsPort)+"/configz"); code != 200 ||
+		!strings.Contains(body, `{"kubeproxy.config.k8s.io":{"kind":"KubeProxyConfiguration","apiVersion":"kubeproxy.config.k8s.io/v1alpha1"`) ||
+		!strings.Contains(body, fmt.Sprintf(`"metricsBindAddress":"127.0.0.1:%d"`, metricsPort)) {
+		t.Errorf("/configz: %d %s", code, body)
 	}
 	if code, _ := httpGet(t, base(healthzPort)+"/healthz"); code != 200 {
 		t.Errorf("/healthz at start: %d", code)
@@ -193,11 +201,11 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 
 	_, page := httpGet(t, base(metricsPort)+"/metrics")
 	for _, want := range []string{
-		"kubeproxy_sync_proxy_rules_duration_seconds_count 3\n",
-		"kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1\n",
+		`kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"} 3` + "\n",
+		`kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"} 1` + "\n",
 		"kubeproxy_sync_proxy_rules_service_changes_total 1\n",
 		"kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n",
-		`kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"} 1` + "\n",
+		`kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="external"} 1` + "\n",
 		`kubeproxy_proxy_healthz_total{code="200"} 1` + "\n",
 		`kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"} `,
 		"process_cpu_seconds_total ",
@@ -274,5 +282,111 @@ func TestProfilingIsServedOnlyWhenAsked(t *testing.T) {
 		if rec.Body.String() != "metrics" {
 			t.Errorf("--profiling=%v: the metrics must still be served, got %q", tc.on, rec.Body.String())
 		}
+	}
+}
+
+// --bind-address-hard-fail: a healthz or metrics port someone else holds
+// is fatal, with an error naming the address and the cause, and nothing is
+// left serving; without it the same start-up succeeds and the port is
+// served once free (TestStartHealthRefusesBadOptionsAndRetriesTakenPorts).
+func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, server := range []string{"healthz", "metrics"} {
+		t.Run(server, func(t *testing.T) {
+			tracker := endpoints.NewTracker("node1", log, nil)
+			p := proxy.New(proxy.Options{SyncPeriod: time.Minute}, tracker, map[iptables.Family]proxy.Applier{}, nil, log)
+			squatter, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer squatter.Close()
+			taken, free := squatter.Addr().String(), fmt.Sprintf("127.0.0.1:%d", freeLoopbackPort(t))
+
+			args := []string{"--bind-address-hard-fail", "--healthz-bind-address=" + free, "--metrics-bind-address=" + taken}
+			if server == "healthz" {
+				args[1], args[2] = "--healthz-bind-address="+taken, "--metrics-bind-address="+free
+			}
+			o, notes, err := commandLine(args, io.Discard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(notes) != 0 {
+				t.Errorf("--bind-address-hard-fail is acted on now, yet: %q", notes)
+			}
+			o.health.fromConfig(o.cfg)
+			ho := o.health
+			ho.syncPeriod = time.Minute
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			start := time.Now()
+			err = startHealth(ctx, ho, p, tracker, nil, nil, log)
+			if err == nil {
+				t.Fatal("a taken port must be fatal with --bind-address-hard-fail")
+			}
+			if time.Since(start) > time.Second {
+				t.Errorf("the failure took %s", time.Since(start))
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, server) || !strings.Contains(msg, taken) || !strings.Contains(msg, "address already in use") {
+				t.Errorf("the error should name the server, the address and the cause: %q", msg)
+			}
+			wantReason := map[string]string{"healthz": "FailedToStartProxierHealthcheck", "metrics": "FailedToStartMetricServer"}[server]
+			if hf := (*hardFailure)(nil); !errors.As(err, &hf) || hf.reason != wantReason {
+				t.Errorf("want a hard failure reported on the Node as %s, got %#v", wantReason, err)
+			}
+
+			// The same command line without the flag starts, and serves
+			// once the squatter leaves.
+			ho.bindAddressHardFail = false
+			ho.retry = 20 * time.Millisecond
+			ho.metrics = nil
+			if err := startHealth(ctx, ho, p, tracker, nil, nil, log); err != nil {
+				t.Fatalf("without --bind-address-hard-fail a taken port is retried: %v", err)
+			}
+			squatter.Close()
+			path := map[string]string{"healthz": "/livez", "metrics": "/proxyMode"}[server]
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				if code, _ := httpGet(t, "http://"+taken+path); code == 200 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the %s server never came up on %s", server, taken)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
+	}
+}
+
+func TestBuildInfoLabelsComeFromTheBuild(t *testing.T) {
+	for _, tc := range []struct {
+		b    build
+		want metrics.BuildInfo
+	}{
+		{build{version: "v0.4.2", revision: "0123abc", treeState: "clean", vcsTime: "2026-11-30T10:00:00Z"},
+			metrics.BuildInfo{Major: "0", Minor: "4", GitVersion: "v0.4.2", GitCommit: "0123abc", GitTreeState: "clean", BuildDate: "2026-11-30T10:00:00Z"}},
+		{build{version: "(devel)", revision: "0123abc", treeState: "dirty"},
+			metrics.BuildInfo{GitVersion: "(devel)", GitCommit: "0123abc", GitTreeState: "dirty"}},
+	} {
+		if got := tc.b.info(); got != tc.want {
+			t.Errorf("%+v: got %+v, want %+v", tc.b, got, tc.want)
+		}
+	}
+}
+
+// The Node event of a hard failure is written before the daemon exits.
+func TestNodeWarningNowWritesTheEvent(t *testing.T) {
+	client := fake.NewClientset()
+	sink := &eventSink{client: client, node: "node1", log: slog.New(slog.DiscardHandler)}
+	sink.nodeWarningNow(context.Background(), "FailedToStartProxierHealthcheck", "start healthz server on 0.0.0.0:10256: bind: address already in use")
+	evs, err := client.CoreV1().Events(metav1.NamespaceDefault).List(context.Background(), metav1.ListOptions{})
+	if err != nil || len(evs.Items) != 1 {
+		t.Fatalf("events %v %v", evs, err)
+	}
+	e := evs.Items[0]
+	if e.InvolvedObject.Kind != "Node" || e.InvolvedObject.Name != "node1" || e.Type != v1.EventTypeWarning ||
+		e.Reason != "FailedToStartProxierHealthcheck" || e.Message != "start healthz server on 0.0.0.0:10256: bind: address already in use" {
+		t.Errorf("event %+v", e)
 	}
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/features"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -105,6 +106,7 @@ func run(args []string, out io.Writer) error {
 	}
 	applyOOMScoreAdj(cfg.OOMScoreAdj, log)
 	runner := dataplane.NewRunner()
+	opts.health.build = buildInfo()
 
 	if opts.cleanupKubeProxy {
 		families := iptablesFamilies(runner, log)
@@ -147,6 +149,9 @@ func run(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// client-go's metrics hooks before the first client, so that every
+	// request is counted in rest_client_*.
+	metrics.HookClientGo()
 	client, err := newClient(cfg, opts.master)
 	if err != nil {
 		return err
@@ -187,7 +192,7 @@ func run(args []string, out io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("set up %s dataplane: %w", fam, err)
 		}
-		planes[fam] = opts.health.wrapApplier(fam, dp)
+		planes[fam] = opts.health.wrapApplier(fam, dp, log)
 	}
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
@@ -209,6 +214,9 @@ func run(args []string, out io.Writer) error {
 	// no sync result is missed.
 	opts.health.syncPeriod = popts.SyncPeriod
 	if err := startHealth(ctx, opts.health, proxier, tracker, popts.NodePortAddresses, events.recorder, log); err != nil {
+		if hf := (*hardFailure)(nil); errors.As(err, &hf) {
+			events.nodeWarningNow(ctx, hf.reason, hf.err.Error())
+		}
 		return err
 	}
 

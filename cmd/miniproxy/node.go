@@ -117,6 +117,7 @@ func unsupportedProtocols(r dataplane.Runner, families []iptables.Family, log *s
 // owner of a broken Service sees why it is not proxied with kubectl describe.
 type eventSink struct {
 	recorder record.EventRecorder
+	client   kubernetes.Interface
 	node     string
 	log      *slog.Logger
 }
@@ -126,6 +127,7 @@ func newEventSink(ctx context.Context, client kubernetes.Interface, nodeName str
 	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
 	return &eventSink{
 		recorder: b.NewRecorder(scheme.Scheme, v1.EventSource{Component: "miniproxy", Host: nodeName}),
+		client:   client,
 		node:     nodeName,
 		log:      log,
 	}
@@ -305,4 +307,27 @@ func primaryNodeIPs(facts nodeFacts, c *config.Config, nodeName string, log *slo
 		log.Info("cannot determine this node's IP, so --nodeport-addresses primary matches no address; set --bind-address if this is wrong", "node", nodeName)
 	}
 	return out
+}
+
+// nodeWarningNow writes a Warning event on this node and waits (at most a
+// few seconds) until the API server has it: the daemon is about to exit,
+// and the recorder would send it in the background, too late.
+func (e *eventSink) nodeWarningNow(ctx context.Context, reason, message string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	now := metav1.Now()
+	ev := &v1.Event{
+		ObjectMeta:     metav1.ObjectMeta{Name: fmt.Sprintf("%s.%x", e.node, now.UnixNano()), Namespace: metav1.NamespaceDefault},
+		InvolvedObject: v1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: e.node},
+		Reason:         reason,
+		Message:        message,
+		Type:           v1.EventTypeWarning,
+		Source:         v1.EventSource{Component: "miniproxy", Host: e.node},
+		FirstTimestamp: now,
+		LastTimestamp:  now,
+		Count:          1,
+	}
+	if _, err := e.client.CoreV1().Events(metav1.NamespaceDefault).Create(ctx, ev, metav1.CreateOptions{}); err != nil {
+		e.log.Warn("could not put the event on the node", "reason", reason, "err", err)
+	}
 }

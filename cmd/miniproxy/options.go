@@ -318,4 +318,6 @@ func (h *healthOptions) fromConfig(c *config.Config) {
 	h.healthzBindAddress = c.HealthzBindAddress
 	h.metricsBindAddress = c.MetricsBindAddress
 	h.profiling = c.EnableProfiling
+	h.bindAddressHardFail = c.BindAddressHardFail
+	h.config = c
 }

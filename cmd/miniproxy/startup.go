@@ -8,11 +8,13 @@ import (
 	"os"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
+	"github.com/miniproxy/miniproxy/pkg/metrics"
 )
 
 // applyDeprecatedPorts gives kube-proxy's deprecated --healthz-port and
@@ -37,27 +39,73 @@ func (o *options) applyDeprecatedPorts(fs *pflag.FlagSet) {
 	}
 }
 
+// build is what the binary knows of its own build: the module version
+// ("(devel)" for a build from a work tree), and the VCS revision, whether
+// the tree had changes, and the commit's time when Go recorded them.
+type build struct {
+	ok                           bool
+	version, goVersion           string
+	revision, treeState, vcsTime string
+}
+
+func readBuild() build {
+	b := build{version: "(devel)"}
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return b
+	}
+	b.ok, b.goVersion = true, info.GoVersion
+	if info.Main.Version != "" {
+		b.version = info.Main.Version
+	}
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			b.revision = s.Value
+		case "vcs.time":
+			b.vcsTime = s.Value
+		case "vcs.modified":
+			b.treeState = map[string]string{"true": "dirty", "false": "clean"}[s.Value]
+		}
+	}
+	return b
+}
+
 // versionText is what --version prints: miniproxy's build, and with raw
 // the Go version and VCS revision it was built from.
 func versionText(raw bool) string {
-	v := "miniproxy (devel)"
-	info, ok := debug.ReadBuildInfo()
-	if !ok {
+	b := readBuild()
+	v := "miniproxy " + b.version
+	if !b.ok {
 		return v
-	}
-	if info.Main.Version != "" && info.Main.Version != "(devel)" {
-		v = "miniproxy " + info.Main.Version
 	}
 	if !raw {
 		return v + " (the flags of kube-proxy v1.37)"
 	}
-	rev := "unknown"
-	for _, s := range info.Settings {
-		if s.Key == "vcs.revision" {
-			rev = s.Value
+	rev := b.revision
+	if rev == "" {
+		rev = "unknown"
+	}
+	return fmt.Sprintf("%s\ngo: %s\nrevision: %s", v, b.goVersion, rev)
+}
+
+// buildInfo is kubernetes_build_info's labels for this binary, from what
+// versionText reads: git_version is miniproxy's module version, major and
+// minor are taken from it when it is vX.Y.Z (empty for a devel build),
+// git_commit and git_tree_state are the VCS revision and whether the tree
+// was modified, and build_date is the commit's time (Go records no build
+// time); each is empty when Go did not record it.
+func buildInfo() metrics.BuildInfo { return readBuild().info() }
+
+func (b build) info() metrics.BuildInfo {
+	bi := metrics.BuildInfo{GitVersion: b.version, GitCommit: b.revision, GitTreeState: b.treeState, BuildDate: b.vcsTime}
+	if v, ok := strings.CutPrefix(b.version, "v"); ok {
+		parts := strings.SplitN(v, ".", 3)
+		if len(parts) == 3 {
+			bi.Major, bi.Minor = parts[0], parts[1]
 		}
 	}
-	return fmt.Sprintf("%s\ngo: %s\nrevision: %s", v, info.GoVersion, rev)
+	return bi
 }
 
 // applyOOMScoreAdj sets --oom-score-adj on this process, as kube-proxy

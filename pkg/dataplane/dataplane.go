@@ -71,6 +71,11 @@ type Result struct {
 	ChainsDeleted int
 	// RulesWritten counts the rules in the restore input.
 	RulesWritten int
+	// TableRulesWritten counts the rules in the restore input per table;
+	// every table of the Ruleset has an entry, 0 when none of its chains
+	// was written. It is nil when the apply failed before building the
+	// input.
+	TableRulesWritten map[string]int
 	// Bytes is the size of the restore input; 0 when nothing had changed and
 	// iptables-restore was not run.
 	Bytes int
@@ -81,6 +86,10 @@ type Result struct {
 	RestoreDuration time.Duration
 	// Duration is the time the whole Apply took.
 	Duration time.Duration
+	// Failed says the apply returned an error. Like Family, it is set by
+	// whoever collects Results (the proxy), as Apply returns the error
+	// beside the Result.
+	Failed bool
 }
 
 // Dataplane keeps one IP family's tables in line with the Rulesets it is
@@ -425,13 +434,17 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 // want selected by write and deletes those in remove, counting the work in
 // res. An empty input is not run.
 func (d *Dataplane) restore(want *iptables.Ruleset, write func(table, chain string) bool, remove map[string][]string, res *Result) error {
+	res.TableRulesWritten = map[string]int{}
 	for _, t := range want.Tables {
+		n := res.TableRulesWritten[t.Table]
 		for _, c := range t.Chains {
 			if write(t.Table, c.Name) {
 				res.ChainsWritten++
 				res.RulesWritten += len(c.Rules)
+				n += len(c.Rules)
 			}
 		}
+		res.TableRulesWritten[t.Table] = n
 	}
 	for _, chains := range remove {
 		res.ChainsDeleted += len(chains)

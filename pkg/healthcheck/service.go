@@ -232,7 +232,10 @@ func (s *ServiceHealth) open(name ServiceName, port int32, hosts []string, hostK
 		l, err := s.o.Listen(addr)
 		if err != nil {
 			inst.close()
-			return nil, fmt.Errorf("listen on %s: %w", addr, err)
+			// The listener's error names the address already
+			// ("listen tcp :32001: bind: address already in use"), and
+			// kube-proxy's event carries it bare.
+			return nil, err
 		}
 		srv := &http.Server{
 			Handler:           s.handler(inst),

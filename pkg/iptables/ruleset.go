@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"fmt"
+	"net/netip"
 	"sort"
 	"strings"
 )
@@ -21,6 +22,15 @@ func (f Family) String() string {
 		return "IPv6"
 	}
 	return "IPv4"
+}
+
+// FamilyOf gives the family of an address (IPv4-mapped IPv6 addresses are
+// IPv4).
+func FamilyOf(a netip.Addr) Family {
+	if a.Unmap().Is4() {
+		return IPv4
+	}
+	return IPv6
 }
 
 // Jump is a rule this project keeps in a built-in chain (or another chain it

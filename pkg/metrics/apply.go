@@ -15,8 +15,10 @@ import (
 // partial apply writes only some chains, but the Ruleset it was given is
 // complete), and the CPU time the apply consumed
 // (miniproxy_sync_apply_cpu_seconds). Wrap each family's dataplane before
-// handing it to proxy.New.
+// handing it to proxy.New; that also tells the metrics which families this
+// node programs before the first sync.
 func (m *Metrics) WrapApplier(fam iptables.Family, next proxy.Applier) proxy.Applier {
+	m.learnFamily(fam)
 	return &countingApplier{m: m, fam: fam, next: next, cpu: processCPU}
 }
 

@@ -5,14 +5,17 @@
 //
 // Every value comes from something that happened: a SyncResult handed to
 // OnSync, an apply seen through WrapApplier, a probe answered by the health
-// server, or the change tracker's counters read at scrape time. Nothing is
-// kept in package-level state; each Metrics has its own registry.
+// server, or the change tracker's counters read at scrape time. Each
+// Metrics has its own registry; the one package-level state is the
+// rest_client_* collectors, because client-go takes one set of metric hooks
+// per process (HookClientGo), and every registry serves them.
 package metrics
 
 import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -21,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/proxy"
 )
 
@@ -65,25 +69,40 @@ type ChangeCounter interface {
 
 var _ ChangeCounter = (*endpoints.Tracker)(nil)
 
+// alpha is how kube-proxy's metrics framework (component-base) starts the
+// help of an ALPHA metric; BETA ones start with beta.
+const (
+	alpha = "[ALPHA] "
+	beta  = "[BETA] "
+)
+
 // Metrics holds miniproxy's metrics and the registry that serves them. Its
 // methods are safe for concurrent use: OnSync runs in the sync loop, the
 // Observe methods in HTTP handlers, scrapes in the metrics server.
+//
+// kube-proxy runs one proxier per IP family and labels its sync metrics
+// with ip_family ("IPv4", "IPv6"); miniproxy's one loop programs every
+// family, and records each sync once for each family it applied.
 type Metrics struct {
 	reg *prometheus.Registry
 	now func() time.Time
 	log *slog.Logger
 
-	syncDuration        prometheus.Histogram
-	syncFullDuration    prometheus.Histogram
-	syncPartialDuration prometheus.Histogram
-	networkProgramming  prometheus.Histogram
-	lastSync            prometheus.Gauge
-	lastQueued          prometheus.Gauge
-	restoreFailures     prometheus.Counter
-	rulesTotal          *prometheus.GaugeVec
-	noLocalEndpoints    *prometheus.GaugeVec
-	healthz             *prometheus.CounterVec
-	livez               *prometheus.CounterVec
+	syncDuration           *prometheus.HistogramVec
+	syncFullDuration       *prometheus.HistogramVec
+	syncPartialDuration    *prometheus.HistogramVec
+	networkProgramming     *prometheus.HistogramVec
+	lastSync               *prometheus.GaugeVec
+	lastQueued             *prometheus.GaugeVec
+	restoreFailures        *prometheus.CounterVec
+	partialRestoreFailures *prometheus.CounterVec
+	rulesTotal             *prometheus.GaugeVec
+	rulesLast              *prometheus.GaugeVec
+	noLocalEndpoints       *prometheus.GaugeVec
+	conntrackDuration      *prometheus.HistogramVec
+	conntrackDeleted       *prometheus.CounterVec
+	healthz                *prometheus.CounterVec
+	livez                  *prometheus.CounterVec
 
 	restoreBytes    *prometheus.GaugeVec
 	rulesWritten    *prometheus.GaugeVec
@@ -94,6 +113,9 @@ type Metrics struct {
 
 	mu             sync.Mutex
 	lastQueuedTime time.Time
+	// families are the IP families this node programs, learnt from
+	// WrapApplier and from the syncs' results.
+	families map[iptables.Family]bool
 	// tables remembers, per family, the tables whose rule count was set, so
 	// that a table that disappears from the ruleset drops to 0.
 	tables  map[string]map[string]bool
@@ -109,10 +131,14 @@ type Options struct {
 	// NoProcessMetrics leaves out the process_* and go_* metrics that
 	// kube-proxy also exports; tests use it to keep their output small.
 	NoProcessMetrics bool
+	// Build is what kubernetes_build_info says of this binary; its Go
+	// version, compiler and platform are the running ones when empty.
+	Build BuildInfo
 }
 
 // New creates the metrics with their registry. The last-queued timestamp
-// starts at the creation time, as kube-proxy sets it when its loop starts.
+// starts at the creation time, as kube-proxy sets it when its loop starts;
+// it is exported for each family once the family is known.
 func New(o Options) *Metrics {
 	now := o.Now
 	if now == nil {
@@ -122,61 +148,79 @@ func New(o Options) *Metrics {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	family := []string{"ip_family"}
 	m := &Metrics{
-		reg:    prometheus.NewRegistry(),
-		now:    now,
-		log:    log,
-		tables: map[string]map[string]bool{},
+		reg:      prometheus.NewRegistry(),
+		now:      now,
+		log:      log,
+		families: map[iptables.Family]bool{},
+		tables:   map[string]map[string]bool{},
 
-		syncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+		syncDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_duration_seconds",
-			Help:    "SyncProxyRules latency in seconds",
+			Help:    alpha + "SyncProxyRules latency in seconds",
 			Buckets: syncBuckets,
-		}),
-		syncFullDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+		}, family),
+		syncFullDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Subsystem: subsystem, Name: "sync_full_proxy_rules_duration_seconds",
-			Help:    "SyncProxyRules latency in seconds for full resyncs",
+			Help:    alpha + "SyncProxyRules latency in seconds for full resyncs",
 			Buckets: syncBuckets,
-		}),
-		syncPartialDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+		}, family),
+		syncPartialDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Subsystem: subsystem, Name: "sync_partial_proxy_rules_duration_seconds",
-			Help:    "SyncProxyRules latency in seconds for partial resyncs",
+			Help:    alpha + "SyncProxyRules latency in seconds for partial resyncs",
 			Buckets: syncBuckets,
-		}),
-		networkProgramming: prometheus.NewHistogram(prometheus.HistogramOpts{
+		}, family),
+		networkProgramming: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Subsystem: subsystem, Name: "network_programming_duration_seconds",
-			Help:    "In Cluster Network Programming Latency in seconds",
+			Help:    alpha + "In Cluster Network Programming Latency in seconds",
 			Buckets: networkProgrammingBuckets,
-		}),
-		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{
+		}, family),
+		lastSync: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_last_timestamp_seconds",
-			Help: "The last time proxy rules were successfully synced",
-		}),
-		lastQueued: prometheus.NewGauge(prometheus.GaugeOpts{
+			Help: alpha + "The last time proxy rules were successfully synced",
+		}, family),
+		lastQueued: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_last_queued_timestamp_seconds",
-			Help: "The last time a sync of proxy rules was queued",
-		}),
-		restoreFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Help: alpha + "The last time a sync of proxy rules was queued",
+		}, family),
+		restoreFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_restore_failures_total",
-			Help: "Cumulative proxy iptables restore failures",
-		}),
+			Help: alpha + "Cumulative proxy iptables restore failures",
+		}, family),
+		partialRestoreFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_partial_restore_failures_total",
+			Help: alpha + "Cumulative proxy iptables partial restore failures",
+		}, family),
 		rulesTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_total",
-			Help: "Total number of iptables rules owned by kube-proxy",
+			Help: alpha + "Total number of iptables rules owned by kube-proxy",
+		}, []string{"table", "ip_family"}),
+		rulesLast: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_last",
+			Help: alpha + "Number of iptables rules written by kube-proxy in last sync",
 		}, []string{"table", "ip_family"}),
 		noLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_no_local_endpoints_total",
-			Help: "Number of services with a Local traffic policy and no endpoints",
-		}, []string{"traffic_policy"}),
+			Help: alpha + "Number of services with a Local traffic policy and no endpoints",
+		}, []string{"traffic_policy", "ip_family"}),
+		conntrackDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Subsystem: subsystem, Name: "conntrack_reconciler_sync_duration_seconds",
+			Help:    alpha + "ReconcileConntrackFlowsLatency latency in seconds",
+			Buckets: syncBuckets,
+		}, family),
+		conntrackDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Subsystem: subsystem, Name: "conntrack_reconciler_deleted_entries_total",
+			Help: alpha + "Cumulative conntrack flows deleted by conntrack reconciler",
+		}, family),
 		healthz: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Subsystem: subsystem, Name: "proxy_healthz_total",
-			Help: "Cumulative proxy healthz HTTP status",
+			Help: alpha + "Cumulative proxy healthz HTTP status",
 		}, []string{"code"}),
 		livez: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Subsystem: subsystem, Name: "proxy_livez_total",
-			Help: "Cumulative proxy livez HTTP status",
+			Help: alpha + "Cumulative proxy livez HTTP status",
 		}, []string{"code"}),
-
 		restoreBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "miniproxy", Name: "sync_restore_bytes",
 			Help: "Size of the iptables-restore input of the last sync (0 when nothing had changed)",
@@ -206,13 +250,13 @@ func New(o Options) *Metrics {
 	}
 	m.reg.MustRegister(
 		m.syncDuration, m.syncFullDuration, m.syncPartialDuration, m.networkProgramming,
-		m.lastSync, m.lastQueued, m.restoreFailures, m.rulesTotal, m.noLocalEndpoints,
+		m.lastSync, m.lastQueued, m.restoreFailures, m.partialRestoreFailures,
+		m.rulesTotal, m.rulesLast, m.noLocalEndpoints, m.conntrackDuration, m.conntrackDeleted,
 		m.healthz, m.livez,
 		m.restoreBytes, m.rulesWritten, m.chainsWritten, m.restoreDuration, m.applyCPU, m.refused,
+		o.Build.collector(),
 	)
-	// Both policies are always present, as kube-proxy sets both each sync.
-	m.noLocalEndpoints.WithLabelValues(PolicyInternal).Set(0)
-	m.noLocalEndpoints.WithLabelValues(PolicyExternal).Set(0)
+	m.reg.MustRegister(restClient.collectors()...)
 	if !o.NoProcessMetrics {
 		m.reg.MustRegister(
 			collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -236,26 +280,27 @@ func (m *Metrics) TrackChanges(c ChangeCounter) {
 	m.reg.MustRegister(
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_service_changes_total",
-			Help: "Cumulative proxy rules Service changes",
+			Help: alpha + "Cumulative proxy rules Service changes",
 		}, func() float64 { return float64(c.ServiceChangesTotal()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_endpoint_changes_total",
-			Help: "Cumulative proxy rules Endpoint changes",
+			Help: alpha + "Cumulative proxy rules Endpoint changes",
 		}, func() float64 { return float64(c.EndpointChangesTotal()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_service_changes_pending",
-			Help: "Pending proxy rules Service changes",
+			Help: alpha + "Pending proxy rules Service changes",
 		}, func() float64 { s, _ := c.PendingChanges(); return float64(s) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Subsystem: subsystem, Name: "sync_proxy_rules_endpoint_changes_pending",
-			Help: "Pending proxy rules Endpoint changes",
+			Help: alpha + "Pending proxy rules Endpoint changes",
 		}, func() float64 { _, e := c.PendingChanges(); return float64(e) }),
 	)
 }
 
 // ChangeQueued records that a change arrived and a sync was asked for
-// (kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds). It never
-// blocks for long, so it may be called from an informer handler.
+// (kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds, for every
+// family: one loop syncs them all). It never blocks for long, so it may be
+// called from an informer handler.
 func (m *Metrics) ChangeQueued() { m.setLastQueued(m.now()) }
 
 func (m *Metrics) setLastQueued(t time.Time) {
@@ -263,56 +308,120 @@ func (m *Metrics) setLastQueued(t time.Time) {
 	defer m.mu.Unlock()
 	if t.After(m.lastQueuedTime) {
 		m.lastQueuedTime = t
-		m.lastQueued.Set(seconds(t))
+		for fam := range m.families {
+			m.lastQueued.WithLabelValues(fam.String()).Set(seconds(t))
+		}
 	}
+}
+
+// learnFamily notes that this node programs fam; its last-queued timestamp
+// starts at the latest change (or the creation time), as kube-proxy's
+// proxier of that family sets it when its loop starts.
+func (m *Metrics) learnFamily(fam iptables.Family) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.families[fam] {
+		return
+	}
+	m.families[fam] = true
+	m.lastQueued.WithLabelValues(fam.String()).Set(seconds(m.lastQueuedTime))
+}
+
+// syncFamilies gives the families a sync applied, in order, and whether
+// each was written in full; a sync that failed before applying anything
+// counts for every family known.
+func (m *Metrics) syncFamilies(res proxy.SyncResult) ([]iptables.Family, map[iptables.Family]bool) {
+	full := map[iptables.Family]bool{}
+	var fams []iptables.Family
+	for _, r := range res.Results {
+		if _, seen := full[r.Family]; !seen {
+			fams = append(fams, r.Family)
+		}
+		full[r.Family] = full[r.Family] || r.Full
+		m.learnFamily(r.Family)
+	}
+	if len(fams) == 0 {
+		m.mu.Lock()
+		for fam := range m.families {
+			fams = append(fams, fam)
+			full[fam] = false
+		}
+		m.mu.Unlock()
+		slices.Sort(fams)
+	}
+	return fams, full
 }
 
 // OnSync records one sync; register it with proxy.Proxier.OnSync.
 //
-// Every sync, failed or not, is timed (as kube-proxy times every run); it is
-// full when any family was written in full. Only a successful sync moves
-// the last-sync timestamp, observes the network programming latency (from
-// the oldest change it carried to its end) and recounts the Services
-// without local endpoints. Every failed apply of a family counts as a
-// restore failure, those that led to finding a refused Service included,
-// and every sync sets the count of refused Services.
+// Every sync, failed or not, is timed once for each family it applied (as
+// kube-proxy times every run of each family's proxier), start to end of the
+// whole sync: full for a family written in full, partial otherwise. Every
+// failed apply of a family counts as a restore failure, those that led to
+// finding a refused Service included, and as a partial restore failure when
+// the apply was partial. Only a successful sync moves the last-sync
+// timestamps, observes the network programming latency (from the oldest
+// change it carried to its end, once for each family whose rules it wrote,
+// or for every family when it wrote none) and recounts the Services without
+// local endpoints. Every sync sets the count of refused Services.
 func (m *Metrics) OnSync(res proxy.SyncResult) {
 	d := res.End.Sub(res.Start).Seconds()
-	m.syncDuration.Observe(d)
-	full := false
-	for _, r := range res.Results {
-		full = full || r.Full
-	}
-	if full {
-		m.syncFullDuration.Observe(d)
-	} else {
-		m.syncPartialDuration.Observe(d)
+	fams, full := m.syncFamilies(res)
+	for _, fam := range fams {
+		f := fam.String()
+		m.syncDuration.WithLabelValues(f).Observe(d)
+		if full[fam] {
+			m.syncFullDuration.WithLabelValues(f).Observe(d)
+		} else {
+			m.syncPartialDuration.WithLabelValues(f).Observe(d)
+		}
 	}
 	if !res.QueuedSince.IsZero() {
 		m.setLastQueued(res.QueuedSince)
 	}
+	wrote := map[iptables.Family]bool{}
 	for _, r := range res.Results {
 		fam := r.Family.String()
 		m.restoreBytes.WithLabelValues(fam).Set(float64(r.Bytes))
 		m.rulesWritten.WithLabelValues(fam).Set(float64(r.RulesWritten))
 		m.chainsWritten.WithLabelValues(fam).Set(float64(r.ChainsWritten))
+		for table, n := range r.TableRulesWritten {
+			m.rulesLast.WithLabelValues(table, fam).Set(float64(n))
+		}
 		if r.Bytes > 0 {
 			m.restoreDuration.WithLabelValues(fam).Observe(r.RestoreDuration.Seconds())
+			if !r.Failed {
+				wrote[r.Family] = true
+			}
+		}
+		if r.Failed {
+			m.restoreFailures.WithLabelValues(fam).Inc()
+			if !r.Full {
+				m.partialRestoreFailures.WithLabelValues(fam).Inc()
+			}
 		}
 	}
-	m.restoreFailures.Add(float64(res.FailedApplies))
+	for _, c := range res.Conntrack {
+		m.conntrackDuration.WithLabelValues(c.Family.String()).Observe(c.Duration.Seconds())
+		m.conntrackDeleted.WithLabelValues(c.Family.String()).Add(float64(c.Deleted))
+	}
 	m.refused.Set(float64(len(res.Refusals)))
 	if res.Err != nil {
 		return
 	}
-	m.lastSync.Set(seconds(res.End))
-	if !res.QueuedSince.IsZero() {
-		m.networkProgramming.Observe(max(res.End.Sub(res.QueuedSince).Seconds(), 0))
+	for _, fam := range fams {
+		m.lastSync.WithLabelValues(fam.String()).Set(seconds(res.End))
+		if !res.QueuedSince.IsZero() && (wrote[fam] || len(wrote) == 0) {
+			m.networkProgramming.WithLabelValues(fam.String()).Observe(max(res.End.Sub(res.QueuedSince).Seconds(), 0))
+		}
 	}
 	if res.Snapshot != nil {
-		internal, external := NoLocalEndpoints(res.Snapshot)
-		m.noLocalEndpoints.WithLabelValues(PolicyInternal).Set(float64(internal))
-		m.noLocalEndpoints.WithLabelValues(PolicyExternal).Set(float64(external))
+		counts := NoLocalEndpoints(res.Snapshot)
+		for _, fam := range fams {
+			c := counts[fam]
+			m.noLocalEndpoints.WithLabelValues(PolicyInternal, fam.String()).Set(float64(c.Internal))
+			m.noLocalEndpoints.WithLabelValues(PolicyExternal, fam.String()).Set(float64(c.External))
+		}
 	}
 }
 
@@ -355,34 +464,46 @@ func (m *Metrics) Handler() http.Handler {
 	return mux
 }
 
-// NoLocalEndpoints counts the service ports whose internal or external
-// traffic policy is Local while this node has no endpoint that traffic may
-// use, as kube-proxy's no_local_endpoints_total does: the local ready
-// endpoints, or, when none is ready, the local serving-and-terminating ones
-// (the same fallback the rules use). The external policy only counts for
-// ports reachable from outside.
-func NoLocalEndpoints(snap *endpoints.Snapshot) (internal, external int) {
+// LocalPolicyCounts are the service ports of one family whose Local
+// traffic policy finds no endpoint on this node.
+type LocalPolicyCounts struct{ Internal, External int }
+
+// NoLocalEndpoints counts, per IP family, the service ports whose internal
+// or external traffic policy is Local while this node has no endpoint of
+// that family that traffic may use, as kube-proxy's proxier of each family
+// counts no_local_endpoints_total: the local ready endpoints, or, when none
+// is ready, the local serving-and-terminating ones (the same fallback the
+// rules use). A service port counts in the families of its ClusterIPs (a
+// dual-stack Service in both, as in both of kube-proxy's proxiers). The
+// external policy only counts for ports reachable from outside.
+func NoLocalEndpoints(snap *endpoints.Snapshot) map[iptables.Family]LocalPolicyCounts {
+	out := map[iptables.Family]LocalPolicyCounts{}
 	for name, svc := range snap.Services {
 		extLocal := svc.ExternalPolicyLocal && svc.ExternallyAccessible()
 		if !svc.InternalPolicyLocal && !extLocal {
 			continue
 		}
-		if hasLocalEndpoint(snap.Endpoints[name]) {
-			continue
-		}
-		if svc.InternalPolicyLocal {
-			internal++
-		}
-		if extLocal {
-			external++
+		for _, ip := range svc.ClusterIPs {
+			fam := iptables.FamilyOf(ip)
+			if hasLocalEndpoint(snap.Endpoints[name], fam) {
+				continue
+			}
+			c := out[fam]
+			if svc.InternalPolicyLocal {
+				c.Internal++
+			}
+			if extLocal {
+				c.External++
+			}
+			out[fam] = c
 		}
 	}
-	return internal, external
+	return out
 }
 
-func hasLocalEndpoint(eps []endpoints.Endpoint) bool {
+func hasLocalEndpoint(eps []endpoints.Endpoint, fam iptables.Family) bool {
 	for _, ep := range eps {
-		if ep.Local && (ep.Ready || (ep.Serving && ep.Terminating)) {
+		if ep.Local && iptables.FamilyOf(ep.IP) == fam && (ep.Ready || (ep.Serving && ep.Terminating)) {
 			return true
 		}
 	}

@@ -3,9 +3,11 @@ package metrics
 import (
 	"errors"
 	"io"
+	"maps"
 	"math"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -78,24 +80,26 @@ func syncResult(snap *endpoints.Snapshot, start time.Time, d time.Duration, queu
 func TestSyncsMoveTheSyncMetrics(t *testing.T) {
 	m, _ := newTestMetrics()
 	got := scrape(t, m)
-	want(t, got, "kubeproxy_sync_proxy_rules_duration_seconds_count", 0)
-	want(t, got, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", float64(t0.Unix()))
-	want(t, got, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 0)
+	for s := range got {
+		if strings.HasPrefix(s, "kubeproxy_sync_proxy_rules_duration_seconds") || strings.HasPrefix(s, "kubeproxy_sync_proxy_rules_last_queued") {
+			t.Errorf("%s before any family is known", s)
+		}
+	}
 
 	// A full sync carrying a change queued 2s before it ended.
 	start := t0.Add(10 * time.Second)
 	m.OnSync(syncResult(nil, start, 20*time.Millisecond, start.Add(-1980*time.Millisecond), nil,
 		dataplane.Result{Family: iptables.IPv4, Full: true, Bytes: 1234, RulesWritten: 10, ChainsWritten: 4, RestoreDuration: 5 * time.Millisecond}))
 	got = scrape(t, m)
-	want(t, got, "kubeproxy_sync_proxy_rules_duration_seconds_count", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_duration_seconds_sum", 0.02)
-	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.032"}`, 1)
-	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.016"}`, 0)
-	want(t, got, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1)
-	want(t, got, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", 0)
-	want(t, got, "kubeproxy_network_programming_duration_seconds_count", 1)
-	want(t, got, "kubeproxy_network_programming_duration_seconds_sum", 2)
-	want(t, got, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", float64(start.Unix())+0.02)
+	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family="IPv4"}`, 0.02)
+	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="0.032"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="0.016"}`, 0)
+	want(t, got, `kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_network_programming_duration_seconds_sum{ip_family="IPv4"}`, 2)
+	want(t, got, `kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}`, float64(start.Unix())+0.02)
+	want(t, got, `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"}`, seconds(start.Add(-1980*time.Millisecond)))
 	want(t, got, `miniproxy_sync_restore_bytes{ip_family="IPv4"}`, 1234)
 	want(t, got, `miniproxy_sync_rules_written{ip_family="IPv4"}`, 10)
 	want(t, got, `miniproxy_sync_chains_written{ip_family="IPv4"}`, 4)
@@ -104,22 +108,25 @@ func TestSyncsMoveTheSyncMetrics(t *testing.T) {
 	// A partial sync that fails: timed, counted, but not "last synced".
 	start2 := start.Add(30 * time.Second)
 	failed := syncResult(nil, start2, 3*time.Millisecond, start2.Add(-time.Second), errors.New("restore failed"),
-		dataplane.Result{Family: iptables.IPv4, Bytes: 99})
+		dataplane.Result{Family: iptables.IPv4, Bytes: 99, Failed: true, TableRulesWritten: map[string]int{"nat": 7, "filter": 0}})
 	failed.FailedApplies = 1
 	m.OnSync(failed)
 	got = scrape(t, m)
-	want(t, got, "kubeproxy_sync_proxy_rules_duration_seconds_count", 2)
-	want(t, got, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", float64(start.Unix())+0.02)
-	want(t, got, "kubeproxy_network_programming_duration_seconds_count", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", float64(start2.Unix()-1))
+	want(t, got, `kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}`, 2)
+	want(t, got, `kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_iptables_last{ip_family="IPv4",table="nat"}`, 7)
+	want(t, got, `kubeproxy_sync_proxy_rules_iptables_last{ip_family="IPv4",table="filter"}`, 0)
+	want(t, got, `kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}`, float64(start.Unix())+0.02)
+	want(t, got, `kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"}`, float64(start2.Unix()-1))
 
 	// A periodic sync with nothing to write: no programming latency.
 	m.OnSync(syncResult(nil, start2.Add(time.Minute), time.Millisecond, time.Time{}, nil,
 		dataplane.Result{Family: iptables.IPv4}))
 	got = scrape(t, m)
-	want(t, got, "kubeproxy_network_programming_duration_seconds_count", 1)
+	want(t, got, `kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"}`, 1)
 	want(t, got, `miniproxy_sync_restore_bytes{ip_family="IPv4"}`, 0)
 	want(t, got, `miniproxy_sync_restore_duration_seconds_count{ip_family="IPv4"}`, 2) // the failed restore ran too
 }
@@ -130,20 +137,27 @@ func TestSyncsMoveTheSyncMetrics(t *testing.T) {
 func TestRefusedServicesAreCounted(t *testing.T) {
 	m, _ := newTestMetrics()
 	bad := proxy.Refusal{Service: endpoints.ServicePortName{Namespace: "default", Name: "bad"}, Err: "Need TCP, UDP, SCTP or DCCP with port specification", New: true}
-	res := syncResult(nil, t0, time.Millisecond, t0, nil, dataplane.Result{Family: iptables.IPv4, Full: true})
+	// The refused full apply, then the one without the refused Service.
+	res := syncResult(nil, t0, time.Millisecond, t0, nil,
+		dataplane.Result{Family: iptables.IPv4, Full: true, Failed: true}, dataplane.Result{Family: iptables.IPv4, Full: true})
 	res.Refusals, res.FailedApplies = []proxy.Refusal{bad}, 1
 	m.OnSync(res)
 	got := scrape(t, m)
 	want(t, got, "miniproxy_refused_services", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", float64(t0.Unix())+0.001)
+	want(t, got, `kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"}`, 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}`, float64(t0.Unix())+0.001)
+	if _, ok := got[`kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family="IPv4"}`]; ok {
+		t.Error("a failed full apply is no partial restore failure")
+	}
 
 	bad.New = false
-	res.Refusals, res.FailedApplies = []proxy.Refusal{bad}, 0
+	res = syncResult(nil, t0, time.Millisecond, t0, nil, dataplane.Result{Family: iptables.IPv4})
+	res.Refusals = []proxy.Refusal{bad}
 	m.OnSync(res)
 	got = scrape(t, m)
 	want(t, got, "miniproxy_refused_services", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 1)
+	want(t, got, `kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"}`, 1)
 
 	res.Refusals = nil
 	m.OnSync(res)
@@ -152,10 +166,10 @@ func TestRefusedServicesAreCounted(t *testing.T) {
 
 func TestBucketsAreKubeProxys(t *testing.T) {
 	m, _ := newTestMetrics()
-	m.OnSync(syncResult(nil, t0, time.Millisecond, t0, nil))
+	m.OnSync(syncResult(nil, t0, time.Millisecond, t0, nil, dataplane.Result{Family: iptables.IPv4}))
 	got := scrape(t, m)
 	for _, le := range []string{"0.001", "0.002", "8.192", "16.384", "+Inf"} {
-		if _, ok := got[`kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="`+le+`"}`]; !ok {
+		if _, ok := got[`kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family="IPv4",le="`+le+`"}`]; !ok {
 			t.Errorf("sync duration lacks bucket %s", le)
 		}
 	}
@@ -170,7 +184,7 @@ func TestBucketsAreKubeProxys(t *testing.T) {
 		t.Errorf("network programming has %d buckets", n)
 	}
 	for _, le := range []string{"0", "0.25", "0.5", "1", "59", "60", "115", "120", "300"} {
-		if _, ok := got[`kubeproxy_network_programming_duration_seconds_bucket{le="`+le+`"}`]; !ok {
+		if _, ok := got[`kubeproxy_network_programming_duration_seconds_bucket{ip_family="IPv4",le="`+le+`"}`]; !ok {
 			t.Errorf("network programming lacks bucket %s", le)
 		}
 	}
@@ -178,6 +192,7 @@ func TestBucketsAreKubeProxys(t *testing.T) {
 
 func TestTrackerChangesShowOnScrape(t *testing.T) {
 	m, c := newTestMetrics()
+	m.WrapApplier(iptables.IPv4, &fakeApplier{})
 	tr := endpoints.NewTracker("node1", nil, nil)
 	m.TrackChanges(tr)
 	m.TrackChanges(tr) // harmless
@@ -202,7 +217,7 @@ func TestTrackerChangesShowOnScrape(t *testing.T) {
 	want(t, got, "kubeproxy_sync_proxy_rules_endpoint_changes_total", 1)
 	want(t, got, "kubeproxy_sync_proxy_rules_service_changes_pending", 1)
 	want(t, got, "kubeproxy_sync_proxy_rules_endpoint_changes_pending", 1)
-	want(t, got, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", float64(t0.Unix()+5))
+	want(t, got, `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"}`, float64(t0.Unix()+5))
 
 	tr.Snapshot()
 	got = scrape(t, m)
@@ -211,24 +226,36 @@ func TestTrackerChangesShowOnScrape(t *testing.T) {
 	want(t, got, "kubeproxy_sync_proxy_rules_service_changes_total", 2)
 }
 
-func TestNoLocalEndpointsCountsLocalPoliciesWithoutLocalEndpoints(t *testing.T) {
+func TestNoLocalEndpointsCountsLocalPoliciesWithoutLocalEndpointsPerFamily(t *testing.T) {
 	lb := []netip.Addr{netip.MustParseAddr("203.0.113.140")}
+	v4 := []netip.Addr{netip.MustParseAddr("10.96.0.10")}
+	v6 := []netip.Addr{netip.MustParseAddr("fd00:96::10")}
+	dual := append(slices.Clone(v4), v6...)
 	name := func(n string) endpoints.ServicePortName {
 		return endpoints.ServicePortName{Namespace: "default", Name: n}
 	}
 	local := endpoints.Endpoint{IP: netip.MustParseAddr("10.244.1.5"), Ready: true, Serving: true, Local: true}
 	remote := endpoints.Endpoint{IP: netip.MustParseAddr("10.244.2.5"), Ready: true, Serving: true}
 	localTerminating := endpoints.Endpoint{IP: netip.MustParseAddr("10.244.1.6"), Serving: true, Terminating: true, Local: true}
+	local6 := endpoints.Endpoint{IP: netip.MustParseAddr("fd00:244:1::5"), Ready: true, Serving: true, Local: true}
+	svc := func(n string, ips []netip.Addr, sp endpoints.ServicePort) *endpoints.ServicePort {
+		sp.Name, sp.ClusterIPs = name(n), ips
+		return &sp
+	}
 	snap := &endpoints.Snapshot{
 		Node: endpoints.Node{Name: "node1", Eligible: true},
 		Services: map[endpoints.ServicePortName]*endpoints.ServicePort{
-			name("lb-local-remote-only"): {Name: name("lb-local-remote-only"), LoadBalancerIPs: lb, NodePort: 30001, ExternalPolicyLocal: true, HealthCheckNodePort: 32001},
-			name("lb-local-with-local"):  {Name: name("lb-local-with-local"), LoadBalancerIPs: lb, NodePort: 30002, ExternalPolicyLocal: true, HealthCheckNodePort: 32002},
-			name("lb-local-terminating"): {Name: name("lb-local-terminating"), LoadBalancerIPs: lb, NodePort: 30003, ExternalPolicyLocal: true, HealthCheckNodePort: 32003},
-			name("itp-local-none"):       {Name: name("itp-local-none"), InternalPolicyLocal: true},
-			name("itp-local-with-local"): {Name: name("itp-local-with-local"), InternalPolicyLocal: true},
-			name("both-local-none"):      {Name: name("both-local-none"), NodePort: 30004, InternalPolicyLocal: true, ExternalPolicyLocal: true},
-			name("cluster"):              {Name: name("cluster"), NodePort: 30005},
+			name("lb-local-remote-only"): svc("lb-local-remote-only", v4, endpoints.ServicePort{LoadBalancerIPs: lb, NodePort: 30001, ExternalPolicyLocal: true, HealthCheckNodePort: 32001}),
+			name("lb-local-with-local"):  svc("lb-local-with-local", v4, endpoints.ServicePort{LoadBalancerIPs: lb, NodePort: 30002, ExternalPolicyLocal: true, HealthCheckNodePort: 32002}),
+			name("lb-local-terminating"): svc("lb-local-terminating", v4, endpoints.ServicePort{LoadBalancerIPs: lb, NodePort: 30003, ExternalPolicyLocal: true, HealthCheckNodePort: 32003}),
+			name("itp-local-none"):       svc("itp-local-none", v4, endpoints.ServicePort{InternalPolicyLocal: true}),
+			name("itp-local-with-local"): svc("itp-local-with-local", v4, endpoints.ServicePort{InternalPolicyLocal: true}),
+			name("both-local-none"):      svc("both-local-none", v4, endpoints.ServicePort{NodePort: 30004, InternalPolicyLocal: true, ExternalPolicyLocal: true}),
+			name("cluster"):              svc("cluster", v4, endpoints.ServicePort{NodePort: 30005}),
+			// Dual-stack with a local IPv4 endpoint only: none in IPv6.
+			name("itp-dual-v4-only"): svc("itp-dual-v4-only", dual, endpoints.ServicePort{InternalPolicyLocal: true}),
+			// IPv6 only, with a local endpoint.
+			name("itp-v6-with-local"): svc("itp-v6-with-local", v6, endpoints.ServicePort{InternalPolicyLocal: true}),
 		},
 		Endpoints: map[endpoints.ServicePortName][]endpoints.Endpoint{
 			name("lb-local-remote-only"): {remote},
@@ -236,20 +263,22 @@ func TestNoLocalEndpointsCountsLocalPoliciesWithoutLocalEndpoints(t *testing.T) 
 			name("lb-local-terminating"): {localTerminating},
 			name("itp-local-with-local"): {local},
 			name("cluster"):              {remote},
+			name("itp-dual-v4-only"):     {local},
+			name("itp-v6-with-local"):    {local6},
 		},
 	}
-	internal, external := NoLocalEndpoints(snap)
-	if internal != 2 || external != 2 {
-		t.Errorf("internal %d external %d, want 2 and 2", internal, external)
+	got := NoLocalEndpoints(snap)
+	if want := (map[iptables.Family]LocalPolicyCounts{iptables.IPv4: {Internal: 2, External: 2}, iptables.IPv6: {Internal: 1}}); !maps.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
 	}
 
 	m, _ := newTestMetrics()
-	got := scrape(t, m)
-	want(t, got, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}`, 0)
-	m.OnSync(syncResult(snap, t0, time.Millisecond, time.Time{}, nil))
-	got = scrape(t, m)
-	want(t, got, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}`, 2)
-	want(t, got, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"}`, 2)
+	m.OnSync(syncResult(snap, t0, time.Millisecond, time.Time{}, nil, dataplane.Result{Family: iptables.IPv4}, dataplane.Result{Family: iptables.IPv6}))
+	page := scrape(t, m)
+	want(t, page, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="internal"}`, 2)
+	want(t, page, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="external"}`, 2)
+	want(t, page, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv6",traffic_policy="internal"}`, 1)
+	want(t, page, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv6",traffic_policy="external"}`, 0)
 }
 
 // fakeApplier returns what it is told to.

@@ -92,6 +92,19 @@ type SyncResult struct {
 	// FailedApplies counts the applies of a family that failed during the
 	// sync, including those that led to finding the refused Services.
 	FailedApplies int
+	// Conntrack has one entry per family whose stale UDP conntrack entries
+	// this sync deleted (none when no entry went stale).
+	Conntrack []ConntrackCleanup
+}
+
+// ConntrackCleanup is one family's deletion of stale conntrack entries.
+type ConntrackCleanup struct {
+	Family iptables.Family
+	// Duration is the time the deletion took; Deleted counts the entries
+	// deleted (those deleted before an error included).
+	Duration time.Duration
+	Deleted  int
+	Err      error
 }
 
 // Proxier owns the loop.
@@ -248,7 +261,7 @@ func (p *Proxier) Sync(full bool) SyncResult {
 
 	if applied != nil {
 		res.Snapshot = applied
-		p.deleteStaleFlows(applied)
+		res.Conntrack = p.deleteStaleFlows(applied)
 		res.Refusals = p.noteRefusals(want, refused, applied, start)
 	} else {
 		res.Snapshot = want
@@ -319,7 +332,7 @@ func (p *Proxier) applyAll(snap *endpoints.Snapshot, cfgs map[iptables.Family]ru
 	var errs []error
 	for _, fam := range p.families {
 		r, err := p.planes[fam].Apply(p.builders[fam].Build(snap, cfgs[fam]), full)
-		r.Family = fam
+		r.Family, r.Failed = fam, err != nil
 		res.Results = append(res.Results, r)
 		if err != nil {
 			res.FailedApplies++
@@ -388,23 +401,36 @@ func sortRefusals(rs []Refusal) {
 }
 
 // deleteStaleFlows runs only after the new rules are in, so that the next
-// packet of a flow whose entry is deleted meets them.
-func (p *Proxier) deleteStaleFlows(snap *endpoints.Snapshot) {
+// packet of a flow whose entry is deleted meets them. Each family's entries
+// are deleted (and timed) on their own.
+func (p *Proxier) deleteStaleFlows(snap *endpoints.Snapshot) []ConntrackCleanup {
 	prev := p.applied
 	p.applied = snap.WithoutChanges() // Stale reads no Changed set
 	if p.opts.DeleteStaleFlows == nil {
-		return
+		return nil
 	}
 	flows := conntrack.Stale(prev, snap)
-	if len(flows) == 0 {
-		return
+	var out []ConntrackCleanup
+	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+		var ofFam []conntrack.Flow
+		for _, f := range flows {
+			if f.IPv6 == (fam == iptables.IPv6) {
+				ofFam = append(ofFam, f)
+			}
+		}
+		if len(ofFam) == 0 {
+			continue
+		}
+		start := time.Now()
+		n, err := p.opts.DeleteStaleFlows(ofFam)
+		out = append(out, ConntrackCleanup{Family: fam, Duration: time.Since(start), Deleted: int(n), Err: err})
+		if err != nil {
+			p.log.Warn("could not delete stale UDP conntrack entries; those flows keep their old endpoint until they idle out", "family", fam.String(), "err", err)
+			continue
+		}
+		p.log.Debug("deleted stale UDP conntrack entries", "family", fam.String(), "selectors", len(ofFam), "deleted", n)
 	}
-	n, err := p.opts.DeleteStaleFlows(flows)
-	if err != nil {
-		p.log.Warn("could not delete stale UDP conntrack entries; those flows keep their old endpoint until they idle out", "err", err)
-		return
-	}
-	p.log.Debug("deleted stale UDP conntrack entries", "selectors", len(flows), "deleted", n)
+	return out
 }
 
 // withoutUnsupported drops service ports whose protocol this node cannot

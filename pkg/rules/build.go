@@ -223,12 +223,7 @@ func ofFamily(eps []endpoints.Endpoint, fam iptables.Family) []endpoints.Endpoin
 	return filter(eps, func(ep endpoints.Endpoint) bool { return familyOf(ep.IP) == fam })
 }
 
-func familyOf(a netip.Addr) iptables.Family {
-	if a.Unmap().Is4() {
-		return iptables.IPv4
-	}
-	return iptables.IPv6
-}
+func familyOf(a netip.Addr) iptables.Family { return iptables.FamilyOf(a) }
 
 func (b *builder) addrsOfFamily(addrs []netip.Addr) []netip.Addr {
 	var out []netip.Addr

@@ -57,8 +57,9 @@ type Options struct {
 	ProxyArgs func(n *Node) (args []string, replace bool)
 	// Proxy, when set, makes each node run another proxy than miniproxy
 	// (upstream kube-proxy, for the parity test): it returns the command
-	// for a node given the kubeconfig of the system:kube-proxy identity.
-	// ProxySynced is what that proxy prints once its first sync is done.
+	// for a node given the kubeconfig of the system:kube-proxy identity,
+	// or nil for a node that runs miniproxy (with ProxyArgs). ProxySynced
+	// is what that proxy prints once its first sync is done.
 	Proxy       func(n *Node, kubeconfig string) *exec.Cmd
 	ProxySynced string
 	// NoLoadBalancer leaves load balancer IPs and their routes to the
@@ -117,7 +118,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("create lab: %w", err)
 	}
-	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}, proxySynced: "rules synced"}
+	c = &Cluster{Lab: lab, logf: logf, pods: map[string]*Pod{}, proxySynced: miniproxySynced}
 	if opts.ProxySynced != "" {
 		c.proxySynced = opts.ProxySynced
 	}
@@ -166,10 +167,14 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	}
 
 	for _, n := range c.Nodes {
+		var other *exec.Cmd
 		if opts.Proxy != nil {
-			err = c.StartProxyCmd(ctx, n, func(string, []string) *exec.Cmd { return opts.Proxy(n, c.Control.ProxyKubeconfig()) })
+			other = opts.Proxy(n, c.Control.ProxyKubeconfig())
+		}
+		if other != nil {
+			err = c.StartProxyCmd(ctx, n, func(string, []string) *exec.Cmd { return other })
 		} else {
-			err = c.StartProxy(ctx, n, opts.ProxyArgs)
+			err = c.startProxy(ctx, n, miniproxyCmd(n, opts.ProxyArgs), miniproxySynced)
 		}
 		if err != nil {
 			return c, err
@@ -273,7 +278,16 @@ func (c *Cluster) registerObjects(ctx context.Context) error {
 // StartProxy runs miniproxy on a node, as the DaemonSet's container would,
 // and waits for its first sync.
 func (c *Cluster) StartProxy(ctx context.Context, n *Node, extra func(*Node) ([]string, bool)) error {
-	return c.StartProxyCmd(ctx, n, func(bin string, args []string) *exec.Cmd {
+	return c.StartProxyCmd(ctx, n, miniproxyCmd(n, extra))
+}
+
+// miniproxySynced is what miniproxy logs after a sync.
+const miniproxySynced = "rules synced"
+
+// miniproxyCmd makes the command of a node's miniproxy from the lab's
+// usual arguments and extra's.
+func miniproxyCmd(n *Node, extra func(*Node) ([]string, bool)) func(bin string, args []string) *exec.Cmd {
+	return func(bin string, args []string) *exec.Cmd {
 		if extra != nil {
 			more, replace := extra(n)
 			if replace {
@@ -283,7 +297,7 @@ func (c *Cluster) StartProxy(ctx context.Context, n *Node, extra func(*Node) ([]
 			}
 		}
 		return exec.Command(bin, args...)
-	})
+	}
 }
 
 // StartProxyCmd is StartProxy for a command the caller builds from the
@@ -293,6 +307,11 @@ func (c *Cluster) StartProxy(ctx context.Context, n *Node, extra func(*Node) ([]
 // KUBERNETES_SERVICE_PORT) or to run the binary under another program. It
 // waits for the first sync as StartProxy does.
 func (c *Cluster) StartProxyCmd(ctx context.Context, n *Node, mk func(bin string, args []string) *exec.Cmd) error {
+	return c.startProxy(ctx, n, mk, c.proxySynced)
+}
+
+// startProxy starts a node's proxy and waits until it prints synced.
+func (c *Cluster) startProxy(ctx context.Context, n *Node, mk func(bin string, args []string) *exec.Cmd, synced string) error {
 	args := append([]string{
 		"--kubeconfig", c.Control.ProxyKubeconfig(),
 		"--hostname-override", n.Name,
@@ -305,7 +324,7 @@ func (c *Cluster) StartProxyCmd(ctx context.Context, n *Node, mk func(bin string
 	n.Proxy = p
 	wait, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	if err := p.WaitForOutput(wait, c.proxySynced); err != nil {
+	if err := p.WaitForOutput(wait, synced); err != nil {
 		return fmt.Errorf("miniproxy on %s did not sync: %w\n%s", n.Name, err, p.Output())
 	}
 	return nil

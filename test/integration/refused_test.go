@@ -157,7 +157,7 @@ func TestARefusedServiceStopsNoOtherInTheKernel(t *testing.T) {
 				t.Errorf("want an error log line naming default/bad and saying %q, got %q", how.kernel, line)
 			}
 			scraped := scrape(t, m)
-			for _, want := range []string{"miniproxy_refused_services 1", "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1"} {
+			for _, want := range []string{"miniproxy_refused_services 1", `kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"} 1`} {
 				if !strings.Contains(scraped, want+"\n") {
 					t.Errorf("metrics lack %q", want)
 				}

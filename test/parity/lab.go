@@ -84,20 +84,9 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 			return nil, err
 		}
 		opts.Proxy = func(n *cluster.Node, kubeconfig string) *exec.Cmd {
-			cmd := exec.Command(bins.KubeProxy, append([]string{
-				"--proxy-mode=iptables",
-				"--kubeconfig=" + kubeconfig,
-				"--hostname-override=" + n.Name,
-				"--cluster-cidr=" + cluster.ClusterCIDR.String(),
-				"--iptables-min-sync-period=" + minSyncPeriod,
-				"--metrics-bind-address=127.0.0.1:10249",
-				"--healthz-bind-address=0.0.0.0:10256",
-				"--v=2",
-			}, netns.LeaveConntrackAlone...)...)
-			cmd.Env = netns.CleanEnv()
-			return cmd
+			return kubeProxyCmd(bins.KubeProxy, n, kubeconfig)
 		}
-		opts.ProxySynced = "SyncProxyRules complete"
+		opts.ProxySynced = kubeProxySynced
 	}
 	c, err := cluster.Start(ctx, opts)
 	if err != nil {
@@ -153,6 +142,27 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 		}
 	}
 	return s, nil
+}
+
+// kubeProxySynced is what upstream kube-proxy logs (at --v=2) after a sync.
+const kubeProxySynced = "SyncProxyRules complete"
+
+// kubeProxyCmd is upstream kube-proxy in iptables mode on node n, with the
+// lab's settings and extra flags.
+func kubeProxyCmd(bin string, n *cluster.Node, kubeconfig string, extra ...string) *exec.Cmd {
+	args := append([]string{
+		"--proxy-mode=iptables",
+		"--kubeconfig=" + kubeconfig,
+		"--hostname-override=" + n.Name,
+		"--cluster-cidr=" + cluster.ClusterCIDR.String(),
+		"--iptables-min-sync-period=" + minSyncPeriod,
+		"--metrics-bind-address=127.0.0.1:10249",
+		"--healthz-bind-address=0.0.0.0:10256",
+		"--v=2",
+	}, netns.LeaveConntrackAlone...)
+	cmd := exec.Command(bin, append(args, extra...)...)
+	cmd.Env = netns.CleanEnv()
+	return cmd
 }
 
 // startBoth starts the two sides at once.
