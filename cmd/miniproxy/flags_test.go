@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -160,4 +162,38 @@ func runFlagsOnly(args []string, out *bytes.Buffer) error {
 	}
 	_, err = opts.proxyOptions(nil, nil)
 	return err
+}
+
+// Logs are kube-proxy's: klog's text format by default, JSON with
+// --logging-format=json, -v as the verbosity (through component-base, as
+// kube-proxy). The binary is run, since logging is set up once per process.
+func TestLogFormats(t *testing.T) {
+	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	klogLine := regexp.MustCompile(`^W\d{4} \d{2}:\d{2}:\d{2}\.\d{6}\s+\d+ \S+\.go:\d+\] "--ipvs-scheduler is ignored`)
+	for _, tc := range []struct {
+		args  []string
+		check func(string) bool
+	}{
+		{nil, klogLine.MatchString},
+		{[]string{"--logging-format=text"}, klogLine.MatchString},
+		{[]string{"--logging-format=json"}, func(l string) bool {
+			var m map[string]any
+			return json.Unmarshal([]byte(l), &m) == nil && m["msg"] != nil && strings.Contains(m["msg"].(string), "--ipvs-scheduler is ignored")
+		}},
+	} {
+		out := filepath.Join(t.TempDir(), "c.yaml")
+		cmd := exec.Command(bin, append([]string{"--write-config-to", out, "--ipvs-scheduler=rr"}, tc.args...)...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("%v: %v\n%s", tc.args, err, stderr.String())
+		}
+		first := strings.SplitN(stderr.String(), "\n", 2)[0]
+		if !tc.check(first) {
+			t.Errorf("%v: first log line %q is not in the expected format", tc.args, first)
+		}
+	}
 }

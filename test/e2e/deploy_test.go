@@ -301,15 +301,7 @@ func replaceOnce(t *testing.T, s, old, new string, n int) string {
 // first sync. At the end node's usual miniproxy is started again.
 func runAsDaemonSet(t *testing.T, ctx context.Context, node *cluster.Node, bin, stale string, start func() error) {
 	t.Helper()
-	if err := lab.StopProxy(node); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		lab.StopProxy(node)
-		if err := lab.StartProxy(context.Background(), node, nil); err != nil {
-			t.Errorf("restart %s's usual miniproxy: %v", node.Name, err)
-		}
-	})
+	takeOverProxy(t, node)
 	save := func() string {
 		t.Helper()
 		out, _, err := node.NS.Run(ctx, "iptables-save")

@@ -2,17 +2,22 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/miniproxy/miniproxy/test/cluster"
 )
 
-// replaceProxy stops node's usual miniproxy, starts one with exactly args
-// (and nothing the lab adds), and brings the usual one back at the end.
-func replaceProxy(t *testing.T, ctx context.Context, node *cluster.Node, args []string) {
+// takeOverProxy stops node's usual miniproxy for the test, which starts
+// its own, and brings the usual one back at the end.
+func takeOverProxy(t *testing.T, node *cluster.Node) {
 	t.Helper()
 	if err := lab.StopProxy(node); err != nil {
 		t.Fatal(err)
@@ -23,6 +28,13 @@ func replaceProxy(t *testing.T, ctx context.Context, node *cluster.Node, args []
 			t.Errorf("restart %s's usual miniproxy: %v", node.Name, err)
 		}
 	})
+}
+
+// replaceProxy runs miniproxy on node with exactly args (and nothing the
+// lab adds) for the test.
+func replaceProxy(t *testing.T, ctx context.Context, node *cluster.Node, args []string) {
+	t.Helper()
+	takeOverProxy(t, node)
 	if err := lab.StartProxy(ctx, node, func(*cluster.Node) ([]string, bool) { return args, true }); err != nil {
 		t.Fatalf("start miniproxy with %q: %v", args, err)
 	}
@@ -61,7 +73,9 @@ func TestKubeadmDaemonSetCommandLine(t *testing.T) {
 // A flag-only DaemonSet, as distributions wrote them before --config: 30
 // kube-proxy flags, every one with the meaning kube-proxy gives it, and
 // the node passes the tutorial. Only the IPVS flag is reported, as
-// ignored.
+// ignored. The feature gate AllowServiceExternalIPs=false takes effect (no
+// rules for an externalIP on this node, while node1 has them), and the
+// node gets kube-proxy's Starting event.
 func TestFlagOnlyDaemonSetCommandLine(t *testing.T) {
 	ctx := testContext(t)
 	node := lab.Node("node2")
@@ -92,7 +106,7 @@ func TestFlagOnlyDaemonSetCommandLine(t *testing.T) {
 		"--kube-api-burst=10",
 		"--kube-api-content-type=application/vnd.kubernetes.protobuf",
 		"--oom-score-adj=-999",
-		"--feature-gates=AllowServiceExternalIPs=true",
+		"--feature-gates=AllowServiceExternalIPs=false",
 		"--profiling=false",
 		"--logging-format=text",
 		"--v=2",
@@ -109,4 +123,44 @@ func TestFlagOnlyDaemonSetCommandLine(t *testing.T) {
 		t.Errorf("want exactly one warning, about --ipvs-scheduler; got:\n%s", strings.Join(warnings, "\n"))
 	}
 	tutorialChecks(t, node, "flags-")
+
+	t.Run("AllowServiceExternalIPs=false: no rules for externalIPs", func(t *testing.T) {
+		runPod(t, "flags-eip-app", "flags-eip-app", node.Name)
+		expose(t, "flags-eip", "flags-eip-app", func(s *v1.Service) { s.Spec.ExternalIPs = []string{"192.0.2.77"} })
+		save := func(n *cluster.Node) string {
+			out, _, err := n.NS.Run(ctx, "iptables-save", "-t", "nat")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return out
+		}
+		err := cluster.Eventually(ctx, 10*time.Second, func() error {
+			if !strings.Contains(save(lab.Node("node1")), "192.0.2.77") {
+				return fmt.Errorf("node1, with the gate on, has no rule for the externalIP yet")
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rules := save(node); strings.Contains(rules, "192.0.2.77") || !strings.Contains(rules, "default/flags-eip") {
+			t.Errorf("%s, with the gate off, should have the Service's rules but none for its externalIP:\n%s", node.Name, grepLines(rules, "flags-eip"))
+		}
+	})
+	t.Run("Starting event on the Node", func(t *testing.T) {
+		err := cluster.Eventually(ctx, 10*time.Second, func() error {
+			evs, err := lab.Kube.CoreV1().Events("default").List(ctx, metav1.ListOptions{
+				FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + node.Name + ",reason=Starting"})
+			if err != nil {
+				return err
+			}
+			if len(evs.Items) == 0 || evs.Items[0].Type != v1.EventTypeNormal {
+				return fmt.Errorf("want a Normal Starting event on Node %s, got %+v", node.Name, evs.Items)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Error(err)
+		}
+	})
 }

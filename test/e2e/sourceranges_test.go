@@ -150,15 +150,7 @@ func refusingRestore(t *testing.T, service string) (dir string) {
 func TestAServiceTheKernelRefusesAffectsNoOther(t *testing.T) {
 	ctx := testContext(t)
 	node := lab.Node("node1")
-	if err := lab.StopProxy(node); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		lab.StopProxy(node)
-		if err := lab.StartProxy(context.Background(), node, nil); err != nil {
-			t.Errorf("restart node1's usual miniproxy: %v", err)
-		}
-	})
+	takeOverProxy(t, node)
 	dir := refusingRestore(t, "default/refused")
 	err := lab.StartProxyCmd(ctx, node, func(bin string, args []string) *exec.Cmd {
 		cmd := exec.Command(bin, args...)

@@ -11,6 +11,19 @@ import (
 	"github.com/miniproxy/miniproxy/test/netns"
 )
 
+// miniproxyAndLab builds miniproxy and a lab of namespaces for a test that
+// runs the binary in them.
+func miniproxyAndLab(t *testing.T) (string, *netns.Lab, context.Context) {
+	t.Helper()
+	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return bin, netns.NewLab(t), ctx
+}
+
 // The conntrack parameters a node's namespace has, by sysctl name.
 func conntrackSysctls(t *testing.T, ns *netns.Namespace) map[string]string {
 	t.Helper()
@@ -34,13 +47,7 @@ func conntrackSysctls(t *testing.T, ns *netns.Namespace) map[string]string {
 // leaves nf_conntrack_max and the hash size, which belong to the machine,
 // alone).
 func TestConntrackParametersFromFlagsAndFile(t *testing.T) {
-	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lab := netns.NewLab(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	bin, lab, ctx := miniproxyAndLab(t)
 	conf := filepath.Join(t.TempDir(), "config.conf")
 	os.WriteFile(conf, []byte(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
@@ -98,17 +105,11 @@ conntrack:
 // with an error naming the parameter, instead of running with settings the
 // operator did not get.
 func TestConntrackParametersRefusedStopTheStart(t *testing.T) {
-	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lab := netns.NewLab(t)
+	bin, lab, ctx := miniproxyAndLab(t)
 	ns, err := lab.AddNamespace("ctro")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
 	// A private mount namespace in which /proc/sys is read-only; the
 	// machine's mounts are not touched.
 	script := `mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$0" "$@"`
@@ -133,13 +134,7 @@ func TestConntrackParametersRefusedStopTheStart(t *testing.T) {
 // does at start, when localhost NodePorts apply (the default); not when
 // they are off or --nodeport-addresses leaves loopback out.
 func TestInitOnlySetsRouteLocalnet(t *testing.T) {
-	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lab := netns.NewLab(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	bin, lab, ctx := miniproxyAndLab(t)
 	for i, tc := range []struct {
 		args []string
 		want string
