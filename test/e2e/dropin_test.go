@@ -105,7 +105,7 @@ func TestFlagOnlyDaemonSetCommandLine(t *testing.T) {
 		"--kube-api-qps=5",
 		"--kube-api-burst=10",
 		"--kube-api-content-type=application/vnd.kubernetes.protobuf",
-		"--oom-score-adj=-999",
+		"--oom-score-adj=555", // raising needs no CAP_SYS_RESOURCE, which this machine lacks
 		"--feature-gates=AllowServiceExternalIPs=false",
 		"--profiling=false",
 		"--logging-format=text",
@@ -138,6 +138,9 @@ func TestFlagOnlyDaemonSetCommandLine(t *testing.T) {
 			if !strings.Contains(save(lab.Node("node1")), "192.0.2.77") {
 				return fmt.Errorf("node1, with the gate on, has no rule for the externalIP yet")
 			}
+			if !strings.Contains(save(node), "default/flags-eip") {
+				return fmt.Errorf("%s has no rules for the Service yet", node.Name)
+			}
 			return nil
 		})
 		if err != nil {
@@ -145,6 +148,12 @@ func TestFlagOnlyDaemonSetCommandLine(t *testing.T) {
 		}
 		if rules := save(node); strings.Contains(rules, "192.0.2.77") || !strings.Contains(rules, "default/flags-eip") {
 			t.Errorf("%s, with the gate off, should have the Service's rules but none for its externalIP:\n%s", node.Name, grepLines(rules, "flags-eip"))
+		}
+	})
+	t.Run("--oom-score-adj applied to the process", func(t *testing.T) {
+		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", node.Proxy.Pid()))
+		if err != nil || strings.TrimSpace(string(raw)) != "555" {
+			t.Errorf("oom_score_adj = %q (%v), want 555", raw, err)
 		}
 	})
 	t.Run("Starting event on the Node", func(t *testing.T) {
