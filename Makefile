@@ -3,7 +3,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: deps build demo test unit vet k8s-binaries bench parity
+.PHONY: deps build demo test unit vet k8s-binaries bench parity drills
 
 deps:
 	./scripts/install-deps.sh
@@ -40,3 +40,8 @@ bench: deps k8s-binaries
 # writes the summary into docs/parity.md. About 15 minutes.
 parity: deps k8s-binaries
 	$(GO) test -count=1 -timeout 60m -v -run TestParity ./test/parity -parity.scenarios=500 -parity.report=$(CURDIR)/docs/parity.md
+
+# The fault drills alone (they are part of `make test`), with their figures
+# written into docs/reliability.md.
+drills: deps k8s-binaries
+	$(GO) test -count=1 -timeout 20m -v ./test/faults -faults.report=$(CURDIR)/docs/reliability.md

@@ -15,8 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/selection"
-	coreinformers "k8s.io/client-go/informers/core/v1"
-	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 )
@@ -56,14 +54,25 @@ func Watch(ctx context.Context, client kubernetes.Interface, t *Tracker, resync 
 	byLabels := func(o *metav1.ListOptions) { o.LabelSelector = selector }
 	noIndexes := cache.Indexers{}
 
-	svcInformer := coreinformers.NewFilteredServiceInformer(client, metav1.NamespaceAll, resync, noIndexes, byLabels)
-	sliceInformer := discoveryinformers.NewFilteredEndpointSliceInformer(client, metav1.NamespaceAll, resync, noIndexes, byLabels)
+	reach := newReachability(client, t.log)
+	informer := func(lw cache.ListerWatcher, obj runtime.Object) cache.SharedIndexInformer {
+		return cache.NewSharedIndexInformerWithOptions(lw, obj, cache.SharedIndexInformerOptions{ResyncPeriod: resync, Indexers: noIndexes})
+	}
+	services, slices := client.CoreV1().Services(metav1.NamespaceAll), client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll)
+	svcInformer := informer(patientListWatch(client, reach, "Services", byLabels,
+		func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return services.List(ctx, o) },
+		services.Watch), &v1.Service{})
+	sliceInformer := informer(patientListWatch(client, reach, "EndpointSlices", byLabels,
+		func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return slices.List(ctx, o) },
+		slices.Watch), &discoveryv1.EndpointSlice{})
 	infs := []cache.SharedIndexInformer{svcInformer, sliceInformer}
 	var nodeInformer cache.SharedIndexInformer
 	if t.nodeName != "" {
 		nodeSelector := fields.OneTermEqualSelector("metadata.name", t.nodeName).String()
-		nodeInformer = coreinformers.NewFilteredNodeInformer(client, resync, noIndexes,
-			func(o *metav1.ListOptions) { o.FieldSelector = nodeSelector })
+		nodes := client.CoreV1().Nodes()
+		nodeInformer = informer(patientListWatch(client, reach, "Node "+t.nodeName, func(o *metav1.ListOptions) { o.FieldSelector = nodeSelector },
+			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return nodes.List(ctx, o) },
+			nodes.Watch), &v1.Node{})
 		infs = append(infs, nodeInformer)
 	}
 	for _, inf := range infs {

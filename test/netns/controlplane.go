@@ -119,6 +119,8 @@ type ControlPlane struct {
 	proxyKubeconfig string
 	etcd            *Process
 	apiserver       *Process
+	// apiserverCmd makes the kube-apiserver command, for every (re)start.
+	apiserverCmd func() *exec.Cmd
 	kcm             *Process
 	client          *kubernetes.Clientset
 	startup         time.Duration
@@ -281,12 +283,12 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 		args = append(args, "--service-node-port-range="+opts.NodePortRange)
 	}
 	args = append(args, opts.ExtraAPIServerArgs...)
-	apiserver := exec.Command(opts.APIServerBinary, args...)
-	apiserver.Env = CleanEnv()
-	if cp.apiserver, err = cp.ns.StartCmd(apiserver); err != nil {
-		return err
+	cp.apiserverCmd = func() *exec.Cmd {
+		c := exec.Command(opts.APIServerBinary, args...)
+		c.Env = CleanEnv()
+		return c
 	}
-	if err := cp.waitReady(ctx); err != nil {
+	if err := cp.StartAPIServer(ctx); err != nil {
 		return err
 	}
 	if opts.ControllerManager {
@@ -300,6 +302,30 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 		return fmt.Errorf("admin clientset: %w", err)
 	}
 	return nil
+}
+
+// KillAPIServer kills kube-apiserver at once (SIGKILL), as a crash or a
+// lost control-plane machine would; etcd and everything else stay.
+func (cp *ControlPlane) KillAPIServer() error {
+	if cp.apiserver == nil {
+		return nil
+	}
+	if err := syscall.Kill(-cp.apiserver.Pid(), syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill kube-apiserver: %w", err)
+	}
+	<-cp.apiserver.Done()
+	return nil
+}
+
+// StartAPIServer starts kube-apiserver with the control plane's arguments
+// and waits until it is ready: at start, and again after KillAPIServer.
+func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
+	p, err := cp.ns.StartCmd(cp.apiserverCmd())
+	if err != nil {
+		return err
+	}
+	cp.apiserver = p
+	return cp.waitReady(ctx)
 }
 
 // startControllerManager runs kube-controller-manager as admin with the

@@ -1,0 +1,149 @@
+package faults
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/miniproxy/miniproxy/test/cluster"
+	"github.com/miniproxy/miniproxy/test/netns"
+)
+
+// generator sends one request every 100 ms and counts the answers.
+type generator struct {
+	name      string
+	request   func(ctx context.Context) error
+	ok, fails atomic.Int64
+	mu        sync.Mutex
+	lastErr   string
+}
+
+// load is a drill's two generators, hitting Services the fault does not
+// concern.
+type load struct {
+	gens   []*generator
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+var (
+	steadyOnce sync.Once
+	steadyErr  error
+	steadyCIP  string
+	steadyNP   string
+	steadyPod  *cluster.Pod
+)
+
+// steady creates, once per run, the Service the generators use: an echo
+// app with a pod on each node, a NodePort Service for it, and a client pod
+// on node1.
+func steady(t *testing.T) {
+	t.Helper()
+	steadyOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		for _, n := range lab.Nodes {
+			if _, err := lab.AddPod(ctx, cluster.PodSpec{Name: "steady-" + n.Name, Labels: map[string]string{"app": "steady"}, Node: n}); err != nil {
+				steadyErr = err
+				return
+			}
+		}
+		if steadyPod, steadyErr = lab.AddPod(ctx, cluster.PodSpec{Name: "steady-client", Labels: map[string]string{"app": "steady-client"}, Node: lab.Nodes[0]}); steadyErr != nil {
+			return
+		}
+		svc, err := lab.Kube.CoreV1().Services("default").Create(ctx, &v1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "steady"},
+			Spec: v1.ServiceSpec{Type: v1.ServiceTypeNodePort, Selector: map[string]string{"app": "steady"},
+				Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			steadyErr = err
+			return
+		}
+		steadyCIP = svc.Spec.ClusterIP + ":80"
+		steadyNP = fmt.Sprintf("%s:%d", lab.Nodes[0].IP, svc.Spec.Ports[0].NodePort)
+		steadyErr = cluster.Eventually(ctx, 30*time.Second, func() error {
+			if _, err := steadyPod.NS.Curl(ctx, "http://"+steadyCIP+"/", time.Second); err != nil {
+				return err
+			}
+			_, err := lab.Client.Curl(ctx, "http://"+steadyNP+"/", time.Second)
+			return err
+		})
+	})
+	if steadyErr != nil {
+		t.Fatalf("the Service the load generators use: %v", steadyErr)
+	}
+}
+
+// startLoad starts the two generators; stop ends them and says how many
+// requests failed out of how many.
+func startLoad(t *testing.T) *load {
+	t.Helper()
+	steady(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &load{cancel: cancel}
+	httpGen := func(name string, ns *netns.Namespace, url string) *generator {
+		return &generator{name: name, request: func(ctx context.Context) error {
+			_, err := ns.Curl(ctx, url, time.Second)
+			return err
+		}}
+	}
+	l.gens = []*generator{
+		httpGen("pod to ClusterIP", steadyPod.NS, "http://"+steadyCIP+"/"),
+		httpGen("outside client to NodePort", lab.Client, "http://"+steadyNP+"/"),
+	}
+	for _, g := range l.gens {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			tick := time.NewTicker(100 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+				}
+				if err := g.request(ctx); err != nil {
+					if ctx.Err() != nil {
+						return
+					}
+					g.fails.Add(1)
+					g.mu.Lock()
+					g.lastErr = err.Error()
+					g.mu.Unlock()
+				} else {
+					g.ok.Add(1)
+				}
+			}
+		}()
+	}
+	t.Cleanup(l.stopOnce)
+	return l
+}
+
+func (l *load) stopOnce() {
+	l.cancel()
+	l.wg.Wait()
+}
+
+// stop ends the generators and returns the failed and total requests,
+// logging each generator's figures.
+func (l *load) stop(t *testing.T) (failed, total int64) {
+	t.Helper()
+	l.stopOnce()
+	for _, g := range l.gens {
+		ok, fails := g.ok.Load(), g.fails.Load()
+		failed += fails
+		total += ok + fails
+		t.Logf("load %s: %d of %d failed%s", g.name, fails, ok+fails, map[bool]string{true: " (last: " + g.lastErr + ")"}[fails > 0])
+	}
+	return failed, total
+}
