@@ -85,7 +85,9 @@ func TestDrillAPIServerAway(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { lab.Kube.CoreV1().Services("default").Delete(context.Background(), "after-api", metav1.DeleteOptions{}) })
+	t.Cleanup(func() {
+		lab.Kube.CoreV1().Services("default").Delete(context.Background(), "after-api", metav1.DeleteOptions{})
+	})
 	created := time.Now()
 	var reached time.Duration
 	err = cluster.Eventually(ctx, 60*time.Second, func() error {

@@ -67,10 +67,10 @@ func testContext(t *testing.T, d time.Duration) context.Context {
 
 // figures is one row of the drills table.
 type figures struct {
-	drill            string
-	failed, total    int64
-	recovery         string // time to recover, as measured
-	operatorSaw      string // log line, metric, health answer
+	drill         string
+	failed, total int64
+	recovery      string // time to recover, as measured
+	operatorSaw   string // log line, metric, health answer
 }
 
 var (

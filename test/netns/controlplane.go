@@ -121,9 +121,9 @@ type ControlPlane struct {
 	apiserver       *Process
 	// apiserverCmd makes the kube-apiserver command, for every (re)start.
 	apiserverCmd func() *exec.Cmd
-	kcm             *Process
-	client          *kubernetes.Clientset
-	startup         time.Duration
+	kcm          *Process
+	client       *kubernetes.Clientset
+	startup      time.Duration
 
 	closeOnce sync.Once
 	closeErr  error
