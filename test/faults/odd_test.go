@@ -136,7 +136,7 @@ func TestDrillOddObjects(t *testing.T) {
 	// A Service the odd slices claim to belong to.
 	if _, err := lab.Kube.CoreV1().Services("default").Create(ctx, &v1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "odd-target", Labels: map[string]string{"drill": "odd"}},
-		Spec: v1.ServiceSpec{Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+		Spec:       v1.ServiceSpec{Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}}},
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
