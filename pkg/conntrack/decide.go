@@ -205,25 +205,25 @@ func (f *Frontends) Since(prev *Frontends) *Frontends {
 	if prev == nil {
 		return f
 	}
-	out := &Frontends{ips: f.ips, nodePorts: f.nodePorts, nodeAddrs: f.nodeAddrs}
-	cloned := false
-	for k, b := range prev.ips {
-		if _, ok := f.ips[k]; ok {
-			continue
-		}
-		if !cloned {
-			out.ips, out.nodePorts, cloned = maps.Clone(f.ips), maps.Clone(f.nodePorts), true
-		}
-		out.ips[k] = &backends{service: b.service, deleted: true}
+	return &Frontends{
+		ips:       withDeleted(f.ips, prev.ips),
+		nodePorts: withDeleted(f.nodePorts, prev.nodePorts),
+		nodeAddrs: f.nodeAddrs,
 	}
-	for k, b := range prev.nodePorts {
-		if _, ok := f.nodePorts[k]; ok {
+}
+
+// withDeleted returns cur plus the keys of prev it lacks, marked deleted
+// (cur itself when there are none).
+func withDeleted[K comparable](cur, prev map[K]*backends) map[K]*backends {
+	out, cloned := cur, false
+	for k, b := range prev {
+		if _, ok := cur[k]; ok {
 			continue
 		}
 		if !cloned {
-			out.ips, out.nodePorts, cloned = maps.Clone(f.ips), maps.Clone(f.nodePorts), true
+			out, cloned = maps.Clone(cur), true
 		}
-		out.nodePorts[k] = &backends{service: b.service, deleted: true}
+		out[k] = &backends{service: b.service, deleted: true}
 	}
 	return out
 }
@@ -231,22 +231,16 @@ func (f *Frontends) Since(prev *Frontends) *Frontends {
 // Protocols lists the protocols (ProtoUDP, ProtoSCTP) of f's frontends:
 // entries of no other protocol can be stale.
 func (f *Frontends) Protocols() []uint8 {
+	has := map[uint8]bool{}
+	for k := range f.ips {
+		has[k.proto] = true
+	}
+	for k := range f.nodePorts {
+		has[k.proto] = true
+	}
 	var out []uint8
 	for _, p := range []uint8{ProtoUDP, ProtoSCTP} {
-		has := false
-		for k := range f.ips {
-			if k.proto == p {
-				has = true
-				break
-			}
-		}
-		for k := range f.nodePorts {
-			if has || k.proto == p {
-				has = true
-				break
-			}
-		}
-		if has {
+		if has[p] {
 			out = append(out, p)
 		}
 	}
