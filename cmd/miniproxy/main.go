@@ -196,7 +196,12 @@ func run(args []string, out io.Writer) error {
 	}
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
-	popts.DeleteStaleFlows = conntrack.Delete
+	if ct, err := conntrack.OpenKernel(); err != nil {
+		log.Warn("stale UDP/SCTP conntrack entries will not be deleted", "err", err)
+	} else {
+		defer ct.Close()
+		popts.Conntrack = ct
+	}
 
 	events := newEventSink(ctx, client, nodeName, log)
 	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)

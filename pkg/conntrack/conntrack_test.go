@@ -1,29 +1,58 @@
 package conntrack
 
 import (
-	"fmt"
 	"net/netip"
 	"testing"
 
-	"github.com/google/go-cmp/cmp"
-
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
-var dns = endpoints.ServicePortName{Namespace: "kube-system", Name: "kube-dns", Port: "dns"}
+var (
+	dns     = endpoints.ServicePortName{Namespace: "kube-system", Name: "kube-dns", Port: "dns"}
+	ap      = netip.MustParseAddrPort
+	client  = ap("10.244.3.7:40053")
+	nodeIP  = netip.MustParseAddr("192.168.0.10")
+	podA    = ap("10.244.1.5:53")
+	podB    = ap("10.244.2.6:53")
+	cluster = ap("10.96.0.10:53")
+)
 
-func udpService(nodePort int32) *endpoints.ServicePort {
-	return &endpoints.ServicePort{
-		Name: dns, Protocol: endpoints.UDP, Port: 53, NodePort: nodePort,
-		ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.10")},
+type svcOpt func(*endpoints.ServicePort)
+
+func dnsService(opts ...svcOpt) *endpoints.ServicePort {
+	s := &endpoints.ServicePort{
+		Name: dns, Protocol: endpoints.UDP, Port: 53,
+		ClusterIPs: []netip.Addr{cluster.Addr()},
 	}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
 }
 
-func ep(ip string, ready bool) endpoints.Endpoint {
-	return endpoints.Endpoint{IP: netip.MustParseAddr(ip), Port: 53, Ready: ready, Serving: ready}
+func withNodePort(p int32) svcOpt { return func(s *endpoints.ServicePort) { s.NodePort = p } }
+func withExternalIP(ip string) svcOpt {
+	return func(s *endpoints.ServicePort) { s.ExternalIPs = append(s.ExternalIPs, netip.MustParseAddr(ip)) }
+}
+func withLoadBalancerIP(ip string) svcOpt {
+	return func(s *endpoints.ServicePort) { s.LoadBalancerIPs = append(s.LoadBalancerIPs, netip.MustParseAddr(ip)) }
+}
+func protocol(p endpoints.Protocol) svcOpt { return func(s *endpoints.ServicePort) { s.Protocol = p } }
+
+func ready(a netip.AddrPort) endpoints.Endpoint {
+	return endpoints.Endpoint{IP: a.Addr(), Port: int32(a.Port()), Ready: true, Serving: true}
 }
 
-func snap(svc *endpoints.ServicePort, eps ...endpoints.Endpoint) *endpoints.Snapshot {
+func notReady(a netip.AddrPort) endpoints.Endpoint {
+	return endpoints.Endpoint{IP: a.Addr(), Port: int32(a.Port())}
+}
+
+func terminatingServing(a netip.AddrPort) endpoints.Endpoint {
+	return endpoints.Endpoint{IP: a.Addr(), Port: int32(a.Port()), Serving: true, Terminating: true}
+}
+
+func state(svc *endpoints.ServicePort, eps ...endpoints.Endpoint) *endpoints.Snapshot {
 	s := &endpoints.Snapshot{Services: map[endpoints.ServicePortName]*endpoints.ServicePort{}, Endpoints: map[endpoints.ServicePortName][]endpoints.Endpoint{}}
 	if svc != nil {
 		s.Services[svc.Name] = svc
@@ -32,65 +61,243 @@ func snap(svc *endpoints.ServicePort, eps ...endpoints.Endpoint) *endpoints.Snap
 	return s
 }
 
-func TestStale(t *testing.T) {
+// udp is an entry of a client's datagrams to dst that conntrack translated
+// to endpoint (dst itself when untranslated).
+func udp(dst, endpoint netip.AddrPort) Entry {
+	return Entry{Proto: ProtoUDP, OrigSrc: client, OrigDst: dst, ReplySrc: endpoint, ReplyDst: client}
+}
+
+func TestJudge(t *testing.T) {
 	tests := []struct {
-		name      string
-		prev, cur *endpoints.Snapshot
-		want      []string
+		name  string
+		state *endpoints.Snapshot
+		// before, when set, is the state the table was last reconciled
+		// against.
+		before *endpoints.Snapshot
+		entry  Entry
+		want   Verdict
 	}{
 		{
-			name: "an endpoint leaves a UDP Service: its entries from the ClusterIP go",
-			prev: snap(udpService(0), ep("10.244.1.5", true), ep("10.244.2.6", true)),
-			cur:  snap(udpService(0), ep("10.244.2.6", true)),
-			want: []string{"-p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --reply-src 10.244.1.5"},
+			name:  "UDP client to a ClusterIP whose endpoint left: entry deleted",
+			state: state(dnsService(), ready(podB)),
+			entry: udp(cluster, podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
 		},
 		{
-			name: "an endpoint of a UDP NodePort Service leaves: ClusterIP and NodePort entries go",
-			prev: snap(udpService(30053), ep("10.244.1.5", true), ep("10.244.2.6", true)),
-			cur:  snap(udpService(30053), ep("10.244.2.6", true)),
-			want: []string{
-				"-p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --reply-src 10.244.1.5",
-				"-p udp --orig-port-dst 30053 --reply-src 10.244.1.5",
-			},
+			name:  "entry to an endpoint that is still serving: kept",
+			state: state(dnsService(), ready(podA), ready(podB)),
+			entry: udp(cluster, podA),
+			want:  Verdict{Reason: ReasonServing, Service: dns},
 		},
 		{
-			name: "an endpoint stops being ready: it is stale too",
-			prev: snap(udpService(0), ep("10.244.1.5", true), ep("10.244.2.6", true)),
-			cur:  snap(udpService(0), ep("10.244.1.5", false), ep("10.244.2.6", true)),
-			want: []string{"-p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --reply-src 10.244.1.5"},
+			name:  "terminating but serving endpoint used as fallback: kept",
+			state: state(dnsService(), terminatingServing(podA)),
+			entry: udp(cluster, podA),
+			want:  Verdict{Reason: ReasonServing, Service: dns},
 		},
 		{
-			name: "a UDP Service gets its first endpoint: every entry to it goes",
-			prev: snap(udpService(0)),
-			cur:  snap(udpService(0), ep("10.244.1.5", true)),
-			want: []string{"-p udp --orig-dst 10.96.0.10 --orig-port-dst 53"},
+			name:  "endpoint no longer ready nor serving: entry deleted",
+			state: state(dnsService(), notReady(podA), ready(podB)),
+			entry: udp(cluster, podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
 		},
 		{
-			name: "a UDP Service is deleted: entries to its endpoints go",
-			prev: snap(udpService(0), ep("10.244.1.5", true)),
-			cur:  snap(nil),
-			want: []string{"-p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --reply-src 10.244.1.5"},
+			name:  "endpoint kept its address but moved to another port: entry deleted",
+			state: state(dnsService(), ready(ap("10.244.1.5:5353"))),
+			entry: udp(cluster, podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
 		},
 		{
-			name: "nothing changed: nothing goes",
-			prev: snap(udpService(0), ep("10.244.1.5", true)),
-			cur:  snap(udpService(0), ep("10.244.1.5", true)),
+			name:  "the Service lost its last endpoint: entry deleted (the reject rule cannot catch a translated flow)",
+			state: state(dnsService()),
+			entry: udp(cluster, podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
 		},
 		{
-			name: "a TCP Service loses an endpoint: TCP needs no cleanup",
-			prev: snap(func() *endpoints.ServicePort { s := udpService(0); s.Protocol = endpoints.TCP; return s }(), ep("10.244.1.5", true)),
-			cur:  snap(nil),
+			name:   "the UDP Service was deleted since the last reconciliation: entries to its endpoints deleted",
+			before: state(dnsService(), ready(podA)),
+			state:  state(nil),
+			entry:  udp(cluster, podA),
+			want:   Verdict{Stale: true, Reason: ReasonDeleted, Service: dns},
+		},
+		{
+			name:   "the UDP Service was deleted: untranslated entries to its old address are not ours any more",
+			before: state(dnsService(), ready(podA)),
+			state:  state(nil),
+			entry:  udp(cluster, cluster),
+			want:   Verdict{Reason: ReasonNotService},
+		},
+		{
+			name:  "a Service unknown to the last reconciliation (after a restart) is not guessed at: kept",
+			state: state(nil),
+			entry: udp(cluster, podA),
+			want:  Verdict{Reason: ReasonNotService},
+		},
+		{
+			name:  "NodePort on a node address, endpoint left: entry deleted",
+			state: state(dnsService(withNodePort(30053)), ready(podB)),
+			entry: udp(netip.AddrPortFrom(nodeIP, 30053), podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
+		},
+		{
+			name:  "NodePort on a node address, endpoint serving: kept",
+			state: state(dnsService(withNodePort(30053)), ready(podA)),
+			entry: udp(netip.AddrPortFrom(nodeIP, 30053), podA),
+			want:  Verdict{Reason: ReasonServing, Service: dns},
+		},
+		{
+			name:  "the NodePort's number on an address that is not the node's (forwarded traffic): never touched",
+			state: state(dnsService(withNodePort(30053)), ready(podB)),
+			entry: udp(ap("203.0.113.9:30053"), ap("203.0.113.9:30053")),
+			want:  Verdict{Reason: ReasonNotService},
+		},
+		{
+			name:  "NodePort sent to while the Service had no endpoint: deleted once it has one",
+			state: state(dnsService(withNodePort(30053)), ready(podA)),
+			entry: udp(netip.AddrPortFrom(nodeIP, 30053), netip.AddrPortFrom(nodeIP, 30053)),
+			want:  Verdict{Stale: true, Reason: ReasonUntranslated, Service: dns},
+		},
+		{
+			name:  "entry created while the Service had no endpoint: deleted once it has one",
+			state: state(dnsService(), ready(podA)),
+			entry: udp(cluster, cluster),
+			want:  Verdict{Stale: true, Reason: ReasonUntranslated, Service: dns},
+		},
+		{
+			name:  "external IP, endpoint left: entry deleted",
+			state: state(dnsService(withExternalIP("203.0.113.53")), ready(podB)),
+			entry: udp(ap("203.0.113.53:53"), podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
+		},
+		{
+			name:  "load balancer IP, endpoint left: entry deleted",
+			state: state(dnsService(withLoadBalancerIP("203.0.113.140")), ready(podB)),
+			entry: udp(ap("203.0.113.140:53"), podA),
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
+		},
+		{
+			name:  "the ClusterIP on another port than the Service's: never touched",
+			state: state(dnsService(), ready(podB)),
+			entry: udp(ap("10.96.0.10:54"), podA),
+			want:  Verdict{Reason: ReasonNotService},
+		},
+		{
+			name:  "TCP entries: never touched",
+			state: state(dnsService(protocol(endpoints.TCP)), ready(podB)),
+			entry: Entry{Proto: ProtoTCP, OrigSrc: client, OrigDst: cluster, ReplySrc: podA, ReplyDst: client},
+			want:  Verdict{Reason: ReasonProtocol},
+		},
+		{
+			name:  "a TCP entry to the ClusterIP and port of a UDP Service: never touched",
+			state: state(dnsService(), ready(podB)),
+			entry: Entry{Proto: ProtoTCP, OrigSrc: client, OrigDst: cluster, ReplySrc: podA, ReplyDst: client},
+			want:  Verdict{Reason: ReasonProtocol},
+		},
+		{
+			name:  "a UDP entry to the ClusterIP and port of an SCTP Service: never touched",
+			state: state(dnsService(protocol(endpoints.SCTP)), ready(podB)),
+			entry: udp(cluster, podA),
+			want:  Verdict{Reason: ReasonNotService},
+		},
+		{
+			name:  "SCTP association whose endpoint left: entry deleted",
+			state: state(dnsService(protocol(endpoints.SCTP)), ready(podB)),
+			entry: Entry{Proto: ProtoSCTP, OrigSrc: client, OrigDst: cluster, ReplySrc: podA, ReplyDst: client},
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
+		},
+		{
+			name:  "entries to non-Service destinations: never touched",
+			state: state(dnsService(), ready(podB)),
+			entry: udp(ap("8.8.8.8:53"), ap("8.8.8.8:53")),
+			want:  Verdict{Reason: ReasonNotService},
+		},
+		{
+			name:  "a pod talking to another pod directly: never touched",
+			state: state(dnsService(), ready(podB)),
+			entry: udp(podA, podA),
+			want:  Verdict{Reason: ReasonNotService},
+		},
+		{
+			name: "IPv6 ClusterIP, endpoint left: entry deleted",
+			state: state(&endpoints.ServicePort{Name: dns, Protocol: endpoints.UDP, Port: 53, ClusterIPs: []netip.Addr{netip.MustParseAddr("fd00:96::a")}},
+				ready(ap("[fd00:244:2::6]:53"))),
+			entry: Entry{Proto: ProtoUDP, OrigSrc: ap("[fd00:244:3::7]:40053"), OrigDst: ap("[fd00:96::a]:53"), ReplySrc: ap("[fd00:244:1::5]:53")},
+			want:  Verdict{Stale: true, Reason: ReasonGone, Service: dns},
 		},
 	}
+	nodePortAddrs := map[iptables.Family][]netip.Addr{iptables.IPv4: {nodeIP}}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var got []string
-			for _, f := range Stale(tc.prev, tc.cur) {
-				got = append(got, fmt.Sprint(f))
+			f := NewFrontends(tc.state, nodePortAddrs)
+			if tc.before != nil {
+				f = f.Since(NewFrontends(tc.before, nodePortAddrs))
 			}
-			if diff := cmp.Diff(tc.want, got); diff != "" {
-				t.Errorf("stale flows (-want +got):\n%s", diff)
+			if got := f.Judge(&tc.entry); got != tc.want {
+				t.Errorf("Judge(%+v)\n got %+v\nwant %+v", tc.entry, got, tc.want)
 			}
 		})
+	}
+}
+
+// Two Services that list the same external IP and port share a frontend:
+// an entry to an endpoint of either is kept.
+func TestJudgeSharedFrontend(t *testing.T) {
+	other := endpoints.ServicePortName{Namespace: "default", Name: "other-dns"}
+	a := dnsService(withExternalIP("203.0.113.53"))
+	b := &endpoints.ServicePort{Name: other, Protocol: endpoints.UDP, Port: 53, ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.11")},
+		ExternalIPs: []netip.Addr{netip.MustParseAddr("203.0.113.53")}}
+	s := state(a, ready(podA))
+	s.Services[other], s.Endpoints[other] = b, []endpoints.Endpoint{ready(podB)}
+	f := NewFrontends(s, nil)
+	for _, to := range []netip.AddrPort{podA, podB} {
+		if v := f.Judge(&Entry{Proto: ProtoUDP, OrigSrc: client, OrigDst: ap("203.0.113.53:53"), ReplySrc: to}); v.Stale {
+			t.Errorf("entry to %s judged stale: %+v", to, v)
+		}
+	}
+	if v := f.Judge(&Entry{Proto: ProtoUDP, OrigSrc: client, OrigDst: ap("203.0.113.53:53"), ReplySrc: ap("10.244.9.9:53")}); !v.Stale {
+		t.Errorf("entry to an endpoint of neither kept: %+v", v)
+	}
+}
+
+func TestSameServices(t *testing.T) {
+	base := NewFrontends(state(dnsService(), ready(podA)), nil)
+	for _, tc := range []struct {
+		name string
+		snap *endpoints.Snapshot
+		same bool
+	}{
+		{"same endpoints", state(dnsService(), ready(podA)), true},
+		{"an endpoint more", state(dnsService(), ready(podA), ready(podB)), false},
+		{"the endpoint stops serving", state(dnsService(), notReady(podA)), false},
+		{"terminating but serving: still the same for conntrack", state(dnsService(), terminatingServing(podA)), true},
+		{"the Service becomes TCP", state(dnsService(protocol(endpoints.TCP)), ready(podA)), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := base.SameServices(NewFrontends(tc.snap, nil)); got != tc.same {
+				t.Errorf("SameServices = %v, want %v", got, tc.same)
+			}
+		})
+	}
+}
+
+// The fake deletes what the decision judges stale and nothing else, and
+// shows Sweep only the family and protocols asked for, like the kernel.
+func TestReconcileWithFake(t *testing.T) {
+	table := &Fake{}
+	kept := []Entry{
+		udp(cluster, podB),
+		{Proto: ProtoTCP, OrigSrc: client, OrigDst: cluster, ReplySrc: podA, ReplyDst: client},
+		udp(ap("8.8.8.8:53"), ap("8.8.8.8:53")),
+		{Proto: ProtoUDP, OrigSrc: ap("[fd00::7]:1"), OrigDst: ap("[fd00:96::a]:53"), ReplySrc: ap("[fd00::9]:53")},
+	}
+	table.Add(udp(cluster, podA), udp(cluster, cluster))
+	table.Add(kept...)
+	f := NewFrontends(state(dnsService(), ready(podB)), nil)
+	r := Reconcile(table, iptables.IPv4, f, discard)
+	if r.Err != nil || r.Deleted != 2 || r.Seen != 4 {
+		t.Errorf("Reconcile = %+v, want 2 of 4 UDP IPv4 entries deleted", r)
+	}
+	if got := table.Entries(); len(got) != len(kept) {
+		t.Errorf("table holds %v, want %v", got, kept)
 	}
 }

@@ -52,9 +52,12 @@ type Options struct {
 	// UnsupportedProtocols are protocols this node's iptables cannot match;
 	// service ports using them are skipped (with one log line each).
 	UnsupportedProtocols map[endpoints.Protocol]bool
-	// DeleteStaleFlows removes UDP conntrack entries that a successful sync
-	// made stale (conntrack.Delete); nil leaves conntrack alone.
-	DeleteStaleFlows func([]conntrack.Flow) (uint, error)
+	// Conntrack is the node's conntrack table (conntrack.OpenKernel). After
+	// the first successful sync, and after each successful sync that changed
+	// a UDP or SCTP service port's frontends or serving endpoints, the
+	// entries to Service frontends that no serving endpoint answers any more
+	// are deleted from it (conntrack.Reconcile); nil leaves conntrack alone.
+	Conntrack conntrack.Table
 }
 
 // Applier is the dataplane of one family, as the loop uses it.
@@ -92,19 +95,20 @@ type SyncResult struct {
 	// FailedApplies counts the applies of a family that failed during the
 	// sync, including those that led to finding the refused Services.
 	FailedApplies int
-	// Conntrack has one entry per family whose stale UDP conntrack entries
-	// this sync deleted (none when no entry went stale).
+	// Conntrack has one entry per family whose conntrack table this sync
+	// reconciled (none when nothing conntrack depends on changed).
 	Conntrack []ConntrackCleanup
 }
 
-// ConntrackCleanup is one family's deletion of stale conntrack entries.
+// ConntrackCleanup is one family's conntrack reconciliation.
 type ConntrackCleanup struct {
 	Family iptables.Family
-	// Duration is the time the deletion took; Deleted counts the entries
-	// deleted (those deleted before an error included).
-	Duration time.Duration
-	Deleted  int
-	Err      error
+	// Duration is the time the reconciliation took; Seen counts the UDP and
+	// SCTP entries read and Deleted those deleted (those deleted before an
+	// error included).
+	Duration      time.Duration
+	Seen, Deleted int
+	Err           error
 }
 
 // Proxier owns the loop.
@@ -133,6 +137,12 @@ type Proxier struct {
 	refused map[endpoints.ServicePortName]refusal
 	// routeLocalnet is set once route_localnet=1 is ensured.
 	routeLocalnet bool
+	// cfgs are the rules configurations of the last apply.
+	cfgs map[iptables.Family]rules.Config
+	// ctFronts are the frontends the conntrack table was last reconciled
+	// against in full; ctFailed says the last reconciliation failed.
+	ctFronts *conntrack.Frontends
+	ctFailed bool
 }
 
 // New wires a Proxier; planes holds one Applier per family to program.
@@ -261,7 +271,8 @@ func (p *Proxier) Sync(full bool) SyncResult {
 
 	if applied != nil {
 		res.Snapshot = applied
-		res.Conntrack = p.deleteStaleFlows(applied)
+		p.applied = applied.WithoutChanges()
+		res.Conntrack = p.reconcileConntrack(applied)
 		res.Refusals = p.noteRefusals(want, refused, applied, start)
 	} else {
 		res.Snapshot = want
@@ -300,6 +311,7 @@ func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) 
 			return nil, nil, fmt.Errorf("%s: %w", fam, err)
 		}
 		cfgs[fam] = cfg
+		p.cfgs = cfgs
 		if cfg.LocalhostNodePorts {
 			if err := p.ensureRouteLocalnet(); err != nil {
 				return nil, nil, err
@@ -400,35 +412,57 @@ func sortRefusals(rs []Refusal) {
 	sort.Slice(rs, func(i, j int) bool { return endpoints.LessName(rs[i].Service, rs[j].Service) })
 }
 
-// deleteStaleFlows runs only after the new rules are in, so that the next
-// packet of a flow whose entry is deleted meets them. Each family's entries
-// are deleted (and timed) on their own.
-func (p *Proxier) deleteStaleFlows(snap *endpoints.Snapshot) []ConntrackCleanup {
-	prev := p.applied
-	p.applied = snap.WithoutChanges() // Stale reads no Changed set
-	if p.opts.DeleteStaleFlows == nil {
+// reconcileConntrack runs only after the new rules are in, so that the next
+// packet of a flow whose entry is deleted meets them. It runs after the
+// first successful sync (a restart reconciles; it never flushes) and after
+// each one whose UDP or SCTP frontends or serving endpoints differ from the
+// last reconciled ones, or whose predecessor failed to reconcile. Each
+// family is reconciled, and timed, on its own.
+func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot) []ConntrackCleanup {
+	if p.opts.Conntrack == nil {
 		return nil
 	}
-	flows := conntrack.Stale(prev, snap)
+	nodePorts := map[iptables.Family][]netip.Addr{}
+	for fam, cfg := range p.cfgs {
+		nodePorts[fam] = nodePortAddrs(cfg)
+	}
+	cur := conntrack.NewFrontends(snap, nodePorts)
+	if p.ctFronts != nil && !p.ctFailed && cur.SameServices(p.ctFronts) {
+		return nil
+	}
+	judge := cur.Since(p.ctFronts)
 	var out []ConntrackCleanup
-	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
-		var ofFam []conntrack.Flow
-		for _, f := range flows {
-			if f.IPv6 == (fam == iptables.IPv6) {
-				ofFam = append(ofFam, f)
-			}
-		}
-		if len(ofFam) == 0 {
+	failed := false
+	for _, fam := range p.families {
+		r := conntrack.Reconcile(p.opts.Conntrack, fam, judge, p.log)
+		out = append(out, ConntrackCleanup{Family: fam, Duration: r.Duration, Seen: r.Seen, Deleted: r.Deleted, Err: r.Err})
+		if r.Err != nil {
+			failed = true
+			p.log.Warn("could not reconcile the conntrack table; stale UDP/SCTP flows keep their old endpoint until the next sync retries",
+				"family", fam.String(), "deleted", r.Deleted, "err", r.Err)
 			continue
 		}
-		start := time.Now()
-		n, err := p.opts.DeleteStaleFlows(ofFam)
-		out = append(out, ConntrackCleanup{Family: fam, Duration: time.Since(start), Deleted: int(n), Err: err})
-		if err != nil {
-			p.log.Warn("could not delete stale UDP conntrack entries; those flows keep their old endpoint until they idle out", "family", fam.String(), "err", err)
-			continue
+		p.log.Debug("reconciled conntrack table", "family", fam.String(), "seen", r.Seen, "deleted", r.Deleted, "duration", r.Duration)
+	}
+	p.ctFailed = failed
+	if !failed {
+		p.ctFronts = cur
+	}
+	return out
+}
+
+// nodePortAddrs are the node's addresses on which cfg's rules translate
+// NodePorts: --nodeport-addresses' choice, or every local address, loopback
+// only with localhost NodePorts (as nodePortJumps in pkg/rules).
+func nodePortAddrs(cfg rules.Config) []netip.Addr {
+	if cfg.NodePortAddresses != nil {
+		return cfg.NodePortAddresses
+	}
+	var out []netip.Addr
+	for _, a := range cfg.NodeIPs {
+		if !a.IsLoopback() || (cfg.LocalhostNodePorts && a.Unmap().Is4()) {
+			out = append(out, a)
 		}
-		p.log.Debug("deleted stale UDP conntrack entries", "family", fam.String(), "selectors", len(ofFam), "deleted", n)
 	}
 	return out
 }

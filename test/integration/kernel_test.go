@@ -7,6 +7,8 @@ package integration
 import (
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -58,7 +60,7 @@ var (
 // rootLab skips the test unless it runs as root, and gives a lab of
 // namespaces torn down with the test, and a helper that fails the test on
 // an error.
-func rootLab(t *testing.T) (*netns.Lab, func(error)) {
+func rootLab(t testing.TB) (*netns.Lab, func(error)) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create network namespaces")
@@ -236,6 +238,8 @@ func (c cluster) snapshot() *endpoints.Snapshot {
 	}
 	return s
 }
+
+var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 
 var clientAddress = regexp.MustCompile(`client_address=(\S+)`)
 var hostname = regexp.MustCompile(`hostname=(\S+)`)
@@ -424,23 +428,27 @@ func TestRealRulesRealTraffic(t *testing.T) {
 		if got := ask(); !strings.Contains(got, "server=pod1") {
 			t.Fatalf("before the change: %q, want pod1", got)
 		}
-		prev := state.snapshot()
 		state[webUDP] = []endpoints.Endpoint{ep(pod2IP, 8081, false)}
 		cur := state.snapshot()
 		top.apply(t, cur)
 		if got := ask(); !strings.Contains(got, "server=pod1") {
 			t.Fatalf("without cleanup the flow should still reach the removed endpoint (that is why cleanup exists), got %q", got)
 		}
-		var deleted uint
+		var table *conntrack.Kernel
 		if err := top.node.Do(func() error {
 			var err error
-			deleted, err = conntrack.Delete(conntrack.Stale(prev, cur))
+			table, err = conntrack.OpenKernel()
 			return err
 		}); err != nil {
 			t.Fatal(err)
 		}
-		if deleted == 0 {
-			t.Error("expected at least one stale entry to be deleted")
+		defer table.Close()
+		r := conntrack.Reconcile(table, iptables.IPv4, conntrack.NewFrontends(cur, nil), quietLog)
+		if r.Err != nil {
+			t.Fatal(r.Err)
+		}
+		if r.Deleted == 0 {
+			t.Errorf("expected at least one stale entry to be deleted: %+v", r)
 		}
 		if got := ask(); !strings.Contains(got, "server=pod2") {
 			t.Errorf("after cleanup: %q, want pod2", got)

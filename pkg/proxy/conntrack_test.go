@@ -1,0 +1,87 @@
+package proxy
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+
+	"github.com/miniproxy/miniproxy/pkg/conntrack"
+	"github.com/miniproxy/miniproxy/pkg/iptables"
+)
+
+// udpFlow is a client's UDP entry to the ClusterIP 10.0.0.53:80, translated
+// to endpoint:8080 (an untranslated entry names the ClusterIP instead).
+func udpFlow(clientPort uint16, endpoint string, port uint16) conntrack.Entry {
+	return conntrack.Entry{
+		Proto:    conntrack.ProtoUDP,
+		OrigSrc:  netip.AddrPortFrom(client, clientPort),
+		OrigDst:  netip.MustParseAddrPort("10.0.0.53:80"),
+		ReplySrc: netip.AddrPortFrom(netip.MustParseAddr(endpoint), port),
+		ReplyDst: netip.AddrPortFrom(client, clientPort),
+	}
+}
+
+func TestConntrackIsReconciledAtStartAndAfterUDPChanges(t *testing.T) {
+	table := &conntrack.Fake{}
+	l := newLab(t, Options{Conntrack: table})
+	l.tracker.OnServiceAdd(service("dns", "10.0.0.53", v1.ProtocolUDP))
+	l.tracker.OnEndpointSliceAdd(slice("dns", "10.244.2.6", "node2", v1.ProtocolUDP))
+	live := udpFlow(40001, "10.244.2.6", 8080)
+	table.Add(live, udpFlow(40002, "10.244.7.7", 8080), udpFlow(40003, "10.0.0.53", 80))
+
+	// Start-up reconciles: the flow to the serving endpoint survives (no
+	// flush), the one to an endpoint that left while miniproxy was down and
+	// the one never translated go.
+	res := l.proxier.Sync(false)
+	if res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	if len(res.Conntrack) != 1 || res.Conntrack[0].Deleted != 2 || res.Conntrack[0].Seen != 3 || res.Conntrack[0].Family != iptables.IPv4 {
+		t.Errorf("first sync reconciled %+v, want 2 of 3 entries deleted", res.Conntrack)
+	}
+	if got := table.Entries(); len(got) != 1 || got[0] != live {
+		t.Errorf("after start-up the table holds %v, want only %v", got, live)
+	}
+
+	// Nothing changed, or only a TCP Service: no reconciliation.
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 0 {
+		t.Errorf("a sync without change reconciled: %+v", res.Conntrack)
+	}
+	l.tracker.OnServiceAdd(service("web", "10.0.0.80", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 0 {
+		t.Errorf("a TCP-only change reconciled: %+v", res.Conntrack)
+	}
+
+	// The UDP endpoint moves, and the first reconciliation fails: the next
+	// sync retries though nothing changed since.
+	l.tracker.OnEndpointSliceUpdate(nil, slice("dns", "10.244.1.5", "node1", v1.ProtocolUDP))
+	table.Err = errors.New("no answer from the kernel")
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 1 || res.Conntrack[0].Err == nil {
+		t.Errorf("the failing reconciliation should be reported: %+v", res.Conntrack)
+	}
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 1 || res.Conntrack[0].Err != nil || res.Conntrack[0].Deleted != 1 {
+		t.Errorf("the retry should delete the flow to the old endpoint: %+v", res.Conntrack)
+	}
+	if got := table.Entries(); len(got) != 0 {
+		t.Errorf("table holds %v, want nothing", got)
+	}
+
+	// The Service is deleted: a flow still translated to its endpoint goes.
+	table.Add(udpFlow(40004, "10.244.1.5", 8080))
+	l.tracker.OnServiceDelete(service("dns", "10.0.0.53", v1.ProtocolUDP))
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 1 || res.Conntrack[0].Deleted != 1 {
+		t.Errorf("deleting the Service should delete its flows: %+v", res.Conntrack)
+	}
+}
+
+func TestConntrackIsLeftAloneWithoutATable(t *testing.T) {
+	l := newLab(t, Options{})
+	l.tracker.OnServiceAdd(service("dns", "10.0.0.53", v1.ProtocolUDP))
+	l.tracker.OnEndpointSliceAdd(slice("dns", "10.244.2.6", "node2", v1.ProtocolUDP))
+	if res := l.proxier.Sync(false); res.Err != nil || res.Conntrack != nil {
+		t.Errorf("sync = %v, %+v", res.Err, res.Conntrack)
+	}
+}
