@@ -44,4 +44,4 @@ parity: deps k8s-binaries
 # The fault drills alone (they are part of `make test`), with their figures
 # written into docs/reliability.md.
 drills: deps k8s-binaries
-	$(GO) test -count=1 -timeout 20m -v ./test/faults -faults.report=$(CURDIR)/docs/reliability.md
+	$(GO) test -count=1 -timeout 40m -v ./test/faults -faults.services=10000 -faults.report=$(CURDIR)/docs/reliability.md
