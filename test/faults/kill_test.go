@@ -17,6 +17,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/miniproxy/miniproxy/test/cluster"
 	"github.com/miniproxy/miniproxy/test/netns"
@@ -26,9 +27,21 @@ import (
 // which must stay within the CI budget, 10,000 in `make drills`.
 var manyServices = flag.Int("faults.services", 1000, "drill 4's number of Services")
 
+// bulkClient is an admin client without the lab client's rate limit (100
+// requests per second), for writing thousands of objects.
+func bulkClient() (kubernetes.Interface, error) {
+	cfg := lab.Control.AdminConfig(lab.CPNS)
+	cfg.QPS, cfg.Burst = 5000, 5000
+	return kubernetes.NewForConfig(cfg)
+}
+
 // createMany creates n selector-less Services, each with one EndpointSlice
 // of two endpoints (the steady pods), labelled drill=many.
 func createMany(ctx context.Context, n int, eps []string) error {
+	kube, err := bulkClient()
+	if err != nil {
+		return err
+	}
 	work := make(chan int)
 	errs := make(chan error, 16)
 	var wg sync.WaitGroup
@@ -39,7 +52,7 @@ func createMany(ctx context.Context, n int, eps []string) error {
 			for i := range work {
 				name := fmt.Sprintf("many-%05d", i)
 				labels := map[string]string{"drill": "many"}
-				_, err := lab.Kube.CoreV1().Services("default").Create(ctx, &v1.Service{
+				_, err := kube.CoreV1().Services("default").Create(ctx, &v1.Service{
 					ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
 					Spec:       v1.ServiceSpec{Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80}}},
 				}, metav1.CreateOptions{})
@@ -48,7 +61,7 @@ func createMany(ctx context.Context, n int, eps []string) error {
 					for _, ip := range eps {
 						endpoints = append(endpoints, discoveryv1.Endpoint{Addresses: []string{ip}, Conditions: discoveryv1.EndpointConditions{Ready: ptrTo(true)}})
 					}
-					_, err = lab.Kube.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
+					_, err = kube.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
 						ObjectMeta:  metav1.ObjectMeta{Name: name, Labels: map[string]string{"drill": "many", discoveryv1.LabelServiceName: name}},
 						AddressType: discoveryv1.AddressTypeIPv4,
 						Endpoints:   endpoints,
@@ -87,8 +100,13 @@ func createMany(ctx context.Context, n int, eps []string) error {
 func deleteMany(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	kube, err := bulkClient()
+	if err != nil {
+		t.Error(err)
+		return
+	}
 	sel := metav1.ListOptions{LabelSelector: "drill=many"}
-	if err := lab.Kube.DiscoveryV1().EndpointSlices("default").DeleteCollection(ctx, metav1.DeleteOptions{}, sel); err != nil {
+	if err := kube.DiscoveryV1().EndpointSlices("default").DeleteCollection(ctx, metav1.DeleteOptions{}, sel); err != nil {
 		t.Errorf("delete drill 4's slices: %v", err)
 	}
 	work := make(chan string)
@@ -98,7 +116,7 @@ func deleteMany(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for name := range work {
-				lab.Kube.CoreV1().Services("default").Delete(ctx, name, metav1.DeleteOptions{})
+				kube.CoreV1().Services("default").Delete(ctx, name, metav1.DeleteOptions{})
 			}
 		}()
 	}

@@ -125,7 +125,8 @@ func reapLab(prefix, path string) ([]string, error) {
 		deleted = append(deleted, n)
 	}
 	dirs, _ := filepath.Glob(filepath.Join(tempBase(), tempDirPrefix(prefix)+"*"))
-	for _, d := range dirs {
+	inMemory, _ := filepath.Glob(filepath.Join("/dev/shm", tempDirPrefix(prefix)+"*"))
+	for _, d := range append(dirs, inMemory...) {
 		if err := os.RemoveAll(d); err != nil {
 			errs = append(errs, fmt.Errorf("reap lab %s: %w", prefix, err))
 		}

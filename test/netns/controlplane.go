@@ -228,10 +228,14 @@ func (cp *ControlPlane) start(ctx context.Context, opts ControlPlaneOptions) err
 	if err != nil {
 		return err
 	}
+	etcdDir, err := cp.lab.MemoryTempDir("etcd")
+	if err != nil {
+		return err
+	}
 	began := time.Now()
 	etcd := exec.Command(opts.EtcdBinary,
 		"--name=lab",
-		"--data-dir="+filepath.Join(cp.dir, "etcd"),
+		"--data-dir="+etcdDir,
 		"--listen-client-urls="+etcdClientURL,
 		"--advertise-client-urls="+etcdClientURL,
 		"--listen-peer-urls="+etcdPeerURL,
