@@ -57,8 +57,8 @@ type Options struct {
 	// made stale (conntrack.Delete); nil leaves conntrack alone.
 	DeleteStaleFlows func([]conntrack.Flow) (uint, error)
 	// CanaryInterval is how often, between syncs, the loop asks each
-	// family's dataplane whether its canary is still there (CanaryChecker:
-	// one `iptables -C` per table); when it is not, another program flushed
+	// family's dataplane whether its canary is still there
+	// (Applier.CanaryLost: one `iptables -C` per table); when it is not, another program flushed
 	// the rules and a full sync runs at once. 0 means DefaultCanaryInterval;
 	// a negative interval turns the check off (the canary is then only
 	// checked by the syncs themselves).
@@ -81,13 +81,6 @@ const DefaultCanaryInterval = 5 * time.Second
 // every sync fails spends at most a third of its time on them.
 const MaxRetryInterval = 10 * time.Second
 
-// CanaryChecker is an Applier that can tell, between syncs and cheaply,
-// whether another program flushed its rules (*dataplane.Dataplane).
-type CanaryChecker interface {
-	// CanaryLost says what it found missing, or "" (dataplane.Dataplane.CanaryLost).
-	CanaryLost() (string, error)
-}
-
 // Applier is the dataplane of one family, as the loop uses it.
 type Applier interface {
 	// Apply puts rs into the kernel (dataplane.Dataplane.Apply).
@@ -95,6 +88,11 @@ type Applier interface {
 	// Check says whether the kernel accepts rs, without touching the live
 	// tables (dataplane.Dataplane.Check).
 	Check(rs *iptables.Ruleset) error
+	// CanaryLost says, cheaply and between syncs, whether another program
+	// flushed the rules: what it found missing, or ""
+	// (dataplane.Dataplane.CanaryLost). A wrapper must forward it, or
+	// flushes go unnoticed until the next sync.
+	CanaryLost() (string, error)
 }
 
 // AddrLister returns the node's local addresses of a family; it is read at
@@ -297,11 +295,7 @@ func (p *Proxier) canaryInterval() time.Duration {
 // canary too and reports what fails.
 func (p *Proxier) canaryLost() bool {
 	for _, fam := range p.families {
-		c, ok := p.planes[fam].(CanaryChecker)
-		if !ok {
-			continue
-		}
-		lost, err := c.CanaryLost()
+		lost, err := p.planes[fam].CanaryLost()
 		if err != nil {
 			p.log.Debug("could not check the canary; the next sync checks it again", "family", fam.String(), "err", err)
 			continue
