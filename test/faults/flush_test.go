@@ -131,7 +131,7 @@ func TestDrillRulesFlushed(t *testing.T) {
 	}
 	node := lab.Nodes[0] // the node the load goes through
 	variants := []struct {
-		row   string
+		row    string
 		break_ func(ctx context.Context, t *testing.T, before string) error
 	}{
 		{

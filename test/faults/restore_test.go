@@ -13,8 +13,10 @@ import (
 	"time"
 
 	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
 
 	"github.com/miniproxy/miniproxy/test/cluster"
 	"github.com/miniproxy/miniproxy/test/netns"
@@ -30,12 +32,8 @@ const restoreFailuresMetric = `kubeproxy_sync_proxy_rules_iptables_restore_failu
 // wrapper's directory.
 func failingRestore(t *testing.T, switchFile string) (dir string) {
 	t.Helper()
-	real, err := exec.LookPath("iptables-restore")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir = t.TempDir()
-	script := fmt.Sprintf(`#!/bin/sh
+	return cluster.WrapTool(t, "iptables-restore", func(real string) string {
+		return fmt.Sprintf(`#!/bin/sh
 # Fault drill 1: fails while %[1]s exists; see failingRestore.
 if [ -e %[1]s ]; then
   cat >/dev/null
@@ -44,24 +42,6 @@ if [ -e %[1]s ]; then
 fi
 exec %[2]s "$@"
 `, switchFile, real)
-	if err := os.WriteFile(filepath.Join(dir, "iptables-restore"), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
-
-// takeOverProxyForDrill stops a node's usual miniproxy for the test (its rules
-// stay) and starts it again, as the lab had it, when the test ends.
-func takeOverProxyForDrill(t *testing.T, node *cluster.Node) {
-	t.Helper()
-	if err := lab.StopProxy(node); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		lab.StopProxy(node)
-		if err := lab.StartProxy(context.Background(), node, nil); err != nil {
-			t.Errorf("restart %s's usual miniproxy: %v", node.Name, err)
-		}
 	})
 }
 
@@ -95,9 +75,10 @@ var syncFailedLine = regexp.MustCompile(`(?m)^E\d{4} .*"sync failed; it is retri
 // Drill 1: iptables-restore fails for 20 s on node1, which carries the
 // load. The rules in the kernel stay, so traffic keeps flowing; the node
 // logs the failure, counts it in restore_failures_total, retries with a
-// backoff, and /healthz turns 503 once a change (a Service created during
-// the fault) has waited twice the sync period; within one sync of the
-// fault's end the new Service carries traffic and /healthz is 200 again.
+// backoff, and /healthz turns 503 once a change (a Service and its
+// EndpointSlice created during the fault) has waited twice the sync
+// period; within one sync of the fault's end the new Service carries
+// traffic and /healthz is 200 again.
 func TestDrillRestoreFails(t *testing.T) {
 	const (
 		syncPeriod = 5 * time.Second
@@ -108,7 +89,7 @@ func TestDrillRestoreFails(t *testing.T) {
 	node := lab.Nodes[0] // the node the load goes through
 	switchFile := filepath.Join(t.TempDir(), "fail")
 	dir := failingRestore(t, switchFile)
-	takeOverProxyForDrill(t, node)
+	lab.TakeOverProxy(t, node)
 	err := lab.StartProxyCmd(ctx, node, func(bin string, args []string) *exec.Cmd {
 		cmd := exec.Command(bin, append(args, "--iptables-sync-period", syncPeriod.String())...)
 		cmd.Env = append(netns.CleanEnv(), "PATH="+dir+":"+os.Getenv("PATH"))
@@ -134,17 +115,14 @@ func TestDrillRestoreFails(t *testing.T) {
 	faultStart := time.Now()
 	t.Cleanup(func() { os.Remove(switchFile) })
 	time.Sleep(time.Second)
-	svc, err := lab.Kube.CoreV1().Services("default").Create(ctx, &v1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: "during-restore-fault"},
-		Spec: v1.ServiceSpec{Selector: map[string]string{"app": "steady"},
-			Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}}},
-	}, metav1.CreateOptions{})
+	svc, err := createWithSlice(ctx, "during-restore-fault")
+	t.Cleanup(func() {
+		lab.Kube.CoreV1().Services("default").Delete(context.Background(), "during-restore-fault", metav1.DeleteOptions{})
+		lab.Kube.DiscoveryV1().EndpointSlices("default").Delete(context.Background(), "during-restore-fault-manual", metav1.DeleteOptions{})
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		lab.Kube.CoreV1().Services("default").Delete(context.Background(), svc.Name, metav1.DeleteOptions{})
-	})
 	created := time.Now()
 	newURL := "http://" + svc.Spec.ClusterIP + ":80/"
 
@@ -256,4 +234,39 @@ func gaps(lines []string) string {
 		prev = at
 	}
 	return strings.Join(out, ", ") + " s"
+}
+
+// createWithSlice creates a Service without selector and its EndpointSlice,
+// naming the steady pods, as a user who manages a Service's endpoints
+// would: the change is complete at once, without waiting for
+// kube-controller-manager (which may still be backing off after drill 3's
+// API server outage).
+func createWithSlice(ctx context.Context, name string) (*v1.Service, error) {
+	svc, err := lab.Kube.CoreV1().Services("default").Create(ctx, &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       v1.ServiceSpec{Ports: []v1.ServicePort{{Protocol: v1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-manual", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Port: ptr.To[int32](8080), Protocol: ptr.To(v1.ProtocolTCP)}},
+	}
+	for _, n := range lab.Nodes {
+		pod := lab.Pod("steady-" + n.Name)
+		if pod == nil {
+			return nil, fmt.Errorf("no pod steady-%s", n.Name)
+		}
+		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
+			Addresses:  []string{pod.IP.String()},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)},
+			NodeName:   ptr.To(n.Name),
+		})
+	}
+	if _, err := lab.Kube.DiscoveryV1().EndpointSlices("default").Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		return nil, err
+	}
+	return svc, nil
 }
