@@ -3,7 +3,7 @@
 # machine (run as root). Safe to run again: it only installs what is missing.
 set -euo pipefail
 
-packages=(iptables conntrack curl iproute2 etcd-server kmod)
+packages=(iptables nftables conntrack curl iproute2 etcd-server kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

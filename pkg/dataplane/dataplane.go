@@ -25,10 +25,20 @@ import (
 // kube-proxy's "KUBE-" so that both can be on a node (and compared) at once.
 const DefaultPrefix = "MP-"
 
-// CanarySuffix is appended to the prefix to name the canary chain: an empty
-// chain kept in the nat and filter tables whose disappearance shows that
-// someone flushed the tables, so the next apply must be full.
+// CanarySuffix is appended to the prefix to name the canary chain: a chain
+// kept in the nat and filter tables, nothing jumps to it, holding one rule
+// (CanaryRule) whose disappearance shows that another program flushed the
+// table or deleted this package's chains, so the next apply must be full.
+// Unlike kube-proxy's empty KUBE-PROXY-CANARY, it holds a rule so that
+// `iptables -t nat -F`, which empties every chain but deletes none, is seen
+// too.
 const CanarySuffix = "CANARY"
+
+// CanaryRule is the one rule of the canary chain. It is never reached
+// (nothing jumps to the chain); its RETURN target keeps `iptables -C` on it
+// as cheap as on any standard target (3 ms with 10,000 Services, where
+// checking a jump to a chain of 10,000 rules takes 160 ms).
+var CanaryRule = iptables.Rule{"-m", "comment", "--comment", "canary: if this rule is gone, miniproxy rewrites its rules", "-j", "RETURN"}
 
 // MaxChainName is the longest chain name iptables accepts.
 const MaxChainName = 28
@@ -69,9 +79,11 @@ type Result struct {
 	ChainsWritten int
 	// ChainsDeleted counts the chains deleted by the restore input.
 	ChainsDeleted int
-	// RulesWritten counts the rules in the restore input.
+	// RulesWritten counts the rules in the restore input, less the canary
+	// chains' (kube-proxy does not count its canaries either).
 	RulesWritten int
-	// TableRulesWritten counts the rules in the restore input per table;
+	// TableRulesWritten counts the rules in the restore input per table,
+	// less the canary chains';
 	// every table of the Ruleset has an entry, 0 when none of its chains
 	// was written. It is nil when the apply failed before building the
 	// input.
@@ -90,6 +102,9 @@ type Result struct {
 	// whoever collects Results (the proxy), as Apply returns the error
 	// beside the Result.
 	Failed bool
+	// CanaryLost says, when Reason is ReasonCanary, what was found missing
+	// ("the canary chain MP-CANARY of table nat is gone").
+	CanaryLost string
 }
 
 // Dataplane keeps one IP family's tables in line with the Rulesets it is
@@ -190,13 +205,13 @@ func (d *Dataplane) Apply(rs *iptables.Ruleset, full bool) (res Result, err erro
 	case !slices.EqualFunc(d.jumps, rs.Jumps, jumpEqual):
 		res.Reason = ReasonJumps
 	default:
-		present, err := d.canaryPresent()
+		lost, err := d.canaryLost()
 		if err != nil {
 			d.forget()
 			return res, err
 		}
-		if !present {
-			res.Reason = ReasonCanary
+		if lost != "" {
+			res.Reason, res.CanaryLost = ReasonCanary, lost
 		}
 	}
 	res.Full = res.Reason != ""
@@ -288,7 +303,11 @@ func jumpEqual(a, b iptables.Jump) bool {
 	return a.Table == b.Table && a.Chain == b.Chain && slices.Equal(a.Rule, b.Rule)
 }
 
-// withCanary returns rs with an empty canary chain added to each canary
+func (d *Dataplane) canaryChain() iptables.Chain {
+	return iptables.Chain{Name: d.canary, Rules: []iptables.Rule{CanaryRule}}
+}
+
+// withCanary returns rs with the canary chain added to each canary
 // table. rs itself is not modified.
 func (d *Dataplane) withCanary(rs *iptables.Ruleset) *iptables.Ruleset {
 	out := &iptables.Ruleset{Family: d.family, Jumps: rs.Jumps}
@@ -296,32 +315,57 @@ func (d *Dataplane) withCanary(rs *iptables.Ruleset) *iptables.Ruleset {
 	for _, t := range rs.Tables {
 		t.Chains = slices.Clone(t.Chains)
 		if slices.Contains(canaryTables, t.Table) && !have[t.Table] {
-			t.Chains = append(t.Chains, iptables.Chain{Name: d.canary})
+			t.Chains = append(t.Chains, d.canaryChain())
 			have[t.Table] = true
 		}
 		out.Tables = append(out.Tables, t)
 	}
 	for _, t := range canaryTables {
 		if !have[t] {
-			out.Tables = append(out.Tables, iptables.TableRules{Table: t, Chains: []iptables.Chain{{Name: d.canary}}})
+			out.Tables = append(out.Tables, iptables.TableRules{Table: t, Chains: []iptables.Chain{d.canaryChain()}})
 		}
 	}
 	return out
 }
 
-// canaryPresent says whether the canary chain is still in every canary
-// table.
-func (d *Dataplane) canaryPresent() (bool, error) {
+// canaryLost checks the canary rule in every canary table, one `iptables
+// -C` each, and says what is missing: "" when every canary is in place,
+// otherwise which table's canary chain is gone or was emptied.
+func (d *Dataplane) canaryLost() (string, error) {
 	for _, t := range canaryTables {
-		ok, err := d.runner.ChainExists(d.family, t, d.canary)
+		ok, err := d.runner.RuleExists(d.family, t, d.canary, CanaryRule)
 		if err != nil {
-			return false, fmt.Errorf("check %s canary chain in %s: %w", d.family, t, err)
+			return "", fmt.Errorf("check %s canary chain in %s: %w", d.family, t, err)
 		}
-		if !ok {
-			return false, nil
+		if ok {
+			continue
 		}
+		// Only when something is missing: is it the chain or its rule?
+		chain, err := d.runner.ChainExists(d.family, t, d.canary)
+		if err != nil {
+			return "", fmt.Errorf("check %s canary chain in %s: %w", d.family, t, err)
+		}
+		if chain {
+			return fmt.Sprintf("the canary chain %s of table %s was emptied", d.canary, t), nil
+		}
+		return fmt.Sprintf("the canary chain %s of table %s is gone", d.canary, t), nil
 	}
-	return true, nil
+	return "", nil
+}
+
+// CanaryLost is the cheap check between syncs that another program did not
+// flush the tables: one `iptables -C` per canary table (nat and filter). It
+// says what it found missing ("the canary chain MP-CANARY of table nat is
+// gone"), or "" when every canary is in place or when nothing is known to be
+// applied (the next Apply is full anyway). The Apply that follows a loss
+// finds it again and is full with ReasonCanary.
+func (d *Dataplane) CanaryLost() (string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.applied == nil {
+		return "", nil
+	}
+	return d.canaryLost()
 }
 
 // chainSums sums up every chain of want, the form in which applied chains
@@ -440,8 +484,10 @@ func (d *Dataplane) restore(want *iptables.Ruleset, write func(table, chain stri
 		for _, c := range t.Chains {
 			if write(t.Table, c.Name) {
 				res.ChainsWritten++
-				res.RulesWritten += len(c.Rules)
-				n += len(c.Rules)
+				if c.Name != d.canary {
+					res.RulesWritten += len(c.Rules)
+					n += len(c.Rules)
+				}
 			}
 		}
 		res.TableRulesWritten[t.Table] = n

@@ -43,6 +43,7 @@ var fullInput = dedent(`
 	:MP-FORWARD - [0:0]
 	:MP-CANARY - [0:0]
 	-A MP-FORWARD -m conntrack --ctstate INVALID -j DROP
+	-A MP-CANARY -m comment --comment "canary: if this rule is gone, miniproxy rewrites its rules" -j RETURN
 	COMMIT
 	*nat
 	:MP-SERVICES - [0:0]
@@ -55,8 +56,16 @@ var fullInput = dedent(`
 	-A MP-SVC-A -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8443
 	-A MP-SVC-B -j RETURN
 	-A MP-POSTROUTING -m mark --mark 0x4000/0x4000 -m comment --comment "masquerade marked traffic" -j MASQUERADE
+	-A MP-CANARY -m comment --comment "canary: if this rule is gone, miniproxy rewrites its rules" -j RETURN
 	COMMIT
 	`)
+
+// canaryChecks are the calls of a partial apply's canary check, one
+// `iptables -C` per canary table.
+var canaryChecks = []string{
+	`exists IPv4 nat MP-CANARY -m comment --comment "canary: if this rule is gone, miniproxy rewrites its rules" -j RETURN`,
+	`exists IPv4 filter MP-CANARY -m comment --comment "canary: if this rule is gone, miniproxy rewrites its rules" -j RETURN`,
+}
 
 // foreignState is a node's tables before miniproxy: someone else's chain
 // and rules that must survive everything this package does.
@@ -141,11 +150,7 @@ func TestApplyWithFake(t *testing.T) {
 						COMMIT
 						`),
 					check: func(t *testing.T, f *Fake, calls []string) {
-						want := []string{
-							"chain-exists IPv4 nat MP-CANARY",
-							"chain-exists IPv4 filter MP-CANARY",
-							"restore IPv4 (97 bytes)",
-						}
+						want := append(slices.Clone(canaryChecks), "restore IPv4 (97 bytes)")
 						if diff := cmp.Diff(want, calls); diff != "" {
 							t.Errorf("calls (-want +got):\n%s", diff)
 						}
@@ -157,7 +162,11 @@ func TestApplyWithFake(t *testing.T) {
 			name: "an apply with nothing changed runs no restore at all",
 			steps: []step{
 				{rs: testRuleset(t, v4, nil), wantFull: true, wantReason: ReasonFirst, wantWritten: 7, wantRules: 6, wantInput: fullInput},
-				{rs: testRuleset(t, v4, nil), check: noCalls("restore", "save", "insert", "delete", "exists")},
+				{rs: testRuleset(t, v4, nil), check: func(t *testing.T, f *Fake, calls []string) {
+					if diff := cmp.Diff(canaryChecks, calls); diff != "" {
+						t.Errorf("calls (-want: the canary checks alone +got):\n%s", diff)
+					}
+				}},
 			},
 		},
 		{
@@ -224,6 +233,26 @@ func TestApplyWithFake(t *testing.T) {
 				{
 					rs:       testRuleset(t, v4, nil),
 					before:   func(t *testing.T, f *Fake) { f.SetState(v4, foreignState(t)) },
+					wantFull: true, wantReason: ReasonCanary, wantWritten: 7, wantRules: 6, wantInput: fullInput,
+					check: jumpsAtHead,
+				},
+			},
+		},
+		{
+			name: "an emptied canary (iptables -t nat -F: every chain flushed, none deleted) makes the apply full and puts the jumps back",
+			steps: []step{
+				{rs: testRuleset(t, v4, nil), wantFull: true, wantReason: ReasonFirst, wantWritten: 7, wantRules: 6, wantInput: fullInput},
+				{
+					rs: testRuleset(t, v4, nil),
+					before: func(t *testing.T, f *Fake) {
+						s := f.State(v4)
+						for _, c := range s["nat"] {
+							c.Rules = nil
+						}
+						// The foreign rule, as its owner would put it back.
+						s["nat"]["POSTROUTING"].Rules = foreignState(t)["nat"]["POSTROUTING"].Rules
+						f.SetState(v4, s)
+					},
 					wantFull: true, wantReason: ReasonCanary, wantWritten: 7, wantRules: 6, wantInput: fullInput,
 					check: jumpsAtHead,
 				},
@@ -549,4 +578,60 @@ func TestCleanupWithFake(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestCanaryLost(t *testing.T) {
+	v4 := iptables.IPv4
+	f := NewFake()
+	f.SetState(v4, foreignState(t))
+	dp, err := New(f, v4, DefaultPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost := func(want string) {
+		t.Helper()
+		got, err := dp.CanaryLost()
+		if err != nil || got != want {
+			t.Errorf("CanaryLost() = %q, %v; want %q", got, err, want)
+		}
+	}
+	calls0 := len(f.Calls())
+	lost("") // nothing applied yet: the first apply is full anyway
+	if calls := f.Calls()[calls0:]; len(calls) != 0 {
+		t.Errorf("CanaryLost before the first apply ran %q; want nothing", calls)
+	}
+	if _, err := dp.Apply(testRuleset(t, v4, nil), false); err != nil {
+		t.Fatal(err)
+	}
+	calls0 = len(f.Calls())
+	lost("")
+	if diff := cmp.Diff(canaryChecks, f.Calls()[calls0:]); diff != "" {
+		t.Errorf("CanaryLost with every canary in place: calls (-want +got):\n%s", diff)
+	}
+
+	s := f.State(v4)
+	delete(s["filter"], "MP-CANARY")
+	f.SetState(v4, s)
+	lost("the canary chain MP-CANARY of table filter is gone")
+	s = f.State(v4)
+	s["nat"]["MP-CANARY"].Rules = nil
+	f.SetState(v4, s)
+	lost("the canary chain MP-CANARY of table nat was emptied")
+
+	res, err := dp.Apply(testRuleset(t, v4, nil), false)
+	if err != nil || res.Reason != ReasonCanary || res.CanaryLost != "the canary chain MP-CANARY of table nat was emptied" {
+		t.Errorf("apply after the loss: Reason %q, CanaryLost %q, err %v; want %q naming the nat canary", res.Reason, res.CanaryLost, err, ReasonCanary)
+	}
+	lost("")
+
+	// After a failed apply nothing is known to be in the kernel: the next
+	// apply is full whatever the canary says, so there is nothing to check.
+	f.FailNext(1)
+	if _, err := dp.Apply(testRuleset(t, v4, nil), true); err == nil {
+		t.Fatal("the injected failure did not fail the apply")
+	}
+	s = f.State(v4)
+	delete(s["nat"], "MP-CANARY")
+	f.SetState(v4, s)
+	lost("")
 }

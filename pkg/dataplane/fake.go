@@ -229,14 +229,16 @@ func (f *Fake) ChainExists(family iptables.Family, table, chain string) (bool, e
 	return ok, nil
 }
 
-// RuleExists says whether chain holds a rule with exactly these arguments.
+// RuleExists says whether chain holds a rule with exactly these arguments;
+// a missing chain holds none (iptables -C exits 1 for both, which the real
+// Runner reports as false).
 func (f *Fake) RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("exists %s %s %s %s", family, table, chain, rule)
 	c, ok := f.state(family)[table][chain]
 	if !ok {
-		return false, fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
+		return false, nil
 	}
 	for _, r := range c.Rules {
 		if slices.Equal(r, rule) {

@@ -244,6 +244,37 @@ func TestKernelCanary(t *testing.T) {
 	}
 }
 
+func TestKernelCanaryAfterFlushWithoutDelete(t *testing.T) {
+	ns := enterTestNetns(t)
+	ns.restore(t, iptables.IPv4, foreignInput(iptables.IPv4))
+	dp, err := New(NewRunner(), iptables.IPv4, DefaultPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ns.apply(t, dp, testRuleset(t, iptables.IPv4, nil), false); err != nil {
+		t.Fatalf("first apply: %v", err)
+	}
+	want := ns.save(t, iptables.IPv4)
+	if lost, err := dp.CanaryLost(); lost != "" || err != nil {
+		t.Fatalf("CanaryLost with the rules in place = %q, %v", lost, err)
+	}
+	// `iptables -t nat -F` empties every chain of nat and deletes none:
+	// the canary chain stays, its rule goes, and so do the jumps.
+	ns.run(t, "", "iptables", "-t", "nat", "-F")
+	ns.run(t, "", "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.9.0.0/16", "-j", "MASQUERADE") // the foreign rule, as its owner would put it back
+	lost, err := dp.CanaryLost()
+	if err != nil || lost != "the canary chain MP-CANARY of table nat was emptied" {
+		t.Errorf("CanaryLost after iptables -t nat -F = %q, %v", lost, err)
+	}
+	res, err := ns.apply(t, dp, testRuleset(t, iptables.IPv4, nil), false)
+	if err != nil || !res.Full || res.Reason != ReasonCanary {
+		t.Fatalf("apply after the flush: %+v, %v; want full for the canary", res, err)
+	}
+	if got := ns.save(t, iptables.IPv4); got != want {
+		t.Errorf("tables after the rebuild (-want +got):\n%s", cmp.Diff(want, got))
+	}
+}
+
 func TestKernelLeftovers(t *testing.T) {
 	ns := enterTestNetns(t)
 	ns.restore(t, iptables.IPv4, foreignInput(iptables.IPv4))

@@ -43,6 +43,9 @@ func (a *countingApplier) Apply(rs *iptables.Ruleset, full bool) (dataplane.Resu
 // metrics count.
 func (a *countingApplier) Check(rs *iptables.Ruleset) error { return a.next.Check(rs) }
 
+// CanaryLost only forwards: the check between syncs counts nothing.
+func (a *countingApplier) CanaryLost() (string, error) { return a.next.CanaryLost() }
+
 // setRuleCounts sets the rule count of every table of rs, and 0 for tables
 // of an earlier Ruleset that rs no longer has. Jumps from the built-in
 // chains are not counted, as kube-proxy counts only its own chains' rules.

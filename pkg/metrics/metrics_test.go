@@ -285,6 +285,7 @@ func TestNoLocalEndpointsCountsLocalPoliciesWithoutLocalEndpointsPerFamily(t *te
 type fakeApplier struct {
 	err   error
 	calls int
+	lost  string
 }
 
 func (f *fakeApplier) Apply(rs *iptables.Ruleset, full bool) (dataplane.Result, error) {
@@ -293,6 +294,7 @@ func (f *fakeApplier) Apply(rs *iptables.Ruleset, full bool) (dataplane.Result, 
 }
 
 func (f *fakeApplier) Check(*iptables.Ruleset) error { return f.err }
+func (f *fakeApplier) CanaryLost() (string, error)   { return f.lost, f.err }
 
 func ruleset(natRules, filterRules int) *iptables.Ruleset {
 	rs := &iptables.Ruleset{Family: iptables.IPv4}
@@ -371,5 +373,15 @@ func TestProcessMetricsAreExportedByDefault(t *testing.T) {
 		if _, ok := got[s]; !ok {
 			t.Errorf("%s is missing", s)
 		}
+	}
+}
+
+// The wrapper forwards the canary check between syncs: without it the loop
+// would not see a flush until the next sync.
+func TestWrappedApplierForwardsTheCanaryCheck(t *testing.T) {
+	m := New(Options{})
+	a := m.WrapApplier(iptables.IPv4, &fakeApplier{lost: "the canary chain MP-CANARY of table nat is gone"})
+	if lost, err := a.CanaryLost(); lost != "the canary chain MP-CANARY of table nat is gone" || err != nil {
+		t.Errorf("CanaryLost through the wrapper = %q, %v", lost, err)
 	}
 }

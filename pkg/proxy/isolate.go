@@ -255,7 +255,7 @@ func (s *search) findBase(base, want *endpoints.Snapshot) error {
 		if s.broken != nil {
 			return fmt.Errorf("the kernel could not be asked which Service it refuses: %w", s.broken)
 		}
-		return fmt.Errorf("the kernel refuses even an empty ruleset in a scratch namespace: %w", err)
+		return fmt.Errorf("iptables-restore refuses even an empty ruleset in a scratch namespace, so the fault is in the tool or the kernel, not in a Service: %w", err)
 	}
 	return nil
 }

@@ -19,15 +19,7 @@ import (
 // its own, and brings the usual one back at the end.
 func takeOverProxy(t *testing.T, node *cluster.Node) {
 	t.Helper()
-	if err := lab.StopProxy(node); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		lab.StopProxy(node)
-		if err := lab.StartProxy(context.Background(), node, nil); err != nil {
-			t.Errorf("restart %s's usual miniproxy: %v", node.Name, err)
-		}
-	})
+	lab.TakeOverProxy(t, node)
 }
 
 // replaceProxy runs miniproxy on node with exactly args (and nothing the

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -128,17 +127,10 @@ func waitForQuietNodes(t *testing.T) {
 // the real iptables-restore, so that the kernel itself refuses them.
 func refusingRestore(t *testing.T, service string) (dir string) {
 	t.Helper()
-	real, err := exec.LookPath("iptables-restore")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir = t.TempDir()
 	pattern := strings.ReplaceAll(service, "/", `\/`)
-	script := fmt.Sprintf("#!/bin/sh\n# Spoils the rules of %s; see refusingRestore.\nsed '/--comment \"%s[ :]/ s/ -p tcp//' | %s \"$@\"\n", service, pattern, real)
-	if err := os.WriteFile(filepath.Join(dir, "iptables-restore"), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return cluster.WrapTool(t, "iptables-restore", func(real string) string {
+		return fmt.Sprintf("#!/bin/sh\n# Spoils the rules of %s; see refusingRestore.\nsed '/--comment \"%s[ :]/ s/ -p tcp//' | %s \"$@\"\n", service, pattern, real)
+	})
 }
 
 // A Service the kernel refuses on a node affects no other Service there:

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -127,24 +126,15 @@ func deleteMany(t *testing.T) {
 	wg.Wait()
 }
 
-// countersRE matches iptables-save's packet and byte counters.
-var countersRE = regexp.MustCompile(`\[\d+:\d+\]`)
-
-// miniproxyRules is iptables-save of a node, both tables, counters zeroed,
-// only the lines about miniproxy's chains and the comments line.
+// miniproxyRules is miniproxy's lines of a node's saved rules, both
+// families, counters zeroed (saveTables, ownLines).
 func miniproxyRules(ctx context.Context, t *testing.T, n *cluster.Node) string {
 	t.Helper()
-	out, _, err := n.NS.Run(ctx, "iptables-save")
+	save, err := saveTables(ctx, n)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var keep []string
-	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, "*") || strings.Contains(l, "MP-") {
-			keep = append(keep, countersRE.ReplaceAllString(l, "[0:0]"))
-		}
-	}
-	return strings.Join(keep, "\n")
+	return strings.Join(ownLines(save), "\n")
 }
 
 // Drill 4: miniproxy is killed (SIGKILL) in the middle of its first sync of

@@ -23,6 +23,7 @@ type generator struct {
 	ok, fails atomic.Int64
 	mu        sync.Mutex
 	lastErr   string
+	failedAt  []time.Time // when each failed request ended
 }
 
 // load is a drill's two generators, hitting Services the fault does not
@@ -118,6 +119,7 @@ func startLoad(t *testing.T) *load {
 					g.fails.Add(1)
 					g.mu.Lock()
 					g.lastErr = err.Error()
+					g.failedAt = append(g.failedAt, time.Now())
 					g.mu.Unlock()
 				} else {
 					g.ok.Add(1)
@@ -146,4 +148,22 @@ func (l *load) stop(t *testing.T) (failed, total int64) {
 		t.Logf("load %s: %d of %d failed%s", g.name, fails, ok+fails, map[bool]string{true: " (last: " + g.lastErr + ")"}[fails > 0])
 	}
 	return failed, total
+}
+
+// failuresAfter counts the requests that failed after since, over both
+// generators, and says when the last of them ended (zero when none).
+func (l *load) failuresAfter(since time.Time) (n int, last time.Time) {
+	for _, g := range l.gens {
+		g.mu.Lock()
+		for _, at := range g.failedAt {
+			if at.After(since) {
+				n++
+				if at.After(last) {
+					last = at
+				}
+			}
+		}
+		g.mu.Unlock()
+	}
+	return n, last
 }
