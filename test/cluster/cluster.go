@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"sort"
 	"strings"
@@ -419,4 +420,34 @@ func sortedKeys[M ~map[string]V, V any](m M) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// RunTests is the TestMain of a test package that shares one lab cluster
+// of two nodes: it skips without root, fails without the Kubernetes
+// binaries, starts the cluster, hands it to use, runs the tests, prints
+// every process's output if one failed, and tears everything down. It
+// returns the exit code.
+func RunTests(m interface{ Run() int }, pkg string, use func(*Cluster)) int {
+	if os.Geteuid() != 0 {
+		fmt.Println(pkg + ": skipped, needs root to build network namespaces")
+		return 0
+	}
+	if _, err := netns.K8sBinaries(); err != nil {
+		fmt.Printf("%s: kube-apiserver is not available (run `make k8s-binaries`): %v\n", pkg, err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	c, err := Start(ctx, Options{Nodes: 2, Logf: func(f string, a ...any) { fmt.Printf("lab: "+f+"\n", a...) }})
+	cancel()
+	if err != nil {
+		fmt.Printf("%s: start the lab cluster: %v\n", pkg, err)
+		return 1
+	}
+	use(c)
+	code := m.Run()
+	if code != 0 {
+		fmt.Println(c.Outputs())
+	}
+	c.Close()
+	return code
 }

@@ -26,28 +26,7 @@ import (
 var lab *cluster.Cluster
 
 func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Println("e2e: skipped, needs root to build network namespaces")
-		os.Exit(0)
-	}
-	if _, err := netns.K8sBinaries(); err != nil {
-		fmt.Printf("e2e: kube-apiserver is not available (run `make k8s-binaries`): %v\n", err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	var err error
-	lab, err = cluster.Start(ctx, cluster.Options{Nodes: 2, Logf: func(f string, a ...any) { fmt.Printf("lab: "+f+"\n", a...) }})
-	cancel()
-	if err != nil {
-		fmt.Println("e2e: start the lab cluster:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if code != 0 {
-		fmt.Println(lab.Outputs())
-	}
-	lab.Close()
-	os.Exit(code)
+	os.Exit(cluster.RunTests(m, "e2e", func(c *cluster.Cluster) { lab = c }))
 }
 
 func testContext(t *testing.T) context.Context {

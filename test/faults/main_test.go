@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/miniproxy/miniproxy/test/cluster"
-	"github.com/miniproxy/miniproxy/test/netns"
 )
 
 var reportFile = flag.String("faults.report", "", "rewrite the drills table between the markers of this file (docs/reliability.md)")
@@ -29,28 +28,8 @@ var lab *cluster.Cluster
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if os.Geteuid() != 0 {
-		fmt.Println("faults: skipped, needs root to build network namespaces")
-		os.Exit(0)
-	}
-	if _, err := netns.K8sBinaries(); err != nil {
-		fmt.Printf("faults: kube-apiserver is not available (run `make k8s-binaries`): %v\n", err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	var err error
-	lab, err = cluster.Start(ctx, cluster.Options{Nodes: 2, Logf: func(f string, a ...any) { fmt.Printf("lab: "+f+"\n", a...) }})
-	cancel()
-	if err != nil {
-		fmt.Println("faults: start the lab cluster:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if code != 0 {
-		fmt.Println(lab.Outputs())
-	}
-	lab.Close()
-	if code == 0 && *reportFile != "" {
+	code := cluster.RunTests(m, "faults", func(c *cluster.Cluster) { lab = c })
+	if code == 0 && *reportFile != "" && os.Geteuid() == 0 {
 		if err := writeReport(*reportFile); err != nil {
 			fmt.Println("faults: write the report:", err)
 			code = 1
@@ -93,7 +72,9 @@ const (
 	endMarker   = "<!-- end of drills table -->"
 )
 
-// writeReport puts the drills table between the markers of file.
+// writeReport puts the drills table between the markers of file: this
+// run's rows, and the rows of drills this run did not run as they were
+// (a row is known by its drill's number, the first word of its first cell).
 func writeReport(file string) error {
 	raw, err := os.ReadFile(file)
 	if err != nil {
@@ -104,17 +85,25 @@ func writeReport(file string) error {
 	if a < 0 || b < a {
 		return fmt.Errorf("%s lacks the markers %q and %q", file, beginMarker, endMarker)
 	}
+	byNumber := map[string]string{}
+	for _, line := range strings.Split(s[a:b], "\n") {
+		if cells := strings.Split(line, "|"); len(cells) > 2 && strings.HasPrefix(line, "| ") && !strings.HasPrefix(line, "| drill") {
+			byNumber[strings.Fields(cells[1])[0]] = line
+		}
+	}
+	for _, f := range rows {
+		byNumber[strings.Fields(f.drill)[0]] = fmt.Sprintf("| %s | %d / %d | %s | %s |", f.drill, f.failed, f.total, f.recovery, f.operatorSaw)
+	}
+	numbers := make([]string, 0, len(byNumber))
+	for n := range byNumber {
+		numbers = append(numbers, n)
+	}
+	sort.Strings(numbers)
 	var tb strings.Builder
 	tb.WriteString(beginMarker + "\n\n| drill | failed / total requests to other Services | time to recover | what the operator saw |\n|---|---|---|---|\n")
-	names := make([]string, 0, len(rows))
-	for n := range rows {
-		names = append(names, n)
+	for _, n := range numbers {
+		tb.WriteString(byNumber[n] + "\n")
 	}
-	sort.Strings(names)
-	for _, n := range names {
-		f := rows[n]
-		fmt.Fprintf(&tb, "| %s | %d / %d | %s | %s |\n", f.drill, f.failed, f.total, f.recovery, f.operatorSaw)
-	}
-	fmt.Fprintf(&tb, "\nMeasured %s.\n\n", time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&tb, "\nLast written %s by `make drills` (a drill run alone with -faults.report updates its own row).\n\n", time.Now().UTC().Format("2006-01-02"))
 	return os.WriteFile(file, []byte(s[:a]+tb.String()+s[b:]), 0o644)
 }
