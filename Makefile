@@ -31,7 +31,7 @@ unit:
 	$(GO) test -count=1 ./pkg/...
 
 # miniproxy against upstream kube-proxy at 1k/10k/30k Services in the lab;
-# writes docs/performance.md and docs/performance.svg. Takes about an hour.
+# writes docs/performance.md and docs/performance.svg. Takes about 50 minutes.
 # Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS="-sizes 100,1000".
 bench: deps k8s-binaries
 	$(GO) run ./test/bench $(BENCH_ARGS)
