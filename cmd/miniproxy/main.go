@@ -109,19 +109,20 @@ func run(args []string, out io.Writer) error {
 	opts.health.build = buildInfo()
 
 	if opts.cleanupKubeProxy {
-		families := iptablesFamilies(runner, log)
-		if err := dataplane.CleanupKubeProxy(runner, families...); err != nil {
+		removed, err := dataplane.CleanupKubeProxy(runner, iptablesFamilies(runner, log)...)
+		logRemoved(log, "upstream kube-proxy (iptables mode)", removed)
+		if err != nil {
 			return fmt.Errorf("remove kube-proxy's rules: %w", err)
 		}
-		log.Info("removed the rules and chains upstream kube-proxy (iptables mode) had left; nothing else was touched", "families", fmt.Sprint(families))
 		return nil
 	}
 
 	if opts.cleanup {
-		if err := dataplane.Cleanup(runner, rules.Prefix); err != nil {
+		removed, err := dataplane.Cleanup(runner, rules.Prefix)
+		logRemoved(log, "miniproxy", removed)
+		if err != nil {
 			return fmt.Errorf("cleanup: %w", err)
 		}
-		log.Info("removed every rule and chain miniproxy had added")
 		return nil
 	}
 
@@ -282,12 +283,22 @@ func afterFirstSync(p *proxy.Proxier, f func()) {
 // background: deleting tens of thousands of chains takes a while on
 // nf_tables, and the sync loop must not wait for it.
 func cleanupKubeProxy(runner dataplane.Runner, log *slog.Logger) {
-	families := iptablesFamilies(runner, log)
-	if err := dataplane.CleanupKubeProxy(runner, families...); err != nil {
+	removed, err := dataplane.CleanupKubeProxy(runner, iptablesFamilies(runner, log)...)
+	logRemoved(log, "upstream kube-proxy (iptables mode)", removed)
+	if err != nil {
 		log.Error("could not remove all of upstream kube-proxy's rules; run miniproxy --cleanup-kube-proxy on this node", "err", err)
-		return
 	}
-	log.Info("removed the rules upstream kube-proxy (iptables mode) had left, if any", "families", fmt.Sprint(families))
+}
+
+// logRemoved says what a cleanup removed, a line per family and table, and
+// the totals, so that the operator knows what changed on the node (nothing
+// but owner's chains and the jumps to them is ever touched).
+func logRemoved(log *slog.Logger, owner string, removed dataplane.Removed) {
+	for _, r := range removed {
+		log.Info("removed chains and rules of "+owner, "family", r.Family.String(), "table", r.Table, "chains", r.Chains, "rules", r.Rules)
+	}
+	chains, rules := removed.Total()
+	log.Info("cleanup done: removed the chains of "+owner+" and the rules in and to them; nothing else was touched", "chains", chains, "rules", rules)
 }
 
 // returnStartupMemory hands the memory of start-up back to the system: the

@@ -20,22 +20,21 @@ import (
 // deleted with one restore per family; if that is refused (say, because a
 // chain it cannot see the reason for is still referenced), it retries chain
 // by chain so that everything deletable is deleted.
-func Cleanup(r Runner, prefix string, families ...iptables.Family) error {
+func Cleanup(r Runner, prefix string, families ...iptables.Family) (Removed, error) {
 	if err := checkPrefix(prefix); err != nil {
-		return fmt.Errorf("cleanup: %w", err)
+		return nil, fmt.Errorf("cleanup: %w", err)
 	}
 	if len(families) == 0 {
 		families = []iptables.Family{iptables.IPv4, iptables.IPv6}
 	}
 	var errs []error
+	var removed Removed
 	for _, family := range families {
-		if err := cleanupFamily(r, prefix, family); err != nil {
+		rm, err := cleanupOwned(r, family, func(chain string) bool { return strings.HasPrefix(chain, prefix) })
+		removed = append(removed, rm...)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("clean up %s rules: %w", family, err))
 		}
 	}
-	return errors.Join(errs...)
-}
-
-func cleanupFamily(r Runner, prefix string, family iptables.Family) error {
-	return cleanupOwned(r, family, func(chain string) bool { return strings.HasPrefix(chain, prefix) })
+	return removed, errors.Join(errs...)
 }

@@ -563,7 +563,7 @@ func TestCleanupWithFake(t *testing.T) {
 			before := foreignState(t)
 			f.SetState(v4, before)
 			tc.prepare(t, f)
-			err := Cleanup(f, tc.prefix, v4, iptables.IPv6)
+			_, err := Cleanup(f, tc.prefix, v4, iptables.IPv6)
 			if tc.wantErr == "" && err != nil {
 				t.Fatalf("Cleanup: %v", err)
 			}
@@ -634,4 +634,56 @@ func TestCanaryLost(t *testing.T) {
 	delete(s["nat"], "MP-CANARY")
 	f.SetState(v4, s)
 	lost("")
+}
+
+// Cleanup says what it removed, per family and table: the chains, and the
+// rules in them plus the jumps to them, so that --cleanup can tell the
+// operator.
+func TestCleanupSaysWhatItRemoved(t *testing.T) {
+	v4 := iptables.IPv4
+	f := NewFake()
+	f.SetState(v4, foreignState(t))
+	dp, err := New(f, v4, DefaultPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := testRuleset(t, v4, nil)
+	if _, err := dp.Apply(rs, false); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][2]int{}
+	st := f.State(v4)
+	for _, table := range []string{"nat", "filter"} {
+		chains, rules := 0, 0
+		for name, chain := range st[table] {
+			if strings.HasPrefix(name, DefaultPrefix) {
+				chains++
+				rules += len(chain.Rules)
+				continue
+			}
+			for _, r := range chain.Rules {
+				if strings.HasPrefix(r.Target(), DefaultPrefix) {
+					rules++
+				}
+			}
+		}
+		want[table] = [2]int{chains, rules}
+	}
+	removed, err := Cleanup(f, DefaultPrefix, v4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][2]int{}
+	for _, r := range removed {
+		if r.Family != v4 {
+			t.Errorf("a removal in %s, only IPv4 was asked for", r.Family)
+		}
+		got[r.Table] = [2]int{r.Chains, r.Rules}
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("removed chains and rules per table (-in the tables before +reported):\n%s", diff)
+	}
+	if c, _ := removed.Total(); c == 0 {
+		t.Error("nothing reported removed after an apply")
+	}
 }

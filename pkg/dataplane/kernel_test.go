@@ -175,7 +175,7 @@ func TestKernelApplyAndCleanup(t *testing.T) {
 
 			// Cleanup leaves the tables exactly as they were before.
 			ns.check(t)
-			if err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
+			if _, err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
 				t.Fatalf("Cleanup: %v", err)
 			}
 			after := ns.save(t, family)
@@ -183,7 +183,7 @@ func TestKernelApplyAndCleanup(t *testing.T) {
 				t.Errorf("iptables-save after cleanup differs from before (-before +after):\n%s", cmp.Diff(before, after))
 			}
 			ns.check(t)
-			if err := Cleanup(NewRunner(), DefaultPrefix); err != nil {
+			if _, err := Cleanup(NewRunner(), DefaultPrefix); err != nil {
 				t.Errorf("Cleanup with nothing installed: %v", err)
 			}
 			if again := ns.save(t, family); again != before {
@@ -237,7 +237,7 @@ func TestKernelCanary(t *testing.T) {
 				t.Errorf("tables after the rebuild (-want +got):\n%s", cmp.Diff(want, got))
 			}
 			ns.check(t)
-			if err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
+			if _, err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
 				t.Errorf("Cleanup: %v", err)
 			}
 		})
@@ -314,7 +314,7 @@ func TestKernelLeftovers(t *testing.T) {
 		t.Errorf("FORWARD = %q, want the jump exactly once", fwd)
 	}
 	ns.check(t)
-	if err := Cleanup(NewRunner(), DefaultPrefix, iptables.IPv4); err != nil {
+	if _, err := Cleanup(NewRunner(), DefaultPrefix, iptables.IPv4); err != nil {
 		t.Errorf("Cleanup: %v", err)
 	}
 	if after := ns.save(t, iptables.IPv4); after != before {

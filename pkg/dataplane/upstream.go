@@ -77,35 +77,69 @@ func IsKubeProxyChain(chain string) bool {
 // failure joined, each with its context; with no families given it cleans
 // IPv4 and IPv6. It must not run while kube-proxy is still running on the
 // node: kube-proxy would put everything back at its next sync.
-func CleanupKubeProxy(r Runner, families ...iptables.Family) error {
+func CleanupKubeProxy(r Runner, families ...iptables.Family) (Removed, error) {
 	if len(families) == 0 {
 		families = []iptables.Family{iptables.IPv4, iptables.IPv6}
 	}
 	var errs []error
+	var removed Removed
 	for _, family := range families {
-		if err := cleanupOwned(r, family, IsKubeProxyChain); err != nil {
+		rm, err := cleanupOwned(r, family, IsKubeProxyChain)
+		removed = append(removed, rm...)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("clean up kube-proxy's %s rules: %w", family, err))
 		}
 	}
-	return errors.Join(errs...)
+	return removed, errors.Join(errs...)
+}
+
+// Removal is what a cleanup removed from one table of one family: the
+// owned chains with the rules in them, and the rules elsewhere that jumped
+// to them.
+type Removal struct {
+	Family iptables.Family
+	Table  string
+	// Chains were deleted; Rules counts their rules and the jumps to them.
+	Chains, Rules int
+}
+
+// Removed lists a cleanup's removals, one per table that held something.
+type Removed []Removal
+
+// Total is the number of chains and rules removed.
+func (r Removed) Total() (chains, rules int) {
+	for _, x := range r {
+		chains += x.Chains
+		rules += x.Rules
+	}
+	return chains, rules
 }
 
 // cleanupOwned removes from one family every chain owns accepts and every
 // rule elsewhere that jumps to one of them; Cleanup (our prefix) and
 // CleanupKubeProxy (kube-proxy's chains) differ only in owns.
-func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool) error {
+func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool) (Removed, error) {
 	out, err := r.Save(family, "")
 	if err != nil {
-		return fmt.Errorf("list rules: %w", err)
+		return nil, fmt.Errorf("list rules: %w", err)
 	}
 	saved := parseSave(string(out))
 	var errs []error
 	owned := map[string][]string{}
+	counts := map[string]*Removal{}
+	count := func(t string) *Removal {
+		if counts[t] == nil {
+			counts[t] = &Removal{Family: family, Table: t}
+		}
+		return counts[t]
+	}
 	for _, t := range sortedTables(saved) {
 		st := saved[t]
 		for _, c := range st.chains {
 			if owns(c) {
 				owned[t] = append(owned[t], c)
+				count(t).Chains++
+				count(t).Rules += len(st.rules[c])
 				continue
 			}
 			for _, rule := range st.rules[c] {
@@ -114,17 +148,25 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 				}
 				if err := r.DeleteRule(family, t, c, rule); err != nil {
 					errs = append(errs, fmt.Errorf("delete rule %q from %s %s: %w", rule.String(), t, c, err))
+					continue
 				}
+				count(t).Rules++
 			}
 		}
 	}
+	var removed Removed
+	for _, t := range sortedTables(saved) {
+		if c := counts[t]; c != nil {
+			removed = append(removed, *c)
+		}
+	}
 	if len(owned) == 0 {
-		return errors.Join(errs...)
+		return removed, errors.Join(errs...)
 	}
 	none := func(string, string) bool { return false }
 	all := iptables.RenderRestore(&iptables.Ruleset{}, none, owned)
 	if err := r.Restore(family, []byte(all)); err == nil {
-		return errors.Join(errs...)
+		return removed, errors.Join(errs...)
 	}
 	// One chain that cannot be deleted (say, because a rule we could not
 	// delete still jumps to it) must not keep the others: flush them all,
@@ -150,5 +192,5 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 			}
 		}
 	}
-	return errors.Join(errs...)
+	return removed, errors.Join(errs...)
 }

@@ -35,7 +35,7 @@ func TestKernelCleanupKubeProxy(t *testing.T) {
 			}
 
 			ns.check(t)
-			if err := CleanupKubeProxy(NewRunner(), family); err != nil {
+			if _, err := CleanupKubeProxy(NewRunner(), family); err != nil {
 				t.Fatalf("CleanupKubeProxy: %v", err)
 			}
 			if after := ns.save(t, family); after != before {
@@ -44,7 +44,7 @@ func TestKernelCleanupKubeProxy(t *testing.T) {
 
 			// Nothing left to do the second time.
 			ns.check(t)
-			if err := CleanupKubeProxy(NewRunner(), family); err != nil {
+			if _, err := CleanupKubeProxy(NewRunner(), family); err != nil {
 				t.Errorf("second CleanupKubeProxy: %v", err)
 			}
 			if after := ns.save(t, family); after != before {
@@ -53,7 +53,7 @@ func TestKernelCleanupKubeProxy(t *testing.T) {
 
 			// And miniproxy's own cleanup still finds all of its rules.
 			ns.check(t)
-			if err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
+			if _, err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
 				t.Errorf("Cleanup: %v", err)
 			}
 			if after := ns.save(t, family); strings.Contains(after, "MP-") || !strings.Contains(after, "KUBE-KUBELET-CANARY") {

@@ -366,7 +366,7 @@ func TestCleanupKubeProxyWithFake(t *testing.T) {
 			if families == nil {
 				families = []iptables.Family{v4, v6}
 			}
-			if err := CleanupKubeProxy(f, families...); err != nil {
+			if _, err := CleanupKubeProxy(f, families...); err != nil {
 				t.Fatalf("CleanupKubeProxy: %v", err)
 			}
 			for _, fam := range []iptables.Family{v4, v6} {
@@ -379,7 +379,7 @@ func TestCleanupKubeProxyWithFake(t *testing.T) {
 			}
 			// A second run finds nothing and changes nothing.
 			n := len(f.Inputs())
-			if err := CleanupKubeProxy(f, families...); err != nil {
+			if _, err := CleanupKubeProxy(f, families...); err != nil {
 				t.Fatalf("second CleanupKubeProxy: %v", err)
 			}
 			if len(f.Inputs()) != n {
@@ -396,7 +396,7 @@ func TestCleanupKubeProxyReportsWhatItCouldNotDelete(t *testing.T) {
 	f := &refusingFake{Fake: NewFake(), refuse: "KUBE-PROXY-FIREWALL"}
 	restoreFake(t, f.Fake, v4, kubeletInput(v4))
 	restoreFake(t, f.Fake, v4, kubeProxyInput(v4))
-	err := CleanupKubeProxy(f, v4)
+	_, err := CleanupKubeProxy(f, v4)
 	if err == nil || !strings.Contains(err.Error(), "KUBE-PROXY-FIREWALL") || !strings.Contains(err.Error(), "IPv4") {
 		t.Fatalf("CleanupKubeProxy error = %v, want one naming the IPv4 jump to KUBE-PROXY-FIREWALL", err)
 	}

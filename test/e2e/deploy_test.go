@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -317,8 +318,14 @@ func runAsDaemonSet(t *testing.T, ctx context.Context, node *cluster.Node, bin, 
 	if after := save(); strings.Count(before, "MP-") == 0 || strings.Count(after, "MP-") != strings.Count(before, "MP-") {
 		t.Errorf("--cleanup-kube-proxy changed miniproxy's rules: %d MP- mentions before, %d after", strings.Count(before, "MP-"), strings.Count(after, "MP-"))
 	}
-	if _, stderr, err := node.NS.Run(ctx, bin, "--cleanup"); err != nil {
+	_, stderr, err := node.NS.Run(ctx, bin, "--cleanup")
+	if err != nil {
 		t.Fatalf("miniproxy --cleanup: %v\n%s", err, stderr)
+	}
+	// It says what it removed, per table.
+	if !regexp.MustCompile(`"removed chains and rules of miniproxy" family="IPv4" table="nat" chains=[1-9]\d* rules=[1-9]`).MatchString(stderr) ||
+		!strings.Contains(stderr, `"cleanup done: removed the chains of miniproxy`) {
+		t.Errorf("miniproxy --cleanup should say what it removed, per family and table:\n%s", stderr)
 	}
 	if _, stderr, err := node.NS.Run(ctx, "sh", "-c", "iptables-restore --noflush <<'EOF'\n"+stale+"EOF\n"); err != nil {
 		t.Fatalf("put kube-proxy's stale rules on %s: %v\n%s", node.Name, err, stderr)
