@@ -16,8 +16,9 @@
 # cache and renamed into place, so an interrupted build never leaves a
 # half-written binary; concurrent runs wait for each other (flock).
 #
-# On success stdout holds exactly three lines, the paths of kube-apiserver,
-# kube-proxy and kube-controller-manager (test/netns reads them); progress
+# On success stdout holds exactly four lines, the paths of kube-apiserver,
+# kube-proxy, kube-controller-manager and kubectl (test/netns reads them;
+# the demo and the deploy tests use this kubectl, not one on the machine); progress
 # goes to stderr, with a line every 10 s while the build runs.
 set -euo pipefail
 
@@ -34,17 +35,31 @@ if [ -z "$version" ]; then
 fi
 base="${MINIPROXY_K8S_CACHE:-/var/cache/miniproxy}"
 dir="$base/k8s-$version"
-bins=(kube-apiserver kube-proxy kube-controller-manager)
+bins=(kube-apiserver kube-proxy kube-controller-manager kubectl)
 
-# works reports whether every binary exists and says it is $version.
-works() {
-  local b out
+# says prints what a binary says its version is: "Kubernetes vX.Y.Z" for
+# the servers and kube-proxy, and for kubectl the same from its client
+# version.
+says() {
+  if [ "$(basename "$1")" = kubectl ]; then
+    "$1" version --client 2>/dev/null | sed -n 's/^Client Version: /Kubernetes /p'
+  else
+    "$1" --version 2>/dev/null
+  fi
+}
+
+# missing lists the binaries that are not there or not $version.
+missing() {
+  local b
   for b in "${bins[@]}"; do
-    [ -x "$dir/$b" ] || return 1
-    out="$("$dir/$b" --version 2>/dev/null)" || return 1
-    [ "$out" = "Kubernetes $version" ] || return 1
+    if [ ! -x "$dir/$b" ] || [ "$(says "$dir/$b")" != "Kubernetes $version" ]; then
+      echo "$b"
+    fi
   done
 }
+
+# works reports whether every binary exists and says it is $version.
+works() { [ -z "$(missing)" ]; }
 
 report() {
   local b
@@ -81,23 +96,26 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
 done
 
+# Only what is missing is built (a cache from before kubectl was added
+# gets just kubectl).
+mapfile -t need < <(missing)
+pkgs=()
+for b in "${need[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
 tmp="$(mktemp -d "$base/.build-k8s-$version.XXXXXX")"
-log "building ${bins[*]} $version into $dir (several minutes on 2 cores)"
+log "building ${need[*]} $version into $dir (several minutes on 2 cores)"
 start=$SECONDS
 ( while sleep 10; do log "still building, $((SECONDS - start))s so far"; done ) &
 ticker=$!
 trap 'kill "$ticker" 2>/dev/null; rm -rf "$tmp"' EXIT
 (
   cd "$tools"
-  go build -trimpath -ldflags="$ldflags" -o "$tmp/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-proxy \
-    k8s.io/kubernetes/cmd/kube-controller-manager
+  go build -trimpath -ldflags="$ldflags" -o "$tmp/" "${pkgs[@]}"
 )
 kill "$ticker" 2>/dev/null || true
-for b in "${bins[@]}"; do
-  out="$("$tmp/$b" --version)" || { log "$b does not run"; exit 1; }
+for b in "${need[@]}"; do
+  out="$(says "$tmp/$b")"
   if [ "$out" != "Kubernetes $version" ]; then
-    log "$b --version says '$out', want 'Kubernetes $version'"
+    log "$b says its version is '$out', want 'Kubernetes $version'"
     exit 1
   fi
   mv -f "$tmp/$b" "$dir/$b"

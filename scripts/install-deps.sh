@@ -23,4 +23,14 @@ if ! command -v go >/dev/null 2>&1; then
   fi
   exit 1
 fi
+# go.mod says which Go the module needs; an older one would fail later with
+# a less clear message, or try to download a toolchain this machine cannot
+# reach.
+want="$(awk '$1 == "go" { print $2; exit }' go.mod)"
+have="$(go env GOVERSION | sed 's/^go//')"
+if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" != "$want" ]; then
+  echo "Go $have is too old: miniproxy needs Go $want or newer (go.mod); install it from https://go.dev/dl" >&2
+  exit 1
+fi
+echo "Go $have (go.mod needs $want or newer)"
 go mod download

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -36,6 +37,9 @@ func main() {
 type demo struct {
 	ctx context.Context
 	c   *cluster.Cluster
+	// env starts every command: the admin kubeconfig, and the kubectl
+	// scripts/build-k8s.sh built first on PATH (not one the machine has).
+	env string
 }
 
 func run(ctx context.Context) error {
@@ -54,7 +58,11 @@ func run(ctx context.Context) error {
 		fmt.Println("  done: no namespace, process or rule of the lab is left")
 	}()
 	fmt.Printf("  lab ready in %s\n", time.Since(start).Round(100*time.Millisecond))
-	d := &demo{ctx: ctx, c: c}
+	bins, err := netns.K8sBinaries()
+	if err != nil {
+		return err
+	}
+	d := &demo{ctx: ctx, c: c, env: "export KUBECONFIG=" + c.Control.AdminKubeconfig() + " PATH=" + filepath.Dir(bins.Kubectl) + ":$PATH\n"}
 	return d.walk()
 }
 
@@ -68,8 +76,7 @@ func (d *demo) sh(ns *netns.Namespace, where, command string) string {
 	fmt.Printf("\n[%s]$ %s\n", where, command)
 	ctx, cancel := context.WithTimeout(d.ctx, 30*time.Second)
 	defer cancel()
-	script := "export KUBECONFIG=" + d.c.Control.AdminKubeconfig() + "\n" + command
-	out, errOut, err := ns.Run(ctx, "bash", "-c", script)
+	out, errOut, err := ns.Run(ctx, "bash", "-c", d.env+command)
 	text := strings.TrimRight(out, "\n")
 	if err != nil && text == "" {
 		text = strings.TrimSpace(errOut)
@@ -98,7 +105,7 @@ func (d *demo) waitFor(what string, f func() bool) {
 func (d *demo) quiet(ns *netns.Namespace, command string) string {
 	ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
 	defer cancel()
-	out, _, _ := ns.Run(ctx, "bash", "-c", "export KUBECONFIG="+d.c.Control.AdminKubeconfig()+"\n"+command)
+	out, _, _ := ns.Run(ctx, "bash", "-c", d.env+command)
 	return strings.TrimSpace(out)
 }
 

@@ -563,10 +563,11 @@ func (cp *ControlPlane) Client() *kubernetes.Clientset { return cp.client }
 // stdout; an error quotes stderr. Environment proxy settings are dropped, and
 // kubectl's cache goes to the lab's temp dir instead of $HOME.
 func (cp *ControlPlane) Kubectl(ctx context.Context, ns *Namespace, args ...string) (string, error) {
-	bin, err := exec.LookPath("kubectl")
+	bins, err := K8sBinaries()
 	if err != nil {
-		bin = "/usr/bin/kubectl"
+		return "", fmt.Errorf("run kubectl: %w", err)
 	}
+	bin := bins.Kubectl
 	full := append([]string{"--kubeconfig=" + cp.adminKubeconfig, "--cache-dir=" + filepath.Join(cp.dir, "kubectl-cache")}, args...)
 	cmd := exec.CommandContext(ctx, bin, full...)
 	cmd.Env = append(CleanEnv(), "HOME="+cp.dir)
@@ -634,6 +635,9 @@ type K8sBinaryPaths struct {
 	// ControllerManager is kube-controller-manager, whose EndpointSlice
 	// controller writes the lab's EndpointSlices.
 	ControllerManager string
+	// Kubectl is kubectl of the same release, so that nothing depends on
+	// a kubectl the machine may or may not have.
+	Kubectl string
 }
 
 var k8sBinaries struct {
@@ -676,10 +680,10 @@ func findK8sBinaries() (K8sBinaryPaths, error) {
 		return p, fmt.Errorf("find kubernetes binaries: %s: %w: %s", script, err, strings.TrimSpace(stderr.String()))
 	}
 	lines := strings.Fields(string(out))
-	if len(lines) != 3 {
-		return p, fmt.Errorf("find kubernetes binaries: %s printed %q, want three paths", script, out)
+	if len(lines) != 4 {
+		return p, fmt.Errorf("find kubernetes binaries: %s printed %q, want four paths", script, out)
 	}
-	p.APIServer, p.KubeProxy, p.ControllerManager = lines[0], lines[1], lines[2]
+	p.APIServer, p.KubeProxy, p.ControllerManager, p.Kubectl = lines[0], lines[1], lines[2], lines[3]
 	return p, nil
 }
 
