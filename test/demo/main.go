@@ -40,12 +40,58 @@ type demo struct {
 	// env starts every command: the admin kubeconfig, and the kubectl
 	// scripts/build-k8s.sh built first on PATH (not one the machine has).
 	env string
+	// checked counts the outcomes checked; wrong lists the ones that
+	// differ from the tutorial's, with what was seen.
+	checked int
+	wrong   []string
+}
+
+// expect checks one outcome the tutorial promises and prints the verdict
+// with what was observed: explanations come from observations, and a wrong
+// outcome makes the demo fail.
+func (d *demo) expect(what string, ok bool, saw string) {
+	d.checked++
+	if ok {
+		fmt.Printf("  OK   %s (%s)\n", what, saw)
+		return
+	}
+	fmt.Printf("  FAIL %s: saw %s\n", what, saw)
+	d.wrong = append(d.wrong, what+": saw "+saw)
+}
+
+// field reads key=value from an echo server answer ("" when absent).
+func field(answer, key string) string {
+	for _, l := range strings.Split(answer, "\n") {
+		l = strings.TrimSpace(l)
+		if v, ok := strings.CutPrefix(l, key+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// fields reads every value of key in answer, in order.
+func fields(answer, key string) []string {
+	var out []string
+	for _, l := range strings.Split(answer, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), key+"="); ok {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 func run(ctx context.Context) error {
+	return runWith(ctx, nil)
+}
+
+// runWith is run with extra miniproxy arguments on every node (nil for the
+// demo itself; a test makes an outcome wrong this way).
+func runWith(ctx context.Context, proxyArgs []string) error {
 	step("Bringing up the lab: router, client 198.51.100.79, etcd + kube-apiserver, node1 and node2 running miniproxy")
 	start := time.Now()
-	c, err := cluster.Start(ctx, cluster.Options{Nodes: 2, Logf: func(f string, a ...any) { fmt.Printf("  lab: "+f+"\n", a...) }})
+	c, err := cluster.Start(ctx, cluster.Options{Nodes: 2, Logf: func(f string, a ...any) { fmt.Printf("  lab: "+f+"\n", a...) },
+		ProxyArgs: func(*cluster.Node) ([]string, bool) { return proxyArgs, false }})
 	if err != nil {
 		return err
 	}
@@ -63,7 +109,18 @@ func run(ctx context.Context) error {
 		return err
 	}
 	d := &demo{ctx: ctx, c: c, env: "export KUBECONFIG=" + c.Control.AdminKubeconfig() + " PATH=" + filepath.Dir(bins.Kubectl) + ":$PATH\n"}
-	return d.walk()
+	if err := d.walk(); err != nil {
+		return err
+	}
+	if len(d.wrong) > 0 {
+		step("The tutorial's outcomes did not hold")
+		for _, w := range d.wrong {
+			fmt.Println("  " + w)
+		}
+		return fmt.Errorf("%d of %d outcomes differ from the tutorial's", len(d.wrong), d.checked)
+	}
+	step(fmt.Sprintf("All %d outcomes as the tutorial says", d.checked))
+	return nil
 }
 
 func step(title string) { fmt.Printf("\n=== %s\n", title) }
@@ -115,7 +172,8 @@ func (d *demo) walk() error {
 
 	step("Source IP for Services with Type=ClusterIP")
 	d.sh(client, "admin", "kubectl get nodes")
-	d.sh(node1.NS, "node1", "curl -s http://localhost:10249/proxyMode; echo")
+	mode := d.sh(node1.NS, "node1", "curl -s http://localhost:10249/proxyMode; echo")
+	d.expect("node1 says its proxy mode is iptables", mode == "iptables", mode)
 	d.sh(client, "admin", "kubectl create deployment source-ip-app --image=registry.k8s.io/echoserver:1.4")
 	note("the lab plays the kubelet: it starts the deployment's pod on node1")
 	if _, err := c.AddPod(d.ctx, cluster.PodSpec{Name: "source-ip-app-7d9c8f6b5-x2k4q", Labels: map[string]string{"app": "source-ip-app"}, Node: node1}); err != nil {
@@ -135,9 +193,12 @@ func (d *demo) walk() error {
 	}
 	d.waitFor("the ClusterIP rules", func() bool { return strings.Contains(d.quiet(busy2.NS, "curl -s --max-time 1 "+cip), "client_address") })
 	d.sh(busy2.NS, "busybox on node2", "ip -4 addr show scope global | grep inet")
-	d.sh(busy2.NS, "busybox on node2", "curl -s "+cip+" | head -3")
-	d.sh(busy1.NS, "busybox-1 on node1", "curl -s "+cip+" | head -2")
-	note("client_address is always the client pod's IP, on the same node or another")
+	a2 := d.sh(busy2.NS, "busybox on node2", "curl -s "+cip+" | head -3")
+	a1 := d.sh(busy1.NS, "busybox-1 on node1", "curl -s "+cip+" | head -2")
+	d.expect("ClusterIP from a pod on another node keeps the pod's address", field(a2, "client_address") == busy2.IP.String(),
+		"client_address="+field(a2, "client_address")+", busybox is "+busy2.IP.String())
+	d.expect("ClusterIP from a pod on the same node keeps the pod's address", field(a1, "client_address") == busy1.IP.String(),
+		"client_address="+field(a1, "client_address")+", busybox-1 is "+busy1.IP.String())
 
 	step("Source IP for Services with Type=NodePort")
 	d.sh(client, "admin", "kubectl expose deployment source-ip-app --name=nodeport --port=80 --target-port=8080 --type=NodePort")
@@ -148,14 +209,17 @@ NODES=$(kubectl get nodes -o jsonpath='{ $.items[*].status.addresses[?(@.type=="
 	d.waitFor("the NodePort rules", func() bool {
 		return strings.Count(d.quiet(client, fmt.Sprintf("for n in %s %s; do curl -s --max-time 1 $n:%s | grep client_address; done", node1.IP, node2.IP, np)), "client_address") == 2
 	})
-	d.sh(client, "client 198.51.100.79", nodes+"for node in $NODES; do curl -s $node:$NODEPORT | grep -i client_address; done")
-	note("node addresses, not the client's: each node masqueraded (SNAT)")
+	seen := fields(d.sh(client, "client 198.51.100.79", nodes+"for node in $NODES; do curl -s $node:$NODEPORT | grep -i client_address; done"), "client_address")
+	d.expect("NodePort, Cluster policy: both nodes answer, each with a node address (SNAT)",
+		len(seen) == 2 && nodeAddress(c, seen[0]) && nodeAddress(c, seen[1]), fmt.Sprintf("client_address %v", seen))
 	d.sh(client, "admin", `kubectl patch svc nodeport -p '{"spec":{"externalTrafficPolicy":"Local"}}'`)
-	d.waitFor("the Local policy rules", func() bool {
-		return strings.Contains(d.quiet(client, fmt.Sprintf("curl -s --max-time 1 %s:%s", node1.IP, np)), "client_address=198.51.100.79")
+	d.waitFor("the Local policy rules on both nodes", func() bool {
+		return strings.Contains(d.quiet(client, fmt.Sprintf("curl -s --max-time 1 %s:%s", node1.IP, np)), "client_address=198.51.100.79") &&
+			!strings.Contains(d.quiet(client, fmt.Sprintf("curl -s --max-time 1 %s:%s", node2.IP, np)), "client_address")
 	})
-	d.sh(client, "client 198.51.100.79", nodes+"for node in $NODES; do curl --connect-timeout 1 -s $node:$NODEPORT | grep -i client_address; done")
-	note("one answer, with the client's own address, from node1; node2 has no endpoint and dropped the packet")
+	seen = fields(d.sh(client, "client 198.51.100.79", nodes+"for node in $NODES; do curl --connect-timeout 1 -s $node:$NODEPORT | grep -i client_address; done"), "client_address")
+	d.expect("NodePort, Local policy: one answer (node2 has no endpoint and drops), with the client's own address",
+		len(seen) == 1 && seen[0] == cluster.ClientIP.String(), fmt.Sprintf("client_address %v", seen))
 
 	step("Source IP for Services with Type=LoadBalancer")
 	d.sh(client, "admin", "kubectl expose deployment source-ip-app --name=loadbalancer --port=80 --target-port=8080 --type=LoadBalancer")
@@ -167,8 +231,8 @@ NODES=$(kubectl get nodes -o jsonpath='{ $.items[*].status.addresses[?(@.type=="
 	d.waitFor("the load balancer rules", func() bool {
 		return strings.Contains(d.quiet(client, "curl -s --max-time 1 "+vip.String()), "client_address")
 	})
-	d.sh(client, "client 198.51.100.79", "curl -s "+vip.String()+" | head -2")
-	note("a node address: Cluster policy masquerades")
+	lb := d.sh(client, "client 198.51.100.79", "curl -s "+vip.String()+" | head -2")
+	d.expect("LoadBalancer, Cluster policy: a node address (SNAT)", nodeAddress(c, field(lb, "client_address")), "client_address="+field(lb, "client_address"))
 	d.sh(client, "admin", `kubectl patch svc loadbalancer -p '{"spec":{"externalTrafficPolicy":"Local"}}'`)
 	d.sh(client, "admin", "kubectl get svc loadbalancer -o yaml | grep -i healthCheckNodePort")
 	hc := d.quiet(client, "kubectl get svc loadbalancer -o jsonpath='{.spec.healthCheckNodePort}'")
@@ -177,12 +241,16 @@ NODES=$(kubectl get nodes -o jsonpath='{ $.items[*].status.addresses[?(@.type=="
 		return strings.Contains(d.quiet(node1.NS, "curl -s localhost:"+hc+"/healthz"), `"localEndpoints": 1`) &&
 			strings.Contains(d.quiet(node2.NS, "curl -s localhost:"+hc+"/healthz"), `"localEndpoints": 0`)
 	})
-	d.sh(node1.NS, "node1", "curl -s -w ' (HTTP %{http_code})\\n' localhost:"+hc+"/healthz")
-	d.sh(node2.NS, "node2", "curl -s -w ' (HTTP %{http_code})\\n' localhost:"+hc+"/healthz")
+	h1 := d.sh(node1.NS, "node1", "curl -s -w ' (HTTP %{http_code})\\n' localhost:"+hc+"/healthz")
+	h2 := d.sh(node2.NS, "node2", "curl -s -w ' (HTTP %{http_code})\\n' localhost:"+hc+"/healthz")
+	d.expect("healthCheckNodePort on node1 (the endpoint's node): 200, one local endpoint",
+		strings.Contains(h1, "(HTTP 200)") && strings.Contains(h1, `"localEndpoints": 1`), h1)
+	d.expect("healthCheckNodePort on node2: 503, no local endpoint", strings.Contains(h2, "(HTTP 503)") && strings.Contains(h2, `"localEndpoints": 0`), h2)
 	d.waitFor("the load balancer to drop node2", func() bool { b := c.LBBackends(vip); return len(b) == 1 && b[0] == "node1" })
-	note(fmt.Sprintf("the load balancer now sends %s only to %v", vip, c.LBBackends(vip)))
-	d.sh(client, "client 198.51.100.79", "curl -s "+vip.String()+" | head -2")
-	note("the client's own address: node1 delivered it without SNAT")
+	backends := c.LBBackends(vip)
+	d.expect("the load balancer follows the health checks: node1 only", len(backends) == 1 && backends[0] == "node1", fmt.Sprintf("%s -> %v", vip, backends))
+	lb = d.sh(client, "client 198.51.100.79", "curl -s "+vip.String()+" | head -2")
+	d.expect("LoadBalancer, Local policy: the client's own address", field(lb, "client_address") == cluster.ClientIP.String(), "client_address="+field(lb, "client_address"))
 
 	step("Behind an ingress: client -> LB -> ingress pod -> app Service -> pod (X-Forwarded-For)")
 	if _, err := c.AddPod(d.ctx, cluster.PodSpec{Name: "ingress-nginx", Labels: map[string]string{"app": "ingress"}, Node: node2, Args: []string{"-proxy-to", "http://" + cip + ":80"}}); err != nil {
@@ -196,15 +264,31 @@ NODES=$(kubectl get nodes -o jsonpath='{ $.items[*].status.addresses[?(@.type=="
 	d.waitFor("the ingress rules", func() bool {
 		return strings.Contains(d.quiet(client, "curl -s --max-time 1 "+ivip.String()), "x-forwarded-for=198.51.100.79")
 	})
-	d.sh(client, "client 198.51.100.79", "curl -s "+ivip.String()+" | grep -E 'client_address|x-forwarded-for'")
-	note("the app sees the ingress pod as client_address and the client in X-Forwarded-For")
+	in := d.sh(client, "client 198.51.100.79", "curl -s "+ivip.String()+" | grep -E 'client_address|x-forwarded-for'")
+	ingressIP := c.Pod("ingress-nginx").IP.String()
+	d.expect("behind the ingress: the app sees the ingress pod, and the client in X-Forwarded-For",
+		field(in, "client_address") == ingressIP && field(in, "x-forwarded-for") == cluster.ClientIP.String(),
+		fmt.Sprintf("client_address=%s (ingress pod %s), x-forwarded-for=%s", field(in, "client_address"), ingressIP, field(in, "x-forwarded-for")))
 
 	step("Proxier health on every node")
 	for _, n := range c.Nodes {
-		d.sh(client, "client 198.51.100.79", fmt.Sprintf("curl -s %s:10256/healthz; echo", n.IP))
+		h := d.sh(client, "client 198.51.100.79", fmt.Sprintf("curl -s %s:10256/healthz; echo", n.IP))
+		d.expect(n.Name+"'s proxier is healthy", strings.Contains(h, `"healthy":true`), h)
 	}
 
 	step("Cleaning up, as the tutorial does")
 	d.sh(client, "admin", "kubectl delete svc -l app=source-ip-app; kubectl delete svc clusterip nodeport loadbalancer ingress --ignore-not-found; kubectl delete deployment source-ip-app")
 	return nil
+}
+
+// nodeAddress says whether a is one of the lab's node addresses: a node's
+// IP, or its address on its pods' links, which a masqueraded packet to a
+// pod on that node carries (the tutorial shows such a 10.180.0.x address).
+func nodeAddress(c *cluster.Cluster, a string) bool {
+	for _, n := range c.Nodes {
+		if n.IP.String() == a || n.Gateway.String() == a {
+			return true
+		}
+	}
+	return false
 }
