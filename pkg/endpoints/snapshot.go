@@ -116,6 +116,15 @@ type Endpoint struct {
 	NodeHints []string
 }
 
+// Fallback says whether the endpoint is terminating but still serving: by
+// upstream's rule such endpoints get traffic only when the Service has no
+// ready endpoint for it (rules.categorize).
+func (e Endpoint) Fallback() bool { return e.Serving && e.Terminating }
+
+// Usable says whether traffic may be sent to the endpoint at all: it is
+// ready, or a Fallback.
+func (e Endpoint) Usable() bool { return e.Ready || e.Fallback() }
+
 // String gives "ip:port" (with brackets for IPv6), the DNAT target spelling.
 func (e Endpoint) String() string {
 	return netip.AddrPortFrom(e.IP, uint16(e.Port)).String()

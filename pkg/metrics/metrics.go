@@ -503,7 +503,7 @@ func NoLocalEndpoints(snap *endpoints.Snapshot) map[iptables.Family]LocalPolicyC
 
 func hasLocalEndpoint(eps []endpoints.Endpoint, fam iptables.Family) bool {
 	for _, ep := range eps {
-		if ep.Local && iptables.FamilyOf(ep.IP) == fam && (ep.Ready || (ep.Serving && ep.Terminating)) {
+		if ep.Local && iptables.FamilyOf(ep.IP) == fam && ep.Usable() {
 			return true
 		}
 	}

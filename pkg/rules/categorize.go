@@ -29,7 +29,7 @@ func categorize(svc *endpoints.ServicePort, eps []endpoints.Endpoint, node endpo
 		near := topologyFilter(eps, node)
 		out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Ready && near(ep) })
 		if len(out.cluster) == 0 {
-			out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Serving && ep.Terminating && near(ep) })
+			out.cluster = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Fallback() && near(ep) })
 		}
 		out.any = len(out.cluster) > 0
 	}
@@ -38,20 +38,15 @@ func categorize(svc *endpoints.ServicePort, eps []endpoints.Endpoint, node endpo
 	}
 	localReady, localTerminating := false, false
 	for _, ep := range eps {
-		switch {
-		case ep.Ready:
-			out.any = true
-			localReady = localReady || ep.Local
-		case ep.Serving && ep.Terminating:
-			out.any = true
-			localTerminating = localTerminating || ep.Local
-		}
+		out.any = out.any || ep.Usable()
+		localReady = localReady || (ep.Local && ep.Ready)
+		localTerminating = localTerminating || (ep.Local && ep.Fallback())
 	}
 	switch {
 	case localReady:
 		out.local = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Local && ep.Ready })
 	case localTerminating:
-		out.local = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Local && ep.Serving && ep.Terminating })
+		out.local = filter(eps, func(ep endpoints.Endpoint) bool { return ep.Local && ep.Fallback() })
 	}
 	return out
 }
