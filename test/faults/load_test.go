@@ -145,7 +145,13 @@ func (l *load) stop(t *testing.T) (failed, total int64) {
 		ok, fails := g.ok.Load(), g.fails.Load()
 		failed += fails
 		total += ok + fails
-		t.Logf("load %s: %d of %d failed%s", g.name, fails, ok+fails, map[bool]string{true: " (last: " + g.lastErr + ")"}[fails > 0])
+		g.mu.Lock()
+		var at []string
+		for _, f := range g.failedAt {
+			at = append(at, f.Format("15:04:05.000"))
+		}
+		g.mu.Unlock()
+		t.Logf("load %s: %d of %d failed%s", g.name, fails, ok+fails, map[bool]string{true: fmt.Sprintf(" at %v (last: %s)", at, g.lastErr)}[fails > 0])
 	}
 	return failed, total
 }

@@ -98,6 +98,7 @@ func TestDrillGracefulRestart(t *testing.T) {
 	time.Sleep(2 * time.Second)
 
 	begin := time.Now()
+	t.Logf("restarting node1's miniproxy at %s", begin.Format("15:04:05.000"))
 	if err := lab.StopProxy(node); err != nil {
 		t.Fatal(err)
 	}
