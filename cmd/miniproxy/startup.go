@@ -159,8 +159,7 @@ var configFilePoll = 5 * time.Second
 // what the path resolves to: a replaced file, a new size or modification
 // time, or the file's disappearance.
 func watchConfigFile(ctx context.Context, path string, cause func(error)) {
-	stat := func() (os.FileInfo, error) { return os.Stat(path) }
-	first, err := stat()
+	first, err := os.Stat(path)
 	if err != nil {
 		cause(fmt.Errorf("watch the configuration file: %w", err))
 		return
@@ -174,7 +173,7 @@ func watchConfigFile(ctx context.Context, path string, cause func(error)) {
 				return
 			case <-t.C:
 			}
-			now, err := stat()
+			now, err := os.Stat(path)
 			if err != nil || !os.SameFile(first, now) || now.Size() != first.Size() || !now.ModTime().Equal(first.ModTime()) {
 				cause(fmt.Errorf("the configuration file %s changed; exiting so that miniproxy starts again with it, as kube-proxy does", path))
 				return

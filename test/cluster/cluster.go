@@ -302,7 +302,7 @@ func miniproxyCmd(n *Node, extra func(*Node) ([]string, bool)) func(bin string, 
 }
 
 // StartProxyCmd is StartProxy for a command the caller builds from the
-// miniproxy binary and the lab's usual arguments (its kubeconfig, the
+// miniproxy binary and the lab's usual arguments (ProxyArgs: its kubeconfig, the
 // node's name, the cluster CIDR): to replace the arguments, to set the
 // environment (in-cluster credentials: KUBERNETES_SERVICE_HOST and
 // KUBERNETES_SERVICE_PORT) or to run the binary under another program. It
@@ -311,14 +311,20 @@ func (c *Cluster) StartProxyCmd(ctx context.Context, n *Node, mk func(bin string
 	return c.startProxy(ctx, n, mk, c.proxySynced)
 }
 
-// startProxy starts a node's proxy and waits until it prints synced.
-func (c *Cluster) startProxy(ctx context.Context, n *Node, mk func(bin string, args []string) *exec.Cmd, synced string) error {
-	args := append([]string{
+// ProxyArgs are the lab's usual miniproxy arguments for node n: its
+// kubeconfig, the node's name, the cluster CIDR, and no change to the
+// machine's conntrack settings.
+func (c *Cluster) ProxyArgs(n *Node) []string {
+	return append([]string{
 		"--kubeconfig", c.Control.ProxyKubeconfig(),
 		"--hostname-override", n.Name,
 		"--cluster-cidr", ClusterCIDR.String(),
 	}, netns.LeaveConntrackAlone...)
-	p, err := n.NS.StartCmd(mk(c.proxyBin, args))
+}
+
+// startProxy starts a node's proxy and waits until it prints synced.
+func (c *Cluster) startProxy(ctx context.Context, n *Node, mk func(bin string, args []string) *exec.Cmd, synced string) error {
+	p, err := n.NS.StartCmd(mk(c.proxyBin, c.ProxyArgs(n)))
 	if err != nil {
 		return fmt.Errorf("start miniproxy on %s: %w", n.Name, err)
 	}

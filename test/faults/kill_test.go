@@ -240,9 +240,7 @@ func TestDrillKilledDuringTheFirstSync(t *testing.T) {
 // proxyCmd is the lab's usual miniproxy command for node, outside the
 // lab's bookkeeping, for a process the test kills itself.
 func proxyCmd(bin string, n *cluster.Node) *exec.Cmd {
-	args := append([]string{"--kubeconfig", lab.Control.ProxyKubeconfig(), "--hostname-override", n.Name,
-		"--cluster-cidr", cluster.ClusterCIDR.String()}, netns.LeaveConntrackAlone...)
-	cmd := exec.Command(bin, args...)
+	cmd := exec.Command(bin, lab.ProxyArgs(n)...)
 	cmd.Env = netns.CleanEnv()
 	return cmd
 }
