@@ -145,6 +145,43 @@ func miniproxyRules(ctx context.Context, t *testing.T, n *cluster.Node) string {
 	return strings.Join(ownLines(save), "\n")
 }
 
+// serviceRules is what node's tables say about a Service IP (the lines
+// that name it, and the chains they jump to), for the message of a failed
+// drill.
+func serviceRules(ctx context.Context, n *cluster.Node, ip string) string {
+	save, err := saveTables(ctx, n)
+	if err != nil {
+		return err.Error()
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s's rules for %s:\n", n.Name, ip)
+	for _, l := range strings.Split(save, "\n") {
+		if strings.Contains(l, ip) {
+			b.WriteString(l + "\n")
+		}
+	}
+	return b.String()
+}
+
+// serviceSlices is what the API server holds of a Service's
+// EndpointSlices, for the message of a failed drill.
+func serviceSlices(ctx context.Context, service string) string {
+	slices, err := lab.Kube.DiscoveryV1().EndpointSlices("default").List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + service})
+	if err != nil {
+		return fmt.Sprintf("list the EndpointSlices of %s: %v\n", service, err)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d EndpointSlices of %s:\n", len(slices.Items), service)
+	for _, s := range slices.Items {
+		fmt.Fprintf(&b, "%s (created %s):", s.Name, s.CreationTimestamp.Format("15:04:05"))
+		for _, e := range s.Endpoints {
+			fmt.Fprintf(&b, " %v ready=%v", e.Addresses, e.Conditions.Ready != nil && *e.Conditions.Ready)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
 // Drill 4: miniproxy is killed (SIGKILL) in the middle of its first sync of
 // many Services (-faults.services); started again, it converges to exactly the rules of a
 // clean start, with no chain left behind, while the other node and the

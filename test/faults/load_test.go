@@ -3,6 +3,7 @@ package faults
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -91,8 +92,13 @@ func startLoad(t *testing.T) *load {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &load{cancel: cancel}
 	httpGen := func(name string, ns *netns.Namespace, url string) *generator {
+		// Go's client rather than curl: its error names the kernel's
+		// answer (refused, no route, timeout), which curl's does not.
 		return &generator{name: name, request: func(ctx context.Context) error {
-			_, err := ns.Curl(ctx, url, time.Second)
+			status, _, err := ns.HTTPGet(ctx, url, time.Second)
+			if err == nil && status != 200 {
+				err = fmt.Errorf("GET %s: status %d", url, status)
+			}
 			return err
 		}}
 	}
@@ -153,7 +159,54 @@ func (l *load) stop(t *testing.T) (failed, total int64) {
 		g.mu.Unlock()
 		t.Logf("load %s: %d of %d failed%s", g.name, fails, ok+fails, map[bool]string{true: fmt.Sprintf(" at %v (last: %s)", at, g.lastErr)}[fails > 0])
 	}
+	if failed > 0 {
+		first, last := l.failureSpan()
+		for _, n := range lab.Nodes {
+			if n.Proxy != nil {
+				t.Logf("miniproxy on %s from 3 s before the first failed request to 1 s after the last:\n%s", n.Name, logWindow(n.Proxy.Output(), first.Add(-3*time.Second), last.Add(time.Second)))
+			}
+		}
+	}
 	return failed, total
+}
+
+// failureSpan says when the first and the last failed request ended.
+func (l *load) failureSpan() (first, last time.Time) {
+	for _, g := range l.gens {
+		g.mu.Lock()
+		for _, at := range g.failedAt {
+			if first.IsZero() || at.Before(first) {
+				first = at
+			}
+			if at.After(last) {
+				last = at
+			}
+		}
+		g.mu.Unlock()
+	}
+	return first, last
+}
+
+// logWindow keeps the lines of a klog-format log ("I1202 07:17:47.133...")
+// written between from and to (today's date, local time), so that a failed
+// drill shows what the proxies did around the failure even when a later
+// drill replaced the process.
+func logWindow(log string, from, to time.Time) string {
+	var b strings.Builder
+	for _, line := range strings.Split(log, "\n") {
+		if len(line) < 21 {
+			continue
+		}
+		at, err := time.ParseInLocation("0102 15:04:05.000000", line[1:21], time.Local)
+		if err != nil {
+			continue
+		}
+		at = at.AddDate(from.Year(), 0, 0)
+		if !at.Before(from) && !at.After(to) {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
 }
 
 // failuresAfter counts the requests that failed after since, over both

@@ -88,7 +88,7 @@ func TestDrillGracefulRestart(t *testing.T) {
 		return err
 	})
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v\n%s%s", err, serviceRules(ctx, node, svc.Spec.ClusterIP), serviceSlices(ctx, "steady-udp"))
 	}
 	flowCtx, stopFlows := context.WithCancel(ctx)
 	flows := []*udpFlow{
