@@ -41,8 +41,10 @@ type healthOptions struct {
 	// syncPeriod is --iptables-sync-period; the proxy is unhealthy when a
 	// change waits twice as long. It must be set before startHealth.
 	syncPeriod time.Duration
-	// metrics is made by wrapApplier (before the proxier exists) or by
-	// startHealth; a copy of the options shares it.
+	// families are the IP families this node programs, for the metrics
+	// before the first sync.
+	families []iptables.Family
+	// metrics is made by startHealth; a copy of the options shares it.
 	metrics *metrics.Metrics
 	// localAddresses lists the node's addresses of one family (the
 	// daemon's localAddresses when nil); tests replace it.
@@ -61,17 +63,9 @@ type healthOptions struct {
 // shares them.
 func (o *healthOptions) newMetrics(log *slog.Logger) *metrics.Metrics {
 	if o.metrics == nil {
-		o.metrics = metrics.New(metrics.Options{Log: log, Build: o.build})
+		o.metrics = metrics.New(metrics.Options{Log: log, Build: o.build, Families: o.families})
 	}
 	return o.metrics
-}
-
-// wrapApplier makes a family's dataplane report its rule counts and CPU
-// time to the metrics (kubeproxy_sync_proxy_rules_iptables_total cannot be
-// known otherwise). Call it on each dataplane before proxy.New; without it
-// that metric is simply absent.
-func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier, log *slog.Logger) proxy.Applier {
-	return o.newMetrics(log).WrapApplier(fam, a)
 }
 
 // startHealth starts the healthz server, the metrics server and the

@@ -145,7 +145,8 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp, nil)}
+	ho.families = []iptables.Family{iptables.IPv4}
+	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: dp}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tracker := endpoints.NewTracker("node1", log, nil)
 	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}},

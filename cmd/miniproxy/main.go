@@ -193,8 +193,9 @@ func run(args []string, out io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("set up %s dataplane: %w", fam, err)
 		}
-		planes[fam] = opts.health.wrapApplier(fam, dp, log)
+		planes[fam] = dp
 	}
+	opts.health.families = families
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
 	if ct, err := conntrack.OpenKernel(); err != nil {

@@ -4,8 +4,10 @@
 // other answers (/proxyMode, /healthz).
 //
 // Every value comes from something that happened: a SyncResult handed to
-// OnSync, an apply seen through WrapApplier, a probe answered by the health
-// server, or the change tracker's counters read at scrape time. Each
+// OnSync (which carries what the loop measured around each apply), a
+// probe answered by the health server, or the change tracker's counters
+// read at scrape time. Nothing here reaches into the loop or the
+// dataplane: the metrics only read what they are given. Each
 // Metrics has its own registry; the one package-level state is the
 // rest_client_* collectors, because client-go takes one set of metric hooks
 // per process (HookClientGo), and every registry serves them.
@@ -113,8 +115,8 @@ type Metrics struct {
 
 	mu             sync.Mutex
 	lastQueuedTime time.Time
-	// families are the IP families this node programs, learnt from
-	// WrapApplier and from the syncs' results.
+	// families are the IP families this node programs, from
+	// Options.Families and from the syncs' results.
 	families map[iptables.Family]bool
 	// tables remembers, per family, the tables whose rule count was set, so
 	// that a table that disappears from the ruleset drops to 0.
@@ -134,6 +136,10 @@ type Options struct {
 	// Build is what kubernetes_build_info says of this binary; its Go
 	// version, compiler and platform are the running ones when empty.
 	Build BuildInfo
+	// Families are the IP families this node programs, known before the
+	// first sync, so that their last-queued timestamps are exported from
+	// the start, as kube-proxy's proxier of each family exports its own.
+	Families []iptables.Family
 }
 
 // New creates the metrics with their registry. The last-queued timestamp
@@ -264,6 +270,9 @@ func New(o Options) *Metrics {
 		)
 	}
 	m.setLastQueued(now())
+	for _, fam := range o.Families {
+		m.learnFamily(fam)
+	}
 	return m
 }
 
@@ -363,7 +372,9 @@ func (m *Metrics) syncFamilies(res proxy.SyncResult) ([]iptables.Family, map[ipt
 // timestamps, observes the network programming latency (from the oldest
 // change it carried to its end, once for each family whose rules it wrote,
 // or for every family when it wrote none) and recounts the Services without
-// local endpoints. Every sync sets the count of refused Services.
+// local endpoints. Every sync sets the count of refused Services. Every
+// apply's CPU time is observed, and every successful apply sets the rule
+// count of each table it counted.
 func (m *Metrics) OnSync(res proxy.SyncResult) {
 	d := res.End.Sub(res.Start).Seconds()
 	fams, full := m.syncFamilies(res)
@@ -382,6 +393,10 @@ func (m *Metrics) OnSync(res proxy.SyncResult) {
 	wrote := map[iptables.Family]bool{}
 	for _, r := range res.Results {
 		fam := r.Family.String()
+		m.applyCPU.WithLabelValues(fam).Observe(r.CPU.Seconds())
+		if !r.Failed && r.TableRules != nil {
+			m.setRuleCounts(r.Family, r.TableRules)
+		}
 		m.restoreBytes.WithLabelValues(fam).Set(float64(r.Bytes))
 		m.rulesWritten.WithLabelValues(fam).Set(float64(r.RulesWritten))
 		m.chainsWritten.WithLabelValues(fam).Set(float64(r.ChainsWritten))
@@ -422,6 +437,29 @@ func (m *Metrics) OnSync(res proxy.SyncResult) {
 			m.noLocalEndpoints.WithLabelValues(PolicyInternal, fam.String()).Set(float64(c.Internal))
 			m.noLocalEndpoints.WithLabelValues(PolicyExternal, fam.String()).Set(float64(c.External))
 		}
+	}
+}
+
+// setRuleCounts sets the rule count of every table an apply counted, and 0
+// for tables of an earlier apply that this one no longer has
+// (kubeproxy_sync_proxy_rules_iptables_total).
+func (m *Metrics) setRuleCounts(fam iptables.Family, counts map[string]int) {
+	f := fam.String()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	seen := m.tables[f]
+	if seen == nil {
+		seen = map[string]bool{}
+		m.tables[f] = seen
+	}
+	for t := range seen {
+		if _, ok := counts[t]; !ok {
+			m.rulesTotal.WithLabelValues(t, f).Set(0)
+		}
+	}
+	for t, n := range counts {
+		seen[t] = true
+		m.rulesTotal.WithLabelValues(t, f).Set(float64(n))
 	}
 }
 

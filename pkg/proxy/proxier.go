@@ -108,7 +108,7 @@ type SyncResult struct {
 	// Results has one entry per apply of a family, in order: one per family,
 	// or more when the kernel refused an apply and the rest was applied
 	// again without the refused Services.
-	Results []dataplane.Result
+	Results []ApplyResult
 	// Err is nil when every family was applied.
 	Err error
 	// Start and End bound the sync.
@@ -149,6 +149,9 @@ type Proxier struct {
 	families []iptables.Family
 	addrs    AddrLister
 	log      *slog.Logger
+	// cpu reads the process's CPU time around each apply (processCPU;
+	// tests replace it).
+	cpu func() time.Duration
 
 	kick chan struct{}
 
@@ -182,6 +185,7 @@ func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Ap
 		planes:  planes,
 		addrs:   addrs,
 		log:     log,
+		cpu:     processCPU,
 		kick:    make(chan struct{}, 1),
 		warned:  map[endpoints.ServicePortName]bool{},
 	}
@@ -416,8 +420,7 @@ func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) 
 func (p *Proxier) applyAll(snap *endpoints.Snapshot, cfgs map[iptables.Family]rules.Config, full bool, res *SyncResult) error {
 	var errs []error
 	for _, fam := range p.families {
-		r, err := p.planes[fam].Apply(p.builders[fam].Build(snap, cfgs[fam]), full)
-		r.Family, r.Failed = fam, err != nil
+		r, err := p.apply(fam, p.builders[fam].Build(snap, cfgs[fam]), full)
 		res.Results = append(res.Results, r)
 		if r.Reason == dataplane.ReasonCanary {
 			p.log.Warn(r.CanaryLost+": another program flushed miniproxy's rules; rewriting all of them", "family", fam.String())
