@@ -80,10 +80,6 @@ func (o *healthOptions) newMetrics(log *slog.Logger) *metrics.Metrics {
 //
 // nodePortAddresses is --nodeport-addresses (nil: every address);
 // recorder receives Warning events on Services whose port is taken.
-//
-// It also re-registers t's change callback (proxy.New registered p.Kick) as
-// one that stamps kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds
-// and then calls p.Kick.
 func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endpoints.Tracker,
 	nodePortAddresses []netip.Prefix, recorder record.EventRecorder, log *slog.Logger) error {
 	if o.syncPeriod <= 0 {

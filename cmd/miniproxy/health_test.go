@@ -151,6 +151,7 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	tracker := endpoints.NewTracker("node1", log, nil)
 	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}},
 		tracker, planes, addrs, log)
+	tracker.SetOnChange(p.Changed)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	if err := startHealth(ctx, ho, p, tracker, []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, record.NewFakeRecorder(10), log); err != nil {

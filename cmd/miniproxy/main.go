@@ -212,6 +212,7 @@ func run(args []string, out io.Writer) error {
 		log.Info("spec.externalIPs of Services are ignored: the feature gate AllowServiceExternalIPs is off")
 	}
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
+	tracker.SetOnChange(proxier.Changed)
 	proxier.OnSync(events.refusedServices)
 	if opts.cleanupKubeProxyAfterSync {
 		afterFirstSync(proxier, func() { cleanupKubeProxy(runner, log) })

@@ -177,7 +177,11 @@ type Proxier struct {
 	ctFailed bool
 }
 
-// New wires a Proxier; planes holds one Applier per family to program.
+// New makes a Proxier; planes holds one Applier per family to program.
+// The Proxier reads tracker at every sync (Snapshot, OldestPending) but
+// does not subscribe to it: whoever wires the daemon tells it of changes
+// with Changed (tracker.SetOnChange(p.Changed)), so that the flow from
+// the informers to the loop is written where it can be read.
 func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Applier, addrs AddrLister, log *slog.Logger) *Proxier {
 	p := &Proxier{
 		opts:    opts,
@@ -196,19 +200,21 @@ func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Ap
 			p.builders[f] = new(rules.Builder)
 		}
 	}
-	tracker.SetOnChange(p.changed)
 	return p
 }
 
-// OnChange registers a function called whenever a change arrives from the
-// API server, before the sync it causes (the metrics' "last queued" time).
+// OnChange registers a function called at every Changed, before the sync
+// it causes (the metrics' "last queued" time).
 func (p *Proxier) OnChange(f func()) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.changeListeners = append(p.changeListeners, f)
 }
 
-func (p *Proxier) changed() {
+// Changed says that the tracked state changed: it calls the OnChange
+// functions and asks for a sync soon (Kick). It never blocks for long, so
+// that the tracker may call it from an informer's handler.
+func (p *Proxier) Changed() {
 	p.mu.Lock()
 	listeners := append([]func(){}, p.changeListeners...)
 	p.mu.Unlock()
