@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
@@ -165,20 +166,13 @@ func watchConfigFile(ctx context.Context, path string, poll time.Duration, cause
 		cause(fmt.Errorf("watch the configuration file: %w", err))
 		return
 	}
-	go func() {
-		t := time.NewTicker(poll)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			now, err := os.Stat(path)
-			if err != nil || !os.SameFile(first, now) || now.Size() != first.Size() || !now.ModTime().Equal(first.ModTime()) {
-				cause(fmt.Errorf("the configuration file %s changed; exiting so that miniproxy starts again with it, as kube-proxy does", path))
-				return
-			}
+	changed := func(context.Context) (bool, error) {
+		now, err := os.Stat(path)
+		if err != nil || !os.SameFile(first, now) || now.Size() != first.Size() || !now.ModTime().Equal(first.ModTime()) {
+			cause(fmt.Errorf("the configuration file %s changed; exiting so that miniproxy starts again with it, as kube-proxy does", path))
+			return true, nil
 		}
-	}()
+		return false, nil
+	}
+	go func() { _ = wait.PollUntilContextCancel(ctx, poll, false, changed) }()
 }
