@@ -3,6 +3,7 @@ package metrics
 import (
 	"errors"
 	"io"
+	"log/slog"
 	"maps"
 	"math"
 	"net/http/httptest"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -343,5 +345,41 @@ func TestProcessMetricsAreExportedByDefault(t *testing.T) {
 		if _, ok := got[s]; !ok {
 			t.Errorf("%s is missing", s)
 		}
+	}
+}
+
+// brokenCollector fails at every scrape, as a collector reading something
+// gone would.
+type brokenCollector struct{ desc *prometheus.Desc }
+
+func (b brokenCollector) Describe(ch chan<- *prometheus.Desc) { ch <- b.desc }
+func (b brokenCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.NewInvalidMetric(b.desc, errors.New("the source is gone"))
+}
+
+// A scrape error goes to Options.Log (nowhere when it is nil), and the
+// other families are still served.
+func TestScrapeErrorsAreLogged(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		logged bool
+	}{{"with a logger", true}, {"without", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs strings.Builder
+			o := Options{NoProcessMetrics: true}
+			if tc.logged {
+				o.Log = slog.New(slog.NewTextHandler(&logs, nil))
+			}
+			m := New(o)
+			m.Registry().MustRegister(brokenCollector{prometheus.NewDesc("broken_total", "Always fails", nil, nil)})
+			rec := httptest.NewRecorder()
+			m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+			if !strings.Contains(rec.Body.String(), "miniproxy_refused_services 0") {
+				t.Errorf("the other families should still be served: %d %s", rec.Code, rec.Body)
+			}
+			if got := strings.Contains(logs.String(), "serving metrics") && strings.Contains(logs.String(), "the source is gone"); got != tc.logged {
+				t.Errorf("logged %v, want %v: %q", got, tc.logged, logs.String())
+			}
+		})
 	}
 }
