@@ -143,14 +143,12 @@ func TestWriteConfigTo(t *testing.T) {
 // DaemonSet starts it again with the new configuration; a file that stays
 // does not.
 func TestConfigFileChangeEndsMiniproxy(t *testing.T) {
-	defer func(p time.Duration) { configFilePoll = p }(configFilePoll)
-	configFilePoll = 20 * time.Millisecond
 	path := filepath.Join(t.TempDir(), "config.conf")
 	os.WriteFile(path, []byte("a: 1\n"), 0o600)
 	ended := make(chan error, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	watchConfigFile(ctx, path, func(err error) { ended <- err })
+	watchConfigFile(ctx, path, 20*time.Millisecond, func(err error) { ended <- err })
 	select {
 	case err := <-ended:
 		t.Fatalf("ended although the file did not change: %v", err)

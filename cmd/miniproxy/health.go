@@ -15,7 +15,6 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
-	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/healthcheck"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
@@ -28,9 +27,9 @@ const (
 	defaultMetricsPort = 10249
 )
 
-// healthOptions are the flags of the healthz and metrics servers, with
-// kube-proxy's names and defaults, plus what startHealth needs from the
-// other flags.
+// healthOptions are the settings of the healthz and metrics servers, with
+// kube-proxy's names and defaults, and what else startHealth needs to know
+// of the node.
 type healthOptions struct {
 	healthzBindAddress string
 	metricsBindAddress string
@@ -39,108 +38,103 @@ type healthOptions struct {
 	// config is the effective configuration, for /configz (none when nil).
 	config *config.Config
 	// syncPeriod is --iptables-sync-period; the proxy is unhealthy when a
-	// change waits twice as long. It must be set before startHealth.
+	// change waits twice as long.
 	syncPeriod time.Duration
-	// metrics is made by wrapApplier (before the proxier exists) or by
-	// startHealth; a copy of the options shares it.
-	metrics *metrics.Metrics
-	// localAddresses lists the node's addresses of one family (the
-	// daemon's localAddresses when nil); tests replace it.
-	localAddresses func(iptables.Family) ([]netip.Addr, error)
+	// nodePortAddresses is --nodeport-addresses resolved (nil: every
+	// address), where healthCheckNodePorts listen.
+	nodePortAddresses []netip.Prefix
+	// localAddresses lists the node's addresses of one family; required
+	// with nodePortAddresses.
+	localAddresses proxy.AddrLister
 	// retry is how often a server port that cannot be opened is tried
 	// again (kube-proxy's 5 s when zero).
 	retry time.Duration
 	// bindAddressHardFail is --bind-address-hard-fail: a server port that
 	// cannot be opened is fatal instead of retried.
 	bindAddressHardFail bool
-	// build is what kubernetes_build_info says (the daemon's buildInfo).
-	build metrics.BuildInfo
 }
 
-// newMetrics makes the metrics once; a copy of the options made after
-// shares them.
-func (o *healthOptions) newMetrics(log *slog.Logger) *metrics.Metrics {
-	if o.metrics == nil {
-		o.metrics = metrics.New(metrics.Options{Log: log, Build: o.build})
+// newHealthOptions takes the servers' settings from the effective
+// configuration; nodePortAddresses and localAddresses are the node's, as
+// in healthOptions.
+func newHealthOptions(c *config.Config, nodePortAddresses []netip.Prefix, localAddresses proxy.AddrLister) healthOptions {
+	return healthOptions{
+		healthzBindAddress:  c.HealthzBindAddress,
+		metricsBindAddress:  c.MetricsBindAddress,
+		profiling:           c.EnableProfiling,
+		config:              c,
+		syncPeriod:          c.SyncPeriod,
+		nodePortAddresses:   nodePortAddresses,
+		localAddresses:      localAddresses,
+		bindAddressHardFail: c.BindAddressHardFail,
 	}
-	return o.metrics
 }
 
-// wrapApplier makes a family's dataplane report its rule counts and CPU
-// time to the metrics (kubeproxy_sync_proxy_rules_iptables_total cannot be
-// known otherwise). Call it on each dataplane before proxy.New; without it
-// that metric is simply absent.
-func (o *healthOptions) wrapApplier(fam iptables.Family, a proxy.Applier, log *slog.Logger) proxy.Applier {
-	return o.newMetrics(log).WrapApplier(fam, a)
+// healthServers are the health checks startHealth serves; onSync feeds
+// them, and the metrics, one sync.
+type healthServers struct {
+	proxier  *healthcheck.ProxierHealth
+	services *healthcheck.ServiceHealth
+	metrics  *metrics.Metrics
 }
 
-// startHealth starts the healthz server, the metrics server and the
-// healthCheckNodePort listeners, and feeds them every sync of p. It returns
-// an error when a flag is invalid, and, with --bind-address-hard-fail, when
-// the healthz or metrics port cannot be opened (naming the address and the
-// error; the daemon exits 1). Without that flag, such a port is logged and
-// retried every 5 s, as kube-proxy does (proxying matters more than
-// probes). A Service's healthCheckNodePort that cannot be opened is
-// reported on the Service and retried at every sync. Everything stops when
-// ctx ends.
+// onSync hands res to the proxier's health first, so that the Service
+// answers of this very sync see it; then to the Service ports; then to
+// the numbers. Register it with proxy.Proxier.OnSync.
+func (s *healthServers) onSync(res proxy.SyncResult) {
+	s.proxier.OnSync(res)
+	s.services.OnSync(res)
+	s.metrics.OnSync(res)
+}
+
+// startHealth starts the healthz server, the metrics server (serving m)
+// and the healthCheckNodePort listeners, which follow the syncs handed to
+// the returned servers' onSync. It returns an error when a setting is
+// invalid, and, with --bind-address-hard-fail, when the healthz or metrics
+// port cannot be opened (naming the address and the error; the daemon
+// exits 1). Without that flag, such a port is logged and retried every 5
+// s, as kube-proxy does (proxying matters more than probes). A Service's
+// healthCheckNodePort that cannot be opened is reported on the Service and
+// retried at every sync. Everything stops when ctx ends.
 //
-// nodePortAddresses is --nodeport-addresses (nil: every address);
-// recorder receives Warning events on Services whose port is taken.
-//
-// It also re-registers t's change callback (proxy.New registered p.Kick) as
-// one that stamps kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds
-// and then calls p.Kick.
-func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endpoints.Tracker,
-	nodePortAddresses []netip.Prefix, recorder record.EventRecorder, log *slog.Logger) error {
+// pending is the tracker's OldestPending; recorder receives Warning events
+// on Services whose port is taken.
+func startHealth(ctx context.Context, o healthOptions, m *metrics.Metrics, pending func() time.Time,
+	recorder record.EventRecorder, log *slog.Logger) (*healthServers, error) {
 	if o.syncPeriod <= 0 {
-		return fmt.Errorf("start health servers: the sync period is not set")
+		return nil, fmt.Errorf("start health servers: the sync period is not set")
 	}
 	healthzAddr, err := bindAddress("healthz-bind-address", o.healthzBindAddress, defaultHealthzPort)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	metricsAddr, err := bindAddress("metrics-bind-address", o.metricsBindAddress, defaultMetricsPort)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	listAddrs := o.localAddresses
-	if listAddrs == nil {
-		listAddrs = localAddresses
-	}
 
-	m := o.newMetrics(log)
-	m.TrackChanges(t)
-	ph := healthcheck.NewProxierHealth(healthcheck.ProxierHealthOptions{
+	s := &healthServers{metrics: m}
+	s.proxier = healthcheck.NewProxierHealth(healthcheck.ProxierHealthOptions{
 		Timeout:  2 * o.syncPeriod,
-		Pending:  t.OldestPending,
+		Pending:  pending,
 		Observer: m,
 	})
-	sh := healthcheck.NewServiceHealth(healthcheck.ServiceHealthOptions{
-		NodePortAddresses: nodePortAddresses,
-		LocalAddresses: func() ([]netip.Addr, error) {
-			var all []netip.Addr
-			for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
-				a, err := listAddrs(fam)
-				if err != nil {
-					return nil, err
-				}
-				all = append(all, a...)
-			}
-			return all, nil
-		},
-		ProxyHealthy: ph.IsHealthy,
-		Recorder:     recorder,
-		Log:          log,
+	s.services = healthcheck.NewServiceHealth(healthcheck.ServiceHealthOptions{
+		NodePortAddresses: o.nodePortAddresses,
+		LocalAddresses:    bothFamilies(o.localAddresses),
+		ProxyHealthy:      s.proxier.IsHealthy,
+		Recorder:          recorder,
+		Log:               log,
 	})
 
 	retry := o.retry
 	if retry <= 0 {
 		retry = 5 * time.Second
 	}
-	serve := func(name, addr string, h http.Handler) error {
+	listen := func(name, addr string, h http.Handler) error {
 		if addr == "" {
 			return nil
 		}
@@ -153,26 +147,36 @@ func startHealth(ctx context.Context, o healthOptions, p *proxy.Proxier, t *endp
 		}
 		return nil
 	}
-	if err := serve("healthz", healthzAddr, ph.Handler()); err != nil {
-		return err
+	if err := listen("healthz", healthzAddr, s.proxier.Handler()); err != nil {
+		return nil, err
 	}
-	if err := serve("metrics", metricsAddr, withConfigz(withProfiling(m.Handler(), o.profiling), o.config)); err != nil {
-		return err
+	if err := listen("metrics", metricsAddr, withConfigz(withProfiling(m.Handler(), o.profiling), o.config)); err != nil {
+		return nil, err
 	}
-
-	// The proxier's health first, so that the Service answers of this very
-	// sync see it; then the Service ports; then the numbers.
-	p.OnSync(func(res proxy.SyncResult) {
-		ph.OnSync(res)
-		sh.OnSync(res)
-		m.OnSync(res)
-	})
-	p.OnChange(m.ChangeQueued)
 	go func() {
 		<-ctx.Done()
-		sh.Close()
+		s.services.Close()
 	}()
-	return nil
+	return s, nil
+}
+
+// bothFamilies lists the node's addresses of both families through list
+// (nil when list is).
+func bothFamilies(list proxy.AddrLister) func() ([]netip.Addr, error) {
+	if list == nil {
+		return nil
+	}
+	return func() ([]netip.Addr, error) {
+		var all []netip.Addr
+		for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+			a, err := list(fam)
+			if err != nil {
+				return nil, err
+			}
+			all = append(all, a...)
+		}
+		return all, nil
+	}
 }
 
 // hardFailReasons are the reasons of kube-proxy's Warning event on its Node

@@ -129,32 +129,36 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	o.health.fromConfig(o.cfg)
-	ho := o.health
-	ho.syncPeriod = 30 * time.Second
 	addrs := func(f iptables.Family) ([]netip.Addr, error) {
 		if f == iptables.IPv4 {
 			return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
 		}
 		return nil, nil
 	}
-	ho.localAddresses = addrs
+	ho := newHealthOptions(o.cfg, []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, addrs)
 
 	fake := dataplane.NewFake()
 	dp, err := dataplane.New(fake, iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
-	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: ho.wrapApplier(iptables.IPv4, dp, nil)}
+	planes := map[iptables.Family]proxy.Applier{iptables.IPv4: dp}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tracker := endpoints.NewTracker("node1", log, nil)
 	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}},
 		tracker, planes, addrs, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	if err := startHealth(ctx, ho, p, tracker, []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, record.NewFakeRecorder(10), log); err != nil {
+	// As serve wires them.
+	tracker.SetOnChange(p.Changed)
+	m := metrics.New(metrics.Options{Log: log, Families: []iptables.Family{iptables.IPv4}})
+	m.TrackChanges(tracker)
+	p.OnChange(m.ChangeQueued)
+	servers, err := startHealth(ctx, ho, m, tracker.OldestPending, record.NewFakeRecorder(10), log)
+	if err != nil {
 		t.Fatal(err)
 	}
+	p.OnSync(servers.onSync)
 	base := func(port int) string { return fmt.Sprintf("http://127.0.0.1:%d", port) }
 
 	if code, body := httpGet(t, base(metricsPort)+"/proxyMode"); code != 200 || body != "iptables" {
@@ -234,14 +238,13 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 
 func TestStartHealthRefusesBadOptionsAndRetriesTakenPorts(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	tracker := endpoints.NewTracker("node1", log, nil)
-	p := proxy.New(proxy.Options{SyncPeriod: time.Minute}, tracker, map[iptables.Family]proxy.Applier{}, nil, log)
+	m := metrics.New(metrics.Options{Log: log})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	if err := startHealth(ctx, healthOptions{}, p, tracker, nil, nil, log); err == nil {
+	if _, err := startHealth(ctx, healthOptions{}, m, nil, nil, log); err == nil {
 		t.Error("no sync period: want an error")
 	}
-	if err := startHealth(ctx, healthOptions{syncPeriod: time.Minute, metricsBindAddress: "localhost:1"}, p, tracker, nil, nil, log); err == nil || !errors.Is(err, errUsage) {
+	if _, err := startHealth(ctx, healthOptions{syncPeriod: time.Minute, metricsBindAddress: "localhost:1"}, m, nil, nil, log); err == nil || !errors.Is(err, errUsage) {
 		t.Errorf("bad bind address: %v", err)
 	}
 
@@ -252,7 +255,7 @@ func TestStartHealthRefusesBadOptionsAndRetriesTakenPorts(t *testing.T) {
 	}
 	addr := squatter.Addr().String()
 	o := healthOptions{healthzBindAddress: addr, syncPeriod: time.Minute, retry: 20 * time.Millisecond}
-	if err := startHealth(ctx, o, p, tracker, nil, nil, log); err != nil {
+	if _, err := startHealth(ctx, o, m, nil, nil, log); err != nil {
 		t.Fatalf("a taken port should be retried, not fatal: %v", err)
 	}
 	squatter.Close()
@@ -293,8 +296,6 @@ func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	for _, server := range []string{"healthz", "metrics"} {
 		t.Run(server, func(t *testing.T) {
-			tracker := endpoints.NewTracker("node1", log, nil)
-			p := proxy.New(proxy.Options{SyncPeriod: time.Minute}, tracker, map[iptables.Family]proxy.Applier{}, nil, log)
 			squatter, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
@@ -313,13 +314,11 @@ func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
 			if len(notes) != 0 {
 				t.Errorf("--bind-address-hard-fail is acted on now, yet: %q", notes)
 			}
-			o.health.fromConfig(o.cfg)
-			ho := o.health
-			ho.syncPeriod = time.Minute
+			ho := newHealthOptions(o.cfg, nil, nil)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			start := time.Now()
-			err = startHealth(ctx, ho, p, tracker, nil, nil, log)
+			_, err = startHealth(ctx, ho, metrics.New(metrics.Options{Log: log}), nil, nil, log)
 			if err == nil {
 				t.Fatal("a taken port must be fatal with --bind-address-hard-fail")
 			}
@@ -339,8 +338,7 @@ func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
 			// once the squatter leaves.
 			ho.bindAddressHardFail = false
 			ho.retry = 20 * time.Millisecond
-			ho.metrics = nil
-			if err := startHealth(ctx, ho, p, tracker, nil, nil, log); err != nil {
+			if _, err := startHealth(ctx, ho, metrics.New(metrics.Options{Log: log}), nil, nil, log); err != nil {
 				t.Fatalf("without --bind-address-hard-fail a taken port is retried: %v", err)
 			}
 			squatter.Close()

@@ -16,8 +16,10 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/conntrack"
@@ -83,7 +85,9 @@ func commandLine(args []string, out io.Writer) (opts *options, notes []string, e
 	return opts, notes, opts.validate()
 }
 
-// run is the daemon; --help and --version write to out and return nil.
+// run is miniproxy: --help and --version write to out and return nil; the
+// one-shot modes (--write-config-to, --cleanup, --cleanup-kube-proxy,
+// --init-only) do their one thing; otherwise it serves until signalled.
 func run(args []string, out io.Writer) error {
 	opts, notes, err := commandLine(args, out)
 	if err != nil || opts.done {
@@ -98,119 +102,69 @@ func run(args []string, out io.Writer) error {
 		log.Warn(n)
 	}
 	if opts.writeConfigTo != "" {
-		if err := writeConfig(cfg, opts.writeConfigTo); err != nil {
-			return err
-		}
-		log.Info("wrote the configuration", "file", opts.writeConfigTo)
-		return nil
+		return writeConfig(cfg, opts.writeConfigTo, log)
 	}
 	applyOOMScoreAdj(cfg.OOMScoreAdj, log)
 	runner := dataplane.NewRunner()
-	opts.health.build = buildInfo()
-
-	if opts.cleanupKubeProxy {
-		removed, err := dataplane.CleanupKubeProxy(runner, iptablesFamilies(runner, log)...)
-		logRemoved(log, "upstream kube-proxy (iptables mode)", removed)
-		if err != nil {
-			return fmt.Errorf("remove kube-proxy's rules: %w", err)
-		}
-		return nil
+	switch {
+	case opts.cleanupKubeProxy:
+		return removeKubeProxyRules(runner, log)
+	case opts.cleanup:
+		return removeOwnRules(runner, log)
 	}
-
-	if opts.cleanup {
-		removed, err := dataplane.Cleanup(runner, rules.Prefix)
-		logRemoved(log, "miniproxy", removed)
-		if err != nil {
-			return fmt.Errorf("cleanup: %w", err)
-		}
-		return nil
-	}
-
 	// The start-up work that needs full privileges, as kube-proxy's: the
 	// conntrack parameters (a node that refuses them is an error).
 	if err := applyConntrack(cfg.Conntrack, log); err != nil {
 		return err
 	}
 	if opts.initOnly {
-		// And route_localnet, which localhost NodePorts need (kube-proxy's
-		// iptables proxier sets it here too); "primary" never names a
-		// loopback address, so the Node need not be read for this.
-		ranges, _ := config.NodePortRanges(cfg.NodePortAddresses, nil)
-		if rules.LocalhostNodePorts(cfg.LocalhostNodePorts, iptables.IPv4, ranges) {
-			if _, err := (proxy.ProcSysctl{}).Ensure(proxy.RouteLocalnet, 1); err != nil {
-				return fmt.Errorf("set route_localnet for localhost NodePorts: %w", err)
-			}
-			log.Info("set route_localnet=1 to serve NodePorts on localhost; to avoid it, set --iptables-localhost-nodeports=false or --nodeport-addresses without 127.0.0.0/8")
-		}
-		log.Info("the node is initialized and --init-only was given; exiting")
-		return nil
+		return initNode(cfg, log)
 	}
+	return serve(opts, runner, log)
+}
 
+// serve is the daemon. Its data flow, wired here in order: informers ->
+// tracker -> proxier -> each family's dataplane; every sync -> events,
+// health servers, metrics. It returns when a signal (nil) or a change that
+// needs a new start (its cause) ends it, or when the start fails.
+func serve(opts *options, runner dataplane.Runner, log *slog.Logger) error {
+	cfg := opts.cfg
 	nodeName, err := opts.nodeName()
 	if err != nil {
 		return err
 	}
-	// client-go's metrics hooks before the first client, so that every
-	// request is counted in rest_client_*.
-	metrics.HookClientGo()
-	client, err := newClient(cfg, opts.master)
+	client, err := connect(cfg, opts.master)
 	if err != nil {
 		return err
 	}
 	signalled, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	// A change of the Node that needs a new start ends ctx with its cause.
+	// A change of the Node or of the --config file that needs a new start
+	// ends ctx with its cause.
 	ctx, fail := context.WithCancelCause(signalled)
 	defer fail(nil)
-
 	if opts.configFile != "" {
-		watchConfigFile(ctx, opts.configFile, fail)
+		watchConfigFile(ctx, opts.configFile, configFilePoll, fail)
 	}
-	needPodCIDRs := cfg.DetectLocalMode == config.LocalModeNodeCIDR
-	usesPrimary := slices.Contains(cfg.NodePortAddresses, config.NodePortsPrimary)
-	facts, err := readNode(ctx, client, nodeName, needPodCIDRs, usesPrimary, log)
+	popts, err := proxySettings(ctx, opts, client, nodeName, fail, log)
 	if err != nil {
 		return err
 	}
-	watchNode(ctx, client, nodeName, facts, needPodCIDRs, usesPrimary, fail)
-	nodePorts, err := config.NodePortRanges(cfg.NodePortAddresses, primaryNodeIPs(facts, cfg, nodeName, log))
+	families, planes, err := setUpDataplanes(runner, log)
 	if err != nil {
 		return err
-	}
-	popts, err := opts.proxyOptions(nodePorts, facts.podCIDRs)
-	if err != nil {
-		return err
-	}
-
-	families, err := detectFamilies(runner, log)
-	if err != nil {
-		return err
-	}
-	opts.health.fromConfig(cfg)
-	planes := map[iptables.Family]proxy.Applier{}
-	for _, fam := range families {
-		dp, err := dataplane.New(runner, fam, rules.Prefix)
-		if err != nil {
-			return fmt.Errorf("set up %s dataplane: %w", fam, err)
-		}
-		planes[fam] = opts.health.wrapApplier(fam, dp, log)
 	}
 	popts.RandomFully = hasRandomFully(log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
-	if ct, err := conntrack.OpenKernel(); err != nil {
-		log.Warn("stale UDP/SCTP conntrack entries will not be deleted", "err", err)
-	} else {
+	if ct := openConntrack(log); ct != nil {
 		defer ct.Close()
 		popts.Conntrack = ct
 	}
 
 	events := newEventSink(ctx, client, nodeName, log)
-	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
-	if !features.Effective(cfg.FeatureGates).Enabled(features.AllowServiceExternalIPs) {
-		tracker.DropExternalIPs()
-		log.Info("spec.externalIPs of Services are ignored: the feature gate AllowServiceExternalIPs is off")
-	}
+	tracker := newTracker(cfg, nodeName, events, log)
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
+	tracker.SetOnChange(proxier.Changed)
 	proxier.OnSync(events.refusedServices)
 	if opts.cleanupKubeProxyAfterSync {
 		afterFirstSync(proxier, func() { cleanupKubeProxy(runner, log) })
@@ -218,18 +172,135 @@ func run(args []string, out io.Writer) error {
 	afterFirstSync(proxier, returnStartupMemory(log))
 	// Health and metrics servers come up before the informers sync, so that
 	// no sync result is missed.
-	opts.health.syncPeriod = popts.SyncPeriod
-	if err := startHealth(ctx, opts.health, proxier, tracker, popts.NodePortAddresses, events.recorder, log); err != nil {
+	m := metrics.New(metrics.Options{Log: log, Build: buildInfo(), Families: families})
+	m.TrackChanges(tracker)
+	proxier.OnChange(m.ChangeQueued)
+	servers, err := startHealth(ctx, newHealthOptions(cfg, popts.NodePortAddresses, localAddresses), m, tracker.OldestPending, events.recorder, log)
+	if err != nil {
 		if hf := (*hardFailure)(nil); errors.As(err, &hf) {
 			events.nodeWarningNow(ctx, hf.reason, hf.err.Error())
 		}
 		return err
 	}
+	proxier.OnSync(servers.onSync)
 
 	events.starting()
 	log.Info("starting miniproxy", "node", nodeName, "families", fmt.Sprint(families),
 		"localTraffic", popts.DetectLocal.Mode, "podRanges", fmt.Sprint(popts.DetectLocal.CIDRs), "iptablesSyncPeriod", popts.SyncPeriod, "iptablesMinSyncPeriod", popts.MinSyncPeriod)
-	if err := endpoints.Watch(ctx, client, tracker, cfg.ConfigSyncPeriod); err != nil {
+	return watchAndSync(ctx, client, tracker, proxier, cfg.ConfigSyncPeriod, log)
+}
+
+// removeKubeProxyRules is --cleanup-kube-proxy: it removes what upstream
+// kube-proxy (iptables mode) left on the node, and nothing else.
+func removeKubeProxyRules(runner dataplane.Runner, log *slog.Logger) error {
+	removed, err := dataplane.CleanupKubeProxy(runner, iptablesFamilies(runner, log)...)
+	logRemoved(log, "upstream kube-proxy (iptables mode)", removed)
+	if err != nil {
+		return fmt.Errorf("remove kube-proxy's rules: %w", err)
+	}
+	return nil
+}
+
+// removeOwnRules is --cleanup: it removes every chain and rule miniproxy
+// added, and nothing else.
+func removeOwnRules(runner dataplane.Runner, log *slog.Logger) error {
+	removed, err := dataplane.Cleanup(runner, rules.Prefix)
+	logRemoved(log, "miniproxy", removed)
+	if err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	return nil
+}
+
+// initNode is the rest of --init-only after the conntrack parameters:
+// route_localnet, which localhost NodePorts need (kube-proxy's iptables
+// proxier sets it here too); "primary" never names a loopback address, so
+// the Node need not be read for this.
+func initNode(cfg *config.Config, log *slog.Logger) error {
+	ranges, _ := config.NodePortRanges(cfg.NodePortAddresses, nil)
+	if rules.LocalhostNodePorts(cfg.LocalhostNodePorts, iptables.IPv4, ranges) {
+		if _, err := (proxy.ProcSysctl{}).Ensure(proxy.RouteLocalnet, 1); err != nil {
+			return fmt.Errorf("set route_localnet for localhost NodePorts: %w", err)
+		}
+		log.Info("set route_localnet=1 to serve NodePorts on localhost; to avoid it, set --iptables-localhost-nodeports=false or --nodeport-addresses without 127.0.0.0/8")
+	}
+	log.Info("the node is initialized and --init-only was given; exiting")
+	return nil
+}
+
+// connect makes the API client, after client-go's metrics hooks so that
+// every request is counted in rest_client_*.
+func connect(cfg *config.Config, master string) (kubernetes.Interface, error) {
+	metrics.HookClientGo()
+	return newClient(cfg, master)
+}
+
+// proxySettings gives the proxy's settings once the Node has told what
+// they need of it (its pod CIDRs in NodeCIDR mode, its addresses for
+// --nodeport-addresses primary), and watches the Node so that a change of
+// either ends ctx through fail.
+func proxySettings(ctx context.Context, opts *options, client kubernetes.Interface, nodeName string, fail func(error), log *slog.Logger) (proxy.Options, error) {
+	cfg := opts.cfg
+	needPodCIDRs := cfg.DetectLocalMode == config.LocalModeNodeCIDR
+	usesPrimary := slices.Contains(cfg.NodePortAddresses, config.NodePortsPrimary)
+	facts, err := readNode(ctx, client, nodeName, needPodCIDRs, usesPrimary, kubeProxyNodeWaits, log)
+	if err != nil {
+		return proxy.Options{}, err
+	}
+	watchNode(ctx, client, nodeName, facts, needPodCIDRs, usesPrimary, fail)
+	nodePorts, err := config.NodePortRanges(cfg.NodePortAddresses, primaryNodeIPs(facts, cfg, nodeName, log))
+	if err != nil {
+		return proxy.Options{}, err
+	}
+	return opts.proxyOptions(nodePorts, facts.podCIDRs)
+}
+
+// setUpDataplanes gives the IP families this node programs and a dataplane
+// for each.
+func setUpDataplanes(runner dataplane.Runner, log *slog.Logger) ([]iptables.Family, map[iptables.Family]proxy.Applier, error) {
+	families, err := detectFamilies(runner, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	planes := map[iptables.Family]proxy.Applier{}
+	for _, fam := range families {
+		dp, err := dataplane.New(runner, fam, rules.Prefix)
+		if err != nil {
+			return nil, nil, fmt.Errorf("set up %s dataplane: %w", fam, err)
+		}
+		planes[fam] = dp
+	}
+	return families, planes, nil
+}
+
+// openConntrack opens the node's conntrack table, so that stale UDP and
+// SCTP entries are deleted when endpoints go; nil (logged) when it cannot.
+func openConntrack(log *slog.Logger) *conntrack.Kernel {
+	ct, err := conntrack.OpenKernel()
+	if err != nil {
+		log.Warn("stale UDP/SCTP conntrack entries will not be deleted", "err", err)
+		return nil
+	}
+	return ct
+}
+
+// newTracker makes the tracker of the API server's Services and
+// EndpointSlices, with Warning events on invalid objects, and without
+// spec.externalIPs when the feature gate AllowServiceExternalIPs is off.
+func newTracker(cfg *config.Config, nodeName string, events *eventSink, log *slog.Logger) *endpoints.Tracker {
+	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
+	if !features.Effective(cfg.FeatureGates).Enabled(features.AllowServiceExternalIPs) {
+		tracker.DropExternalIPs()
+		log.Info("spec.externalIPs of Services are ignored: the feature gate AllowServiceExternalIPs is off")
+	}
+	return tracker
+}
+
+// watchAndSync starts the informers into tracker, waits for their first
+// sync, then runs the loop until ctx ends. It returns nil on a signal, the
+// cause of a change that needs a new start, or why the watch failed.
+func watchAndSync(ctx context.Context, client kubernetes.Interface, tracker *endpoints.Tracker, proxier *proxy.Proxier, resync time.Duration, log *slog.Logger) error {
+	if err := endpoints.Watch(ctx, client, tracker, resync); err != nil {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
 			return cause
 		}
@@ -283,9 +354,7 @@ func afterFirstSync(p *proxy.Proxier, f func()) {
 // background: deleting tens of thousands of chains takes a while on
 // nf_tables, and the sync loop must not wait for it.
 func cleanupKubeProxy(runner dataplane.Runner, log *slog.Logger) {
-	removed, err := dataplane.CleanupKubeProxy(runner, iptablesFamilies(runner, log)...)
-	logRemoved(log, "upstream kube-proxy (iptables mode)", removed)
-	if err != nil {
+	if err := removeKubeProxyRules(runner, log); err != nil {
 		log.Error("could not remove all of upstream kube-proxy's rules; run miniproxy --cleanup-kube-proxy on this node", "err", err)
 	}
 }
@@ -314,9 +383,6 @@ func returnStartupMemory(log *slog.Logger) func() {
 		log.Info("returned start-up memory to the system", "heapInUseMB", m.HeapInuse>>20)
 	}
 }
-
-// errUsage marks a flag value that cannot be used.
-var errUsage = errors.New("invalid flag")
 
 // iptablesFamilies lists IPv4, and IPv6 when ip6tables works here: a node
 // without IPv6 has no ip6tables rules to clean, and removing kube-proxy's

@@ -177,22 +177,22 @@ type nodeFacts struct {
 	podCIDRs []netip.Prefix
 }
 
-// The waits of kube-proxy's NodeManager: for the Node to exist, and then,
-// in NodeCIDR mode, for its pod CIDRs.
-var (
-	nodeWait     = 30 * time.Second
-	podCIDRsWait = 5 * time.Minute
-	nodePoll     = time.Second
-)
+// nodeWaits are how long readNode waits for the Node to exist, then for
+// its pod CIDRs, and how often it asks.
+type nodeWaits struct{ node, podCIDRs, poll time.Duration }
+
+// kubeProxyNodeWaits are the waits of kube-proxy's NodeManager.
+var kubeProxyNodeWaits = nodeWaits{node: 30 * time.Second, podCIDRs: 5 * time.Minute, poll: time.Second}
 
 // readNode reads the Node named name when something needs it, waiting as
-// kube-proxy does: up to 30 s for it to exist with addresses (then
-// miniproxy goes on without them), and when podCIDRs are needed up to 5
-// min more for spec.podCIDRs, whose absence is then an error. Unlike
+// kube-proxy does (kubeProxyNodeWaits): up to 30 s for it to exist with
+// addresses (then miniproxy goes on without them), and when podCIDRs are
+// needed up to 5 min more for spec.podCIDRs, whose absence is then an
+// error. Unlike
 // kube-proxy, which always waits for the Node's addresses, miniproxy does
 // not wait when it needs neither (it finds its addresses on its
 // interfaces), so a Node without addresses does not delay its start.
-func readNode(ctx context.Context, client kubernetes.Interface, name string, needPodCIDRs, needIPs bool, log *slog.Logger) (nodeFacts, error) {
+func readNode(ctx context.Context, client kubernetes.Interface, name string, needPodCIDRs, needIPs bool, waits nodeWaits, log *slog.Logger) (nodeFacts, error) {
 	var facts nodeFacts
 	if !needPodCIDRs && !needIPs {
 		return facts, nil
@@ -212,18 +212,18 @@ func readNode(ctx context.Context, client kubernetes.Interface, name string, nee
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(nodePoll):
+			case <-time.After(waits.poll):
 			}
 		}
 	}
-	poll(nodeWait, func() bool { return last == nil && (len(facts.ips) > 0 || needPodCIDRs) })
+	poll(waits.node, func() bool { return last == nil && (len(facts.ips) > 0 || needPodCIDRs) })
 	if !needPodCIDRs {
 		if last != nil {
 			log.Warn("cannot read this node's Node object; going on without its addresses", "node", name, "err", last)
 		}
 		return facts, nil
 	}
-	poll(podCIDRsWait, func() bool { return len(facts.podCIDRs) > 0 })
+	poll(waits.podCIDRs, func() bool { return len(facts.podCIDRs) > 0 })
 	if len(facts.podCIDRs) == 0 {
 		if last != nil {
 			return facts, fmt.Errorf("--detect-local-mode NodeCIDR: timeout waiting for node %q to exist: %w", name, last)

@@ -20,17 +20,12 @@ func testNode(podCIDRs []string, addrs ...v1.NodeAddress) *v1.Node {
 		Status: v1.NodeStatus{Addresses: addrs}}
 }
 
-// shortWaits makes kube-proxy's node waits short for a test.
-func shortWaits(t *testing.T) {
-	n, p, poll := nodeWait, podCIDRsWait, nodePoll
-	nodeWait, podCIDRsWait, nodePoll = 2*time.Second, 2*time.Second, 50*time.Millisecond
-	t.Cleanup(func() { nodeWait, podCIDRsWait, nodePoll = n, p, poll })
-}
+// shortWaits are kube-proxy's node waits made short for a test.
+var shortWaits = nodeWaits{node: 2 * time.Second, podCIDRs: 2 * time.Second, poll: 50 * time.Millisecond}
 
 // NodeCIDR mode waits for the Node's pod CIDRs, as kube-proxy does, and
 // fails the start when they never come.
 func TestReadNodeWaitsForPodCIDRs(t *testing.T) {
-	shortWaits(t)
 	log := slog.New(slog.DiscardHandler)
 	ctx := context.Background()
 
@@ -40,7 +35,7 @@ func TestReadNodeWaitsForPodCIDRs(t *testing.T) {
 		client.CoreV1().Nodes().Update(ctx, testNode([]string{"10.244.1.0/24", "fd00:244:1::/64"},
 			v1.NodeAddress{Type: v1.NodeInternalIP, Address: "10.240.0.3"}), metav1.UpdateOptions{})
 	}()
-	facts, err := readNode(ctx, client, "node-1", true, false, log)
+	facts, err := readNode(ctx, client, "node-1", true, false, shortWaits, log)
 	if err != nil {
 		t.Fatalf("readNode: %v", err)
 	}
@@ -49,15 +44,15 @@ func TestReadNodeWaitsForPodCIDRs(t *testing.T) {
 	}
 
 	never := fake.NewClientset(testNode(nil))
-	if _, err := readNode(ctx, never, "node-1", true, false, log); err == nil || !strings.Contains(err.Error(), "timeout waiting for PodCIDR allocation on node \"node-1\"") {
+	if _, err := readNode(ctx, never, "node-1", true, false, shortWaits, log); err == nil || !strings.Contains(err.Error(), "timeout waiting for PodCIDR allocation on node \"node-1\"") {
 		t.Errorf("a Node that never gets pod CIDRs: %v, want kube-proxy's timeout", err)
 	}
-	if _, err := readNode(ctx, fake.NewClientset(), "node-1", true, false, log); err == nil || !strings.Contains(err.Error(), "timeout waiting for node \"node-1\" to exist") {
+	if _, err := readNode(ctx, fake.NewClientset(), "node-1", true, false, shortWaits, log); err == nil || !strings.Contains(err.Error(), "timeout waiting for node \"node-1\" to exist") {
 		t.Errorf("no Node at all: %v, want kube-proxy's timeout", err)
 	}
 	// Nothing needed, nothing read: no wait for a Node that does not exist.
 	start := time.Now()
-	if _, err := readNode(ctx, fake.NewClientset(), "node-1", false, false, log); err != nil || time.Since(start) > time.Second {
+	if _, err := readNode(ctx, fake.NewClientset(), "node-1", false, false, shortWaits, log); err != nil || time.Since(start) > time.Second {
 		t.Errorf("readNode without a need: %v after %s", err, time.Since(start))
 	}
 }

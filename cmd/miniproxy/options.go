@@ -17,6 +17,9 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
+// errUsage marks a flag value that cannot be used.
+var errUsage = errors.New("invalid flag")
+
 // options holds the command line: every flag of kube-proxy 1.37 with its
 // name, type and default (docs/compatibility.md says, flag by flag, what
 // each does here), plus miniproxy's own --cleanup-kube-proxy flags. As in
@@ -47,8 +50,6 @@ type options struct {
 	cleanupKubeProxy bool
 	// cleanupKubeProxyAfterSync is --cleanup-kube-proxy-after-sync.
 	cleanupKubeProxyAfterSync bool
-	// health holds what the health and metrics servers need besides cfg.
-	health healthOptions
 	// ipvs holds the flags of the IPVS mode, accepted and ignored.
 	ipvs ipvsFlags
 }
@@ -310,14 +311,4 @@ func (o *options) proxyOptions(nodePortRanges, podCIDRs []netip.Prefix) (proxy.O
 		LocalhostNodePorts: c.LocalhostNodePorts,
 		Sysctl:             proxy.ProcSysctl{},
 	}, nil
-}
-
-// fromConfig takes the health and metrics servers' settings from the
-// effective configuration.
-func (h *healthOptions) fromConfig(c *config.Config) {
-	h.healthzBindAddress = c.HealthzBindAddress
-	h.metricsBindAddress = c.MetricsBindAddress
-	h.profiling = c.EnableProfiling
-	h.bindAddressHardFail = c.BindAddressHardFail
-	h.config = c
 }

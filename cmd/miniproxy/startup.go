@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
@@ -120,7 +121,7 @@ func applyOOMScoreAdj(v int32, log *slog.Logger) {
 
 // writeConfig is --write-config-to: the effective configuration as a
 // KubeProxyConfiguration file.
-func writeConfig(c *config.Config, path string) error {
+func writeConfig(c *config.Config, path string, log *slog.Logger) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("--write-config-to: %w", err)
@@ -132,6 +133,7 @@ func writeConfig(c *config.Config, path string) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("--write-config-to %s: %w", path, err)
 	}
+	log.Info("wrote the configuration", "file", path)
 	return nil
 }
 
@@ -150,34 +152,27 @@ func applyConntrack(ct config.Conntrack, log *slog.Logger) error {
 	return nil
 }
 
-// configFilePoll is how often watchConfigFile looks at the file.
-var configFilePoll = 5 * time.Second
+// configFilePoll is how often the daemon looks at its --config file.
+const configFilePoll = 5 * time.Second
 
 // watchConfigFile ends miniproxy (cause) when the --config file changes, as
 // kube-proxy does, so that the DaemonSet starts it again with the new
-// configuration (a ConfigMap update replaces the mounted file). It looks at
-// what the path resolves to: a replaced file, a new size or modification
-// time, or the file's disappearance.
-func watchConfigFile(ctx context.Context, path string, cause func(error)) {
+// configuration (a ConfigMap update replaces the mounted file). It looks,
+// every poll, at what the path resolves to: a replaced file, a new size or
+// modification time, or the file's disappearance.
+func watchConfigFile(ctx context.Context, path string, poll time.Duration, cause func(error)) {
 	first, err := os.Stat(path)
 	if err != nil {
 		cause(fmt.Errorf("watch the configuration file: %w", err))
 		return
 	}
-	go func() {
-		t := time.NewTicker(configFilePoll)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			now, err := os.Stat(path)
-			if err != nil || !os.SameFile(first, now) || now.Size() != first.Size() || !now.ModTime().Equal(first.ModTime()) {
-				cause(fmt.Errorf("the configuration file %s changed; exiting so that miniproxy starts again with it, as kube-proxy does", path))
-				return
-			}
+	changed := func(context.Context) (bool, error) {
+		now, err := os.Stat(path)
+		if err != nil || !os.SameFile(first, now) || now.Size() != first.Size() || !now.ModTime().Equal(first.ModTime()) {
+			cause(fmt.Errorf("the configuration file %s changed; exiting so that miniproxy starts again with it, as kube-proxy does", path))
+			return true, nil
 		}
-	}()
+		return false, nil
+	}
+	go func() { _ = wait.PollUntilContextCancel(ctx, poll, false, changed) }()
 }

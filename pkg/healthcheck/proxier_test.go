@@ -41,7 +41,7 @@ func (l *proxierLab) sync(d time.Duration, queued time.Time, err error, eligible
 	end := l.clock.Now()
 	l.health.OnSync(proxy.SyncResult{
 		Snapshot:    snapshot(eligible),
-		Results:     []dataplane.Result{{Full: true}},
+		Results:     []proxy.ApplyResult{{Result: dataplane.Result{Full: true}}},
 		Err:         err,
 		Start:       end.Add(-d),
 		End:         end,

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"k8s.io/apimachinery/pkg/util/wait"
 )
 
 // Serve listens on addr ("host:port") and serves h there until ctx ends.
@@ -58,26 +60,19 @@ func KeepServing(ctx context.Context, name, addr string, h http.Handler, retry t
 		return
 	}
 	log.Error("cannot open server port; retrying", "server", name, "address", addr, "retry", retry, "err", err)
-	go func() {
-		last := err.Error()
-		t := time.NewTicker(retry)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			_, err := Serve(ctx, name, addr, h, log)
-			if err == nil {
-				return
-			}
-			if err.Error() != last {
-				last = err.Error()
-				log.Error("cannot open server port; retrying", "server", name, "address", addr, "retry", retry, "err", err)
-			} else {
-				log.Debug("server port still cannot be opened", "server", name, "address", addr, "err", err)
-			}
+	last := err.Error()
+	served := func(context.Context) (bool, error) {
+		_, err := Serve(ctx, name, addr, h, log)
+		switch {
+		case err == nil:
+			return true, nil
+		case err.Error() != last:
+			last = err.Error()
+			log.Error("cannot open server port; retrying", "server", name, "address", addr, "retry", retry, "err", err)
+		default:
+			log.Debug("server port still cannot be opened", "server", name, "address", addr, "err", err)
 		}
-	}()
+		return false, nil
+	}
+	go func() { _ = wait.PollUntilContextCancel(ctx, retry, false, served) }()
 }

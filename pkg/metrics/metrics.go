@@ -4,8 +4,10 @@
 // other answers (/proxyMode, /healthz).
 //
 // Every value comes from something that happened: a SyncResult handed to
-// OnSync, an apply seen through WrapApplier, a probe answered by the health
-// server, or the change tracker's counters read at scrape time. Each
+// OnSync (which carries what the loop measured around each apply), a
+// probe answered by the health server, or the change tracker's counters
+// read at scrape time. Nothing here reaches into the loop or the
+// dataplane: the metrics only read what they are given. Each
 // Metrics has its own registry; the one package-level state is the
 // rest_client_* collectors, because client-go takes one set of metric hooks
 // per process (HookClientGo), and every registry serves them.
@@ -39,7 +41,9 @@ const (
 	PolicyExternal = "external"
 )
 
-const subsystem = "kubeproxy"
+// ipFamily is the label kube-proxy puts on the metrics of each proxier
+// ("IPv4", "IPv6").
+const ipFamily = "ip_family"
 
 // syncBuckets are kube-proxy's buckets for sync durations: 1 ms doubling up
 // to about 16 s.
@@ -75,6 +79,38 @@ const (
 	alpha = "[ALPHA] "
 	beta  = "[BETA] "
 )
+
+// alphaOpts names one of kube-proxy's ALPHA families with its full name
+// and help, the help marked as component-base marks it, so that each
+// declaration reads as kube-proxy's does.
+func alphaOpts(name, help string) prometheus.Opts {
+	return prometheus.Opts{Name: name, Help: alpha + help}
+}
+
+// ownOpts names one of miniproxy's own families (miniproxy_*), which have
+// no stability mark.
+func ownOpts(name, help string) prometheus.Opts {
+	return prometheus.Opts{Namespace: "miniproxy", Name: name, Help: help}
+}
+
+// histogramOpts are o with buckets.
+func histogramOpts(o prometheus.Opts, buckets []float64) prometheus.HistogramOpts {
+	return prometheus.HistogramOpts{Namespace: o.Namespace, Subsystem: o.Subsystem, Name: o.Name, Help: o.Help, ConstLabels: o.ConstLabels, Buckets: buckets}
+}
+
+// histogramVec, gaugeVec and counterVec make a family from its options and
+// label names, so that a declaration is one line.
+func histogramVec(o prometheus.Opts, buckets []float64, labels ...string) *prometheus.HistogramVec {
+	return prometheus.NewHistogramVec(histogramOpts(o, buckets), labels)
+}
+
+func gaugeVec(o prometheus.Opts, labels ...string) *prometheus.GaugeVec {
+	return prometheus.NewGaugeVec(prometheus.GaugeOpts(o), labels)
+}
+
+func counterVec(o prometheus.Opts, labels ...string) *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts(o), labels)
+}
 
 // Metrics holds miniproxy's metrics and the registry that serves them. Its
 // methods are safe for concurrent use: OnSync runs in the sync loop, the
@@ -113,8 +149,8 @@ type Metrics struct {
 
 	mu             sync.Mutex
 	lastQueuedTime time.Time
-	// families are the IP families this node programs, learnt from
-	// WrapApplier and from the syncs' results.
+	// families are the IP families this node programs, from
+	// Options.Families and from the syncs' results.
 	families map[iptables.Family]bool
 	// tables remembers, per family, the tables whose rule count was set, so
 	// that a table that disappears from the ruleset drops to 0.
@@ -134,6 +170,10 @@ type Options struct {
 	// Build is what kubernetes_build_info says of this binary; its Go
 	// version, compiler and platform are the running ones when empty.
 	Build BuildInfo
+	// Families are the IP families this node programs, known before the
+	// first sync, so that their last-queued timestamps are exported from
+	// the start, as kube-proxy's proxier of each family exports its own.
+	Families []iptables.Family
 }
 
 // New creates the metrics with their registry. The last-queued timestamp
@@ -148,7 +188,6 @@ func New(o Options) *Metrics {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	family := []string{"ip_family"}
 	m := &Metrics{
 		reg:      prometheus.NewRegistry(),
 		now:      now,
@@ -156,97 +195,28 @@ func New(o Options) *Metrics {
 		families: map[iptables.Family]bool{},
 		tables:   map[string]map[string]bool{},
 
-		syncDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_duration_seconds",
-			Help:    alpha + "SyncProxyRules latency in seconds",
-			Buckets: syncBuckets,
-		}, family),
-		syncFullDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Subsystem: subsystem, Name: "sync_full_proxy_rules_duration_seconds",
-			Help:    alpha + "SyncProxyRules latency in seconds for full resyncs",
-			Buckets: syncBuckets,
-		}, family),
-		syncPartialDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Subsystem: subsystem, Name: "sync_partial_proxy_rules_duration_seconds",
-			Help:    alpha + "SyncProxyRules latency in seconds for partial resyncs",
-			Buckets: syncBuckets,
-		}, family),
-		networkProgramming: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Subsystem: subsystem, Name: "network_programming_duration_seconds",
-			Help:    alpha + "In Cluster Network Programming Latency in seconds",
-			Buckets: networkProgrammingBuckets,
-		}, family),
-		lastSync: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_last_timestamp_seconds",
-			Help: alpha + "The last time proxy rules were successfully synced",
-		}, family),
-		lastQueued: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_last_queued_timestamp_seconds",
-			Help: alpha + "The last time a sync of proxy rules was queued",
-		}, family),
-		restoreFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_restore_failures_total",
-			Help: alpha + "Cumulative proxy iptables restore failures",
-		}, family),
-		partialRestoreFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_partial_restore_failures_total",
-			Help: alpha + "Cumulative proxy iptables partial restore failures",
-		}, family),
-		rulesTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_total",
-			Help: alpha + "Total number of iptables rules owned by kube-proxy",
-		}, []string{"table", "ip_family"}),
-		rulesLast: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_iptables_last",
-			Help: alpha + "Number of iptables rules written by kube-proxy in last sync",
-		}, []string{"table", "ip_family"}),
-		noLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_no_local_endpoints_total",
-			Help: alpha + "Number of services with a Local traffic policy and no endpoints",
-		}, []string{"traffic_policy", "ip_family"}),
-		conntrackDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Subsystem: subsystem, Name: "conntrack_reconciler_sync_duration_seconds",
-			Help:    alpha + "ReconcileConntrackFlowsLatency latency in seconds",
-			Buckets: syncBuckets,
-		}, family),
-		conntrackDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "conntrack_reconciler_deleted_entries_total",
-			Help: alpha + "Cumulative conntrack flows deleted by conntrack reconciler",
-		}, family),
-		healthz: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "proxy_healthz_total",
-			Help: alpha + "Cumulative proxy healthz HTTP status",
-		}, []string{"code"}),
-		livez: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "proxy_livez_total",
-			Help: alpha + "Cumulative proxy livez HTTP status",
-		}, []string{"code"}),
-		restoreBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: "miniproxy", Name: "sync_restore_bytes",
-			Help: "Size of the iptables-restore input of the last sync (0 when nothing had changed)",
-		}, []string{"ip_family"}),
-		rulesWritten: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: "miniproxy", Name: "sync_rules_written",
-			Help: "Rules in the iptables-restore input of the last sync",
-		}, []string{"ip_family"}),
-		chainsWritten: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: "miniproxy", Name: "sync_chains_written",
-			Help: "Chains written by the iptables-restore input of the last sync",
-		}, []string{"ip_family"}),
-		restoreDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: "miniproxy", Name: "sync_restore_duration_seconds",
-			Help:    "Time iptables-restore took, per sync that ran it",
-			Buckets: syncBuckets,
-		}, []string{"ip_family"}),
-		applyCPU: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: "miniproxy", Name: "sync_apply_cpu_seconds",
-			Help:    "CPU time (user+system, this process and its iptables children) consumed while applying one family's rules",
-			Buckets: syncBuckets,
-		}, []string{"ip_family"}),
-		refused: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: "miniproxy", Name: "refused_services",
-			Help: "Services whose latest rules the kernel refuses; they keep their last accepted rules (none if they never had any) while every other Service is programmed",
-		}),
+		syncDuration:           histogramVec(alphaOpts("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds"), syncBuckets, ipFamily),
+		syncFullDuration:       histogramVec(alphaOpts("kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs"), syncBuckets, ipFamily),
+		syncPartialDuration:    histogramVec(alphaOpts("kubeproxy_sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for partial resyncs"), syncBuckets, ipFamily),
+		networkProgramming:     histogramVec(alphaOpts("kubeproxy_network_programming_duration_seconds", "In Cluster Network Programming Latency in seconds"), networkProgrammingBuckets, ipFamily),
+		lastSync:               gaugeVec(alphaOpts("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced"), ipFamily),
+		lastQueued:             gaugeVec(alphaOpts("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync of proxy rules was queued"), ipFamily),
+		restoreFailures:        counterVec(alphaOpts("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", "Cumulative proxy iptables restore failures"), ipFamily),
+		partialRestoreFailures: counterVec(alphaOpts("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", "Cumulative proxy iptables partial restore failures"), ipFamily),
+		rulesTotal:             gaugeVec(alphaOpts("kubeproxy_sync_proxy_rules_iptables_total", "Total number of iptables rules owned by kube-proxy"), "table", ipFamily),
+		rulesLast:              gaugeVec(alphaOpts("kubeproxy_sync_proxy_rules_iptables_last", "Number of iptables rules written by kube-proxy in last sync"), "table", ipFamily),
+		noLocalEndpoints:       gaugeVec(alphaOpts("kubeproxy_sync_proxy_rules_no_local_endpoints_total", "Number of services with a Local traffic policy and no endpoints"), "traffic_policy", ipFamily),
+		conntrackDuration:      histogramVec(alphaOpts("kubeproxy_conntrack_reconciler_sync_duration_seconds", "ReconcileConntrackFlowsLatency latency in seconds"), syncBuckets, ipFamily),
+		conntrackDeleted:       counterVec(alphaOpts("kubeproxy_conntrack_reconciler_deleted_entries_total", "Cumulative conntrack flows deleted by conntrack reconciler"), ipFamily),
+		healthz:                counterVec(alphaOpts("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status"), "code"),
+		livez:                  counterVec(alphaOpts("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status"), "code"),
+
+		restoreBytes:    gaugeVec(ownOpts("sync_restore_bytes", "Size of the iptables-restore input of the last sync (0 when nothing had changed)"), ipFamily),
+		rulesWritten:    gaugeVec(ownOpts("sync_rules_written", "Rules in the iptables-restore input of the last sync"), ipFamily),
+		chainsWritten:   gaugeVec(ownOpts("sync_chains_written", "Chains written by the iptables-restore input of the last sync"), ipFamily),
+		restoreDuration: histogramVec(ownOpts("sync_restore_duration_seconds", "Time iptables-restore took, per sync that ran it"), syncBuckets, ipFamily),
+		applyCPU:        histogramVec(ownOpts("sync_apply_cpu_seconds", "CPU time (user+system, this process and its iptables children) consumed while applying one family's rules"), syncBuckets, ipFamily),
+		refused:         prometheus.NewGauge(prometheus.GaugeOpts(ownOpts("refused_services", "Services whose latest rules the kernel refuses; they keep their last accepted rules (none if they never had any) while every other Service is programmed"))),
 	}
 	m.reg.MustRegister(
 		m.syncDuration, m.syncFullDuration, m.syncPartialDuration, m.networkProgramming,
@@ -264,6 +234,9 @@ func New(o Options) *Metrics {
 		)
 	}
 	m.setLastQueued(now())
+	for _, fam := range o.Families {
+		m.learnFamily(fam)
+	}
 	return m
 }
 
@@ -278,22 +251,14 @@ func (m *Metrics) TrackChanges(c ChangeCounter) {
 	}
 	m.tracked = true
 	m.reg.MustRegister(
-		prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_service_changes_total",
-			Help: alpha + "Cumulative proxy rules Service changes",
-		}, func() float64 { return float64(c.ServiceChangesTotal()) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_endpoint_changes_total",
-			Help: alpha + "Cumulative proxy rules Endpoint changes",
-		}, func() float64 { return float64(c.EndpointChangesTotal()) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_service_changes_pending",
-			Help: alpha + "Pending proxy rules Service changes",
-		}, func() float64 { s, _ := c.PendingChanges(); return float64(s) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Subsystem: subsystem, Name: "sync_proxy_rules_endpoint_changes_pending",
-			Help: alpha + "Pending proxy rules Endpoint changes",
-		}, func() float64 { _, e := c.PendingChanges(); return float64(e) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts(alphaOpts("kubeproxy_sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes")),
+			func() float64 { return float64(c.ServiceChangesTotal()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts(alphaOpts("kubeproxy_sync_proxy_rules_endpoint_changes_total", "Cumulative proxy rules Endpoint changes")),
+			func() float64 { return float64(c.EndpointChangesTotal()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts(alphaOpts("kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes")),
+			func() float64 { s, _ := c.PendingChanges(); return float64(s) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts(alphaOpts("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes")),
+			func() float64 { _, e := c.PendingChanges(); return float64(e) }),
 	)
 }
 
@@ -363,7 +328,9 @@ func (m *Metrics) syncFamilies(res proxy.SyncResult) ([]iptables.Family, map[ipt
 // timestamps, observes the network programming latency (from the oldest
 // change it carried to its end, once for each family whose rules it wrote,
 // or for every family when it wrote none) and recounts the Services without
-// local endpoints. Every sync sets the count of refused Services.
+// local endpoints. Every sync sets the count of refused Services. Every
+// apply's CPU time is observed, and every successful apply sets the rule
+// count of each table it counted.
 func (m *Metrics) OnSync(res proxy.SyncResult) {
 	d := res.End.Sub(res.Start).Seconds()
 	fams, full := m.syncFamilies(res)
@@ -382,6 +349,10 @@ func (m *Metrics) OnSync(res proxy.SyncResult) {
 	wrote := map[iptables.Family]bool{}
 	for _, r := range res.Results {
 		fam := r.Family.String()
+		m.applyCPU.WithLabelValues(fam).Observe(r.CPU.Seconds())
+		if !r.Failed && r.TableRules != nil {
+			m.setRuleCounts(r.Family, r.TableRules)
+		}
 		m.restoreBytes.WithLabelValues(fam).Set(float64(r.Bytes))
 		m.rulesWritten.WithLabelValues(fam).Set(float64(r.RulesWritten))
 		m.chainsWritten.WithLabelValues(fam).Set(float64(r.ChainsWritten))
@@ -422,6 +393,29 @@ func (m *Metrics) OnSync(res proxy.SyncResult) {
 			m.noLocalEndpoints.WithLabelValues(PolicyInternal, fam.String()).Set(float64(c.Internal))
 			m.noLocalEndpoints.WithLabelValues(PolicyExternal, fam.String()).Set(float64(c.External))
 		}
+	}
+}
+
+// setRuleCounts sets the rule count of every table an apply counted, and 0
+// for tables of an earlier apply that this one no longer has
+// (kubeproxy_sync_proxy_rules_iptables_total).
+func (m *Metrics) setRuleCounts(fam iptables.Family, counts map[string]int) {
+	f := fam.String()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	seen := m.tables[f]
+	if seen == nil {
+		seen = map[string]bool{}
+		m.tables[f] = seen
+	}
+	for t := range seen {
+		if _, ok := counts[t]; !ok {
+			m.rulesTotal.WithLabelValues(t, f).Set(0)
+		}
+	}
+	for t, n := range counts {
+		seen[t] = true
+		m.rulesTotal.WithLabelValues(t, f).Set(float64(n))
 	}
 }
 

@@ -3,6 +3,7 @@ package metrics
 import (
 	"errors"
 	"io"
+	"log/slog"
 	"maps"
 	"math"
 	"net/http/httptest"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -74,7 +76,11 @@ func syncResult(snap *endpoints.Snapshot, start time.Time, d time.Duration, queu
 	if snap == nil {
 		snap = &endpoints.Snapshot{Node: endpoints.Node{Name: "node1", Eligible: true}}
 	}
-	return proxy.SyncResult{Snapshot: snap, Results: results, Err: err, Start: start, End: start.Add(d), QueuedSince: queued}
+	applies := make([]proxy.ApplyResult, len(results))
+	for i, r := range results {
+		applies[i] = proxy.ApplyResult{Result: r}
+	}
+	return proxy.SyncResult{Snapshot: snap, Results: applies, Err: err, Start: start, End: start.Add(d), QueuedSince: queued}
 }
 
 func TestSyncsMoveTheSyncMetrics(t *testing.T) {
@@ -191,8 +197,9 @@ func TestBucketsAreKubeProxys(t *testing.T) {
 }
 
 func TestTrackerChangesShowOnScrape(t *testing.T) {
-	m, c := newTestMetrics()
-	m.WrapApplier(iptables.IPv4, &fakeApplier{})
+	c := &clock{t: t0}
+	m := New(Options{Now: c.Now, NoProcessMetrics: true, Families: []iptables.Family{iptables.IPv4}})
+	want(t, scrape(t, m), `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"}`, float64(t0.Unix()))
 	tr := endpoints.NewTracker("node1", nil, nil)
 	m.TrackChanges(tr)
 	m.TrackChanges(tr) // harmless
@@ -281,73 +288,38 @@ func TestNoLocalEndpointsCountsLocalPoliciesWithoutLocalEndpointsPerFamily(t *te
 	want(t, page, `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv6",traffic_policy="external"}`, 0)
 }
 
-// fakeApplier returns what it is told to.
-type fakeApplier struct {
-	err   error
-	calls int
-	lost  string
-}
-
-func (f *fakeApplier) Apply(rs *iptables.Ruleset, full bool) (dataplane.Result, error) {
-	f.calls++
-	return dataplane.Result{Family: rs.Family, Full: full}, f.err
-}
-
-func (f *fakeApplier) Check(*iptables.Ruleset) error { return f.err }
-func (f *fakeApplier) CanaryLost() (string, error)   { return f.lost, f.err }
-
-func ruleset(natRules, filterRules int) *iptables.Ruleset {
-	rs := &iptables.Ruleset{Family: iptables.IPv4}
-	mk := func(table string, n int) iptables.TableRules {
-		tr := iptables.TableRules{Table: table, Chains: []iptables.Chain{{Name: "MP-A"}, {Name: "MP-B"}}}
-		for i := range n {
-			c := &tr.Chains[i%2]
-			c.Rules = append(c.Rules, iptables.Rule{"-j", "RETURN"})
-		}
-		return tr
-	}
-	if natRules >= 0 {
-		rs.Tables = append(rs.Tables, mk("nat", natRules))
-	}
-	if filterRules >= 0 {
-		rs.Tables = append(rs.Tables, mk("filter", filterRules))
-	}
-	return rs
-}
-
-func TestWrappedApplierCountsRulesPerTable(t *testing.T) {
+// Each apply's CPU time is observed, failed or not; each successful apply
+// sets the rule count of every table it counted, and 0 for a table an
+// earlier apply had; a failed apply changes no count, since nobody knows
+// what is in the kernel beyond what was last applied.
+func TestAppliesSetRuleCountsAndCPU(t *testing.T) {
 	m, _ := newTestMetrics()
-	f := &fakeApplier{}
-	a := m.WrapApplier(iptables.IPv4, f)
-
-	if _, err := a.Apply(ruleset(3, 1), true); err != nil {
-		t.Fatal(err)
-	}
-	got := scrape(t, m)
-	want(t, got, `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}`, 3)
-	want(t, got, `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="filter"}`, 1)
-	want(t, got, `miniproxy_sync_apply_cpu_seconds_count{ip_family="IPv4"}`, 1)
-
-	// A failed apply changes no count: nobody knows what is in the kernel
-	// beyond what was last applied.
-	f.err = errors.New("restore failed")
-	if _, err := a.Apply(ruleset(7, 7), false); err == nil {
-		t.Fatal("the error should pass through")
-	}
-	got = scrape(t, m)
-	want(t, got, `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}`, 3)
-	want(t, got, `miniproxy_sync_apply_cpu_seconds_count{ip_family="IPv4"}`, 2)
-
-	// A table that disappears drops to zero.
-	f.err = nil
-	if _, err := a.Apply(ruleset(5, -1), false); err != nil {
-		t.Fatal(err)
-	}
-	got = scrape(t, m)
-	want(t, got, `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}`, 5)
-	want(t, got, `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="filter"}`, 0)
-	if f.calls != 3 {
-		t.Errorf("%d calls reached the dataplane", f.calls)
+	nat := `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}`
+	filter := `kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="filter"}`
+	cpuCount, cpuSum := `miniproxy_sync_apply_cpu_seconds_count{ip_family="IPv4"}`, `miniproxy_sync_apply_cpu_seconds_sum{ip_family="IPv4"}`
+	for _, step := range []struct {
+		name             string
+		apply            proxy.ApplyResult
+		nat, filter      float64
+		cpuCount, cpuSum float64
+	}{
+		{"a full apply", proxy.ApplyResult{CPU: 20 * time.Millisecond, TableRules: map[string]int{"nat": 3, "filter": 1}}, 3, 1, 1, 0.02},
+		{"a failed apply", proxy.ApplyResult{Result: dataplane.Result{Failed: true}, CPU: 5 * time.Millisecond}, 3, 1, 2, 0.025},
+		{"the filter table gone", proxy.ApplyResult{CPU: time.Millisecond, TableRules: map[string]int{"nat": 5}}, 5, 0, 3, 0.026},
+	} {
+		step.apply.Family = iptables.IPv4
+		res := syncResult(nil, t0, time.Millisecond, time.Time{}, nil)
+		res.Results = []proxy.ApplyResult{step.apply}
+		m.OnSync(res)
+		got := scrape(t, m)
+		for _, w := range []struct {
+			series string
+			value  float64
+		}{{nat, step.nat}, {filter, step.filter}, {cpuCount, step.cpuCount}, {cpuSum, step.cpuSum}} {
+			if v, ok := got[w.series]; !ok || math.Abs(v-w.value) > 1e-9 {
+				t.Errorf("after %s: %s = %v (present: %v), want %v", step.name, w.series, v, ok, w.value)
+			}
+		}
 	}
 }
 
@@ -376,12 +348,38 @@ func TestProcessMetricsAreExportedByDefault(t *testing.T) {
 	}
 }
 
-// The wrapper forwards the canary check between syncs: without it the loop
-// would not see a flush until the next sync.
-func TestWrappedApplierForwardsTheCanaryCheck(t *testing.T) {
-	m := New(Options{})
-	a := m.WrapApplier(iptables.IPv4, &fakeApplier{lost: "the canary chain MP-CANARY of table nat is gone"})
-	if lost, err := a.CanaryLost(); lost != "the canary chain MP-CANARY of table nat is gone" || err != nil {
-		t.Errorf("CanaryLost through the wrapper = %q, %v", lost, err)
+// brokenCollector fails at every scrape, as a collector reading something
+// gone would.
+type brokenCollector struct{ desc *prometheus.Desc }
+
+func (b brokenCollector) Describe(ch chan<- *prometheus.Desc) { ch <- b.desc }
+func (b brokenCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.NewInvalidMetric(b.desc, errors.New("the source is gone"))
+}
+
+// A scrape error goes to Options.Log (nowhere when it is nil), and the
+// other families are still served.
+func TestScrapeErrorsAreLogged(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		logged bool
+	}{{"with a logger", true}, {"without", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs strings.Builder
+			o := Options{NoProcessMetrics: true}
+			if tc.logged {
+				o.Log = slog.New(slog.NewTextHandler(&logs, nil))
+			}
+			m := New(o)
+			m.Registry().MustRegister(brokenCollector{prometheus.NewDesc("broken_total", "Always fails", nil, nil)})
+			rec := httptest.NewRecorder()
+			m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+			if !strings.Contains(rec.Body.String(), "miniproxy_refused_services 0") {
+				t.Errorf("the other families should still be served: %d %s", rec.Code, rec.Body)
+			}
+			if got := strings.Contains(logs.String(), "serving metrics") && strings.Contains(logs.String(), "the source is gone"); got != tc.logged {
+				t.Errorf("logged %v, want %v: %q", got, tc.logged, logs.String())
+			}
+		})
 	}
 }

@@ -52,66 +52,35 @@ var restClient = newRESTClientMetrics()
 
 func newRESTClientMetrics() *restClientMetrics {
 	r := &restClientMetrics{
-		requestLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "rest_client_request_duration_seconds", Help: alpha + "Request latency in seconds. Broken down by verb, and host.",
-			Buckets: latencyBuckets,
-		}, []string{"verb", "host"}),
-		requestSize: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "rest_client_request_size_bytes", Help: alpha + "Request size in bytes. Broken down by verb and host.",
-			Buckets: sizeBuckets,
-		}, []string{"verb", "host"}),
-		responseSize: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "rest_client_response_size_bytes", Help: alpha + "Response size in bytes. Broken down by verb and host.",
-			Buckets: sizeBuckets,
-		}, []string{"verb", "host"}),
-		rateLimiterLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "rest_client_rate_limiter_duration_seconds", Help: alpha + "Client side rate limiter latency in seconds. Broken down by verb, and host.",
-			Buckets: latencyBuckets,
-		}, []string{"verb", "host"}),
-		requestResult: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rest_client_requests_total", Help: alpha + "Number of HTTP requests, partitioned by status code, method, and host.",
-		}, []string{"code", "method", "host"}),
-		requestRetry: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rest_client_request_retries_total", Help: alpha + "Number of request retries, partitioned by status code, verb, and host.",
-		}, []string{"code", "verb", "host"}),
-		execCertRotation: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "rest_client_exec_plugin_certificate_rotation_age",
-			Help: alpha + "Histogram of the number of seconds the last auth exec plugin client certificate lived before being rotated. " +
-				"If auth exec plugin client certificates are unused, histogram will contain no data.",
-			Buckets: rotationBuckets,
-		}),
-		execPluginCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rest_client_exec_plugin_call_total",
-			Help: alpha + "Number of calls to an exec plugin, partitioned by the type of event encountered (no_error, plugin_execution_error, " +
-				"plugin_not_found_error, client_internal_error) and an optional exit code. The exit code will be set to 0 if and only if the plugin call was successful.",
-		}, []string{"code", "call_status"}),
-		transportEntries: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "rest_client_transport_cache_entries", Help: alpha + "Number of transport entries in the internal cache.",
-		}),
-		transportCreates: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rest_client_transport_create_calls_total",
-			Help: alpha + "Number of calls to get a new transport, partitioned by the result of the operation hit: obtained from the cache, " +
-				"miss: created and added to the cache, miss-gc: recreated and added back to the cache after being garbage collected, uncacheable: created and not cached",
-		}, []string{"result"}),
-		transportCAReloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rest_client_transport_ca_reload_total",
-			Help: alpha + "Number of times a CA reload is attempted, partitioned by the result and reason for the reload attempt",
-		}, []string{"result", "reason"}),
-		certRotationGC: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "rest_client_transport_cert_rotation_gc_calls_total",
-			Help: alpha + "Number of times a cert rotation goroutine cancel func is called via GC cleanup of the associated transport",
-		}),
-		transportCacheGC: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rest_client_transport_cache_gc_calls_total",
-			Help: alpha + "Number of times a GC cleanup attempts to delete a transport cache entry, partitioned by the result: deleted, skipped",
-		}, []string{"result"}),
+		requestLatency:     histogramVec(alphaOpts("rest_client_request_duration_seconds", "Request latency in seconds. Broken down by verb, and host."), latencyBuckets, "verb", "host"),
+		requestSize:        histogramVec(alphaOpts("rest_client_request_size_bytes", "Request size in bytes. Broken down by verb and host."), sizeBuckets, "verb", "host"),
+		responseSize:       histogramVec(alphaOpts("rest_client_response_size_bytes", "Response size in bytes. Broken down by verb and host."), sizeBuckets, "verb", "host"),
+		rateLimiterLatency: histogramVec(alphaOpts("rest_client_rate_limiter_duration_seconds", "Client side rate limiter latency in seconds. Broken down by verb, and host."), latencyBuckets, "verb", "host"),
+		requestResult:      counterVec(alphaOpts("rest_client_requests_total", "Number of HTTP requests, partitioned by status code, method, and host."), "code", "method", "host"),
+		requestRetry:       counterVec(alphaOpts("rest_client_request_retries_total", "Number of request retries, partitioned by status code, verb, and host."), "code", "verb", "host"),
+		execCertRotation: prometheus.NewHistogram(histogramOpts(alphaOpts("rest_client_exec_plugin_certificate_rotation_age",
+			"Histogram of the number of seconds the last auth exec plugin client certificate lived before being rotated. "+
+				"If auth exec plugin client certificates are unused, histogram will contain no data."), rotationBuckets)),
+		execPluginCalls: counterVec(alphaOpts("rest_client_exec_plugin_call_total",
+			"Number of calls to an exec plugin, partitioned by the type of event encountered (no_error, plugin_execution_error, "+
+				"plugin_not_found_error, client_internal_error) and an optional exit code. The exit code will be set to 0 if and only if the plugin call was successful."),
+			"code", "call_status"),
+		transportEntries: prometheus.NewGauge(prometheus.GaugeOpts(alphaOpts("rest_client_transport_cache_entries", "Number of transport entries in the internal cache."))),
+		transportCreates: counterVec(alphaOpts("rest_client_transport_create_calls_total",
+			"Number of calls to get a new transport, partitioned by the result of the operation hit: obtained from the cache, "+
+				"miss: created and added to the cache, miss-gc: recreated and added back to the cache after being garbage collected, uncacheable: created and not cached"),
+			"result"),
+		transportCAReloads: counterVec(alphaOpts("rest_client_transport_ca_reload_total",
+			"Number of times a CA reload is attempted, partitioned by the result and reason for the reload attempt"), "result", "reason"),
+		certRotationGC: prometheus.NewCounter(prometheus.CounterOpts(alphaOpts("rest_client_transport_cert_rotation_gc_calls_total",
+			"Number of times a cert rotation goroutine cancel func is called via GC cleanup of the associated transport"))),
+		transportCacheGC: counterVec(alphaOpts("rest_client_transport_cache_gc_calls_total",
+			"Number of times a GC cleanup attempts to delete a transport cache entry, partitioned by the result: deleted, skipped"), "result"),
 	}
-	r.execPluginTTL = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "rest_client_exec_plugin_ttl_seconds",
-		Help: alpha + "Gauge of the shortest TTL (time-to-live) of the client certificate(s) managed by the auth exec plugin. " +
-			"The value is in seconds until certificate expiry (negative if already expired). " +
-			"If auth exec plugins are unused or manage no TLS certificates, the value will be +INF.",
-	}, r.ttl)
+	r.execPluginTTL = prometheus.NewGaugeFunc(prometheus.GaugeOpts(alphaOpts("rest_client_exec_plugin_ttl_seconds",
+		"Gauge of the shortest TTL (time-to-live) of the client certificate(s) managed by the auth exec plugin. "+
+			"The value is in seconds until certificate expiry (negative if already expired). "+
+			"If auth exec plugins are unused or manage no TLS certificates, the value will be +INF.")), r.ttl)
 	return r
 }
 

@@ -108,7 +108,7 @@ type SyncResult struct {
 	// Results has one entry per apply of a family, in order: one per family,
 	// or more when the kernel refused an apply and the rest was applied
 	// again without the refused Services.
-	Results []dataplane.Result
+	Results []ApplyResult
 	// Err is nil when every family was applied.
 	Err error
 	// Start and End bound the sync.
@@ -149,6 +149,9 @@ type Proxier struct {
 	families []iptables.Family
 	addrs    AddrLister
 	log      *slog.Logger
+	// cpu reads the process's CPU time around each apply (processCPU;
+	// tests replace it).
+	cpu func() time.Duration
 
 	kick chan struct{}
 
@@ -174,7 +177,11 @@ type Proxier struct {
 	ctFailed bool
 }
 
-// New wires a Proxier; planes holds one Applier per family to program.
+// New makes a Proxier; planes holds one Applier per family to program.
+// The Proxier reads tracker at every sync (Snapshot, OldestPending) but
+// does not subscribe to it: whoever wires the daemon tells it of changes
+// with Changed (tracker.SetOnChange(p.Changed)), so that the flow from
+// the informers to the loop is written where it can be read.
 func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Applier, addrs AddrLister, log *slog.Logger) *Proxier {
 	p := &Proxier{
 		opts:    opts,
@@ -182,6 +189,7 @@ func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Ap
 		planes:  planes,
 		addrs:   addrs,
 		log:     log,
+		cpu:     processCPU,
 		kick:    make(chan struct{}, 1),
 		warned:  map[endpoints.ServicePortName]bool{},
 	}
@@ -192,19 +200,21 @@ func New(opts Options, tracker *endpoints.Tracker, planes map[iptables.Family]Ap
 			p.builders[f] = new(rules.Builder)
 		}
 	}
-	tracker.SetOnChange(p.changed)
 	return p
 }
 
-// OnChange registers a function called whenever a change arrives from the
-// API server, before the sync it causes (the metrics' "last queued" time).
+// OnChange registers a function called at every Changed, before the sync
+// it causes (the metrics' "last queued" time).
 func (p *Proxier) OnChange(f func()) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.changeListeners = append(p.changeListeners, f)
 }
 
-func (p *Proxier) changed() {
+// Changed says that the tracked state changed: it calls the OnChange
+// functions and asks for a sync soon (Kick). It never blocks for long, so
+// that the tracker may call it from an informer's handler.
+func (p *Proxier) Changed() {
 	p.mu.Lock()
 	listeners := append([]func(){}, p.changeListeners...)
 	p.mu.Unlock()
@@ -416,8 +426,7 @@ func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) 
 func (p *Proxier) applyAll(snap *endpoints.Snapshot, cfgs map[iptables.Family]rules.Config, full bool, res *SyncResult) error {
 	var errs []error
 	for _, fam := range p.families {
-		r, err := p.planes[fam].Apply(p.builders[fam].Build(snap, cfgs[fam]), full)
-		r.Family, r.Failed = fam, err != nil
+		r, err := p.apply(fam, p.builders[fam].Build(snap, cfgs[fam]), full)
 		res.Results = append(res.Results, r)
 		if r.Reason == dataplane.ReasonCanary {
 			p.log.Warn(r.CanaryLost+": another program flushed miniproxy's rules; rewriting all of them", "family", fam.String())

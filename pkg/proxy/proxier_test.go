@@ -90,6 +90,7 @@ func newLabWith(t *testing.T, opts Options, wrap func(dataplane.Runner) dataplan
 		return nil, nil
 	}
 	p := New(opts, tracker, map[iptables.Family]Applier{iptables.IPv4: dp}, addrs, quietLog())
+	tracker.SetOnChange(p.Changed)
 	return &lab{fake: fake, tracker: tracker, proxier: p}
 }
 
@@ -204,6 +205,25 @@ func TestRunSyncsEachChangeWithinAFewSeconds(t *testing.T) {
 		case <-deadline:
 			t.Fatal("the change was not synced within 10s")
 		}
+	}
+}
+
+// New leaves the tracker's change callback to whoever wires the daemon;
+// Changed tells OnChange's functions and asks for a sync.
+func TestChangesReachTheLoopOnlyThroughChanged(t *testing.T) {
+	tracker := endpoints.NewTracker("node1", quietLog(), nil)
+	var wired, heard int
+	tracker.SetOnChange(func() { wired++ })
+	p := New(Options{SyncPeriod: time.Minute}, tracker, map[iptables.Family]Applier{}, nil, quietLog())
+	p.OnChange(func() { heard++ })
+	tracker.OnServiceAdd(service("web", "10.0.0.10", v1.ProtocolTCP))
+	if wired != 1 || heard != 0 || len(p.kick) != 0 {
+		t.Fatalf("New took the tracker's callback: wired %d, heard %d, kicks %d", wired, heard, len(p.kick))
+	}
+	p.Changed()
+	p.Changed()
+	if heard != 2 || len(p.kick) != 1 {
+		t.Errorf("Changed twice: heard %d, kicks pending %d; want 2 and 1", heard, len(p.kick))
 	}
 }
 

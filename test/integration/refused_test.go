@@ -99,10 +99,10 @@ func TestARefusedServiceStopsNoOtherInTheKernel(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			m := metrics.New(metrics.Options{NoProcessMetrics: true})
+			m := metrics.New(metrics.Options{NoProcessMetrics: true, Families: []iptables.Family{iptables.IPv4}})
 			tracker := endpoints.NewTracker("node1", log, nil)
 			p := proxy.New(proxy.Options{DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet}}, SyncPeriod: time.Minute}, tracker,
-				map[iptables.Family]proxy.Applier{iptables.IPv4: m.WrapApplier(iptables.IPv4, dp)},
+				map[iptables.Family]proxy.Applier{iptables.IPv4: dp},
 				func(f iptables.Family) ([]netip.Addr, error) {
 					if f == iptables.IPv4 {
 						return []netip.Addr{nodeIP, pod1GW, pod2GW}, nil
