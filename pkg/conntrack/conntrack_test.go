@@ -301,3 +301,57 @@ func TestReconcileWithFake(t *testing.T) {
 		t.Errorf("table holds %v, want %v", got, kept)
 	}
 }
+
+// After the rules were missing (WithTCP), a TCP entry that skipped the nat
+// table is deleted so that the client's next SYN is translated; translated
+// connections are never touched.
+func TestJudgeTCPAfterTheRulesWereMissing(t *testing.T) {
+	web := endpoints.ServicePortName{Namespace: "default", Name: "web"}
+	webService := &endpoints.ServicePort{Name: web, Protocol: endpoints.TCP, Port: 80, NodePort: 30080,
+		ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.80")}, LoadBalancerIPs: []netip.Addr{netip.MustParseAddr("203.0.113.80")}}
+	snap := state(webService, ready(podB))
+	tcp := func(dst, replySrc netip.AddrPort) Entry {
+		return Entry{Proto: ProtoTCP, OrigSrc: client, OrigDst: dst, ReplySrc: replySrc, ReplyDst: client}
+	}
+	clusterIP, nodePort := ap("10.96.0.80:80"), netip.AddrPortFrom(nodeIP, 30080)
+	tests := []struct {
+		name  string
+		sweep bool // WithTCP: the rules may have been missing
+		entry Entry
+		want  Verdict
+	}{
+		{"SYN to the ClusterIP sent while the rules were gone: deleted", true, tcp(clusterIP, clusterIP),
+			Verdict{Stale: true, Reason: ReasonTCPUntranslated, Service: web}},
+		{"SYN to a NodePort on a node address sent while the rules were gone: deleted", true, tcp(nodePort, nodePort),
+			Verdict{Stale: true, Reason: ReasonTCPUntranslated, Service: web}},
+		{"SYN to the load balancer IP sent while the rules were gone: deleted", true, tcp(ap("203.0.113.80:80"), ap("203.0.113.80:80")),
+			Verdict{Stale: true, Reason: ReasonTCPUntranslated, Service: web}},
+		{"a translated connection, even to an endpoint that left: left alone", true, tcp(clusterIP, podA),
+			Verdict{Reason: ReasonTCPTranslated, Service: web}},
+		{"the NodePort's number on an address that is not the node's: not ours", true, tcp(ap("192.168.0.99:30080"), ap("192.168.0.99:30080")),
+			Verdict{Reason: ReasonNotService}},
+		{"the ClusterIP on another port: not ours", true, tcp(ap("10.96.0.80:81"), ap("10.96.0.80:81")),
+			Verdict{Reason: ReasonNotService}},
+		{"untranslated, but no sweep after missing rules: left alone", false, tcp(clusterIP, clusterIP),
+			Verdict{Reason: ReasonProtocol}},
+	}
+	nodePortAddrs := map[iptables.Family][]netip.Addr{iptables.IPv4: {nodeIP}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := NewFrontends(snap, nodePortAddrs)
+			if tc.sweep {
+				f = f.WithTCP(snap)
+			}
+			if got := f.Judge(&tc.entry); got != tc.want {
+				t.Errorf("Judge(%+v)\n got %+v\nwant %+v", tc.entry, got, tc.want)
+			}
+		})
+	}
+	// Only such a sweep reads TCP entries at all.
+	if p := NewFrontends(snap, nodePortAddrs).Protocols(); len(p) != 0 {
+		t.Errorf("Protocols of a TCP-only state = %v, want none", p)
+	}
+	if p := NewFrontends(snap, nodePortAddrs).WithTCP(snap).Protocols(); len(p) != 1 || p[0] != ProtoTCP {
+		t.Errorf("Protocols after WithTCP = %v, want [TCP]", p)
+	}
+}

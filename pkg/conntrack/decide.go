@@ -12,6 +12,14 @@
 // node address that serves NodePorts) and whose reply source (the DNAT
 // target) is not a serving endpoint of that service port is deleted. The
 // decision (Frontends.Judge) is pure; the kernel is behind Table.
+//
+// TCP gets one kind of help, only when the rules may have been missing (at
+// start-up, and after another program flushed them): an entry to a TCP
+// frontend that was never translated. A SYN sent while the rules were gone
+// leaves such an entry, UNREPLIED in SYN_SENT for two minutes; the client's
+// retransmissions, and any later connection that happens to reuse its source
+// port, match it and so skip the nat table, and go nowhere even though the
+// rules are back (WithTCP). Translated TCP entries are never touched.
 package conntrack
 
 import (
@@ -53,12 +61,18 @@ type Verdict struct {
 
 // Why an entry is kept or deleted.
 const (
-	ReasonProtocol     = "not UDP or SCTP"
+	ReasonProtocol     = "a protocol not judged (TCP outside a sweep made WithTCP)"
 	ReasonNotService   = "not to a Service frontend"
 	ReasonServing      = "to a serving endpoint"
 	ReasonGone         = "to an endpoint that is not serving"
 	ReasonUntranslated = "never translated (sent while the Service had no endpoint)"
 	ReasonDeleted      = "to a Service deleted since the last reconciliation"
+	// ReasonTCPUntranslated: a TCP entry to a frontend that skipped the
+	// nat table because the rules were missing when it began.
+	ReasonTCPUntranslated = "TCP, never translated (sent while the rules were missing)"
+	// ReasonTCPTranslated: a translated TCP connection, left to end on its
+	// own as kube-proxy leaves it.
+	ReasonTCPTranslated = "TCP, translated (left alone)"
 )
 
 type frontend struct {
@@ -89,6 +103,10 @@ type Frontends struct {
 	nodePorts map[nodePort]*backends
 	// nodeAddrs are the node addresses that serve NodePorts.
 	nodeAddrs map[netip.Addr]struct{}
+	// tcpIPs and tcpNodePorts are the TCP frontends, only in Frontends made
+	// by WithTCP; nil otherwise.
+	tcpIPs       map[netip.AddrPort]endpoints.ServicePortName
+	tcpNodePorts map[uint16]endpoints.ServicePortName
 }
 
 // NewFrontends collects the UDP and SCTP frontends of snap and their serving
@@ -163,9 +181,60 @@ func protoNumber(p endpoints.Protocol) uint8 {
 	return 0
 }
 
+// WithTCP returns f plus the TCP frontends of snap (ClusterIPs, external
+// IPs, load balancer IPs, and NodePorts on f's node addresses), for a sweep
+// after the rules may have been missing: Judge then also deletes the TCP
+// entries to those frontends that were never translated. f is not changed.
+// It costs a map of every TCP frontend, so it is made only for such a
+// sweep, never kept.
+func (f *Frontends) WithTCP(snap *endpoints.Snapshot) *Frontends {
+	out := *f
+	out.tcpIPs = map[netip.AddrPort]endpoints.ServicePortName{}
+	out.tcpNodePorts = map[uint16]endpoints.ServicePortName{}
+	if snap == nil {
+		return &out
+	}
+	for name, sp := range snap.Services {
+		if sp.Protocol != endpoints.TCP {
+			continue
+		}
+		for _, list := range [][]netip.Addr{sp.ClusterIPs, sp.ExternalIPs, sp.LoadBalancerIPs} {
+			for _, a := range list {
+				out.tcpIPs[netip.AddrPortFrom(a.Unmap(), uint16(sp.Port))] = name
+			}
+		}
+		if sp.NodePort != 0 {
+			out.tcpNodePorts[uint16(sp.NodePort)] = name
+		}
+	}
+	return &out
+}
+
+// judgeTCP decides about a TCP entry: stale only when it goes to a TCP
+// frontend untranslated.
+func (f *Frontends) judgeTCP(e *Entry) Verdict {
+	dst := netip.AddrPortFrom(e.OrigDst.Addr().Unmap(), e.OrigDst.Port())
+	name, ok := f.tcpIPs[dst]
+	if !ok {
+		if _, local := f.nodeAddrs[dst.Addr()]; local {
+			name, ok = f.tcpNodePorts[dst.Port()]
+		}
+	}
+	if !ok {
+		return Verdict{Reason: ReasonNotService}
+	}
+	if netip.AddrPortFrom(e.ReplySrc.Addr().Unmap(), e.ReplySrc.Port()) == dst {
+		return Verdict{Stale: true, Reason: ReasonTCPUntranslated, Service: name}
+	}
+	return Verdict{Reason: ReasonTCPTranslated, Service: name}
+}
+
 // Judge decides about one entry. It is pure: the same Frontends and entry
 // always give the same verdict.
 func (f *Frontends) Judge(e *Entry) Verdict {
+	if e.Proto == ProtoTCP && f.tcpIPs != nil {
+		return f.judgeTCP(e)
+	}
 	if e.Proto != ProtoUDP && e.Proto != ProtoSCTP {
 		return Verdict{Reason: ReasonProtocol}
 	}
@@ -205,11 +274,10 @@ func (f *Frontends) Since(prev *Frontends) *Frontends {
 	if prev == nil {
 		return f
 	}
-	return &Frontends{
-		ips:       withDeleted(f.ips, prev.ips),
-		nodePorts: withDeleted(f.nodePorts, prev.nodePorts),
-		nodeAddrs: f.nodeAddrs,
-	}
+	out := *f
+	out.ips = withDeleted(f.ips, prev.ips)
+	out.nodePorts = withDeleted(f.nodePorts, prev.nodePorts)
+	return &out
 }
 
 // withDeleted returns cur plus the keys of prev it lacks, marked deleted
@@ -228,10 +296,11 @@ func withDeleted[K comparable](cur, prev map[K]*backends) map[K]*backends {
 	return out
 }
 
-// Protocols lists the protocols (ProtoUDP, ProtoSCTP) of f's frontends:
-// entries of no other protocol can be stale.
+// Protocols lists the protocols of f's frontends (ProtoUDP, ProtoSCTP, and
+// ProtoTCP in Frontends made by WithTCP): entries of no other protocol can
+// be stale.
 func (f *Frontends) Protocols() []uint8 {
-	has := map[uint8]bool{}
+	has := map[uint8]bool{ProtoTCP: len(f.tcpIPs)+len(f.tcpNodePorts) > 0}
 	for k := range f.ips {
 		has[k.proto] = true
 	}
@@ -239,7 +308,7 @@ func (f *Frontends) Protocols() []uint8 {
 		has[k.proto] = true
 	}
 	var out []uint8
-	for _, p := range []uint8{ProtoUDP, ProtoSCTP} {
+	for _, p := range []uint8{ProtoTCP, ProtoUDP, ProtoSCTP} {
 		if has[p] {
 			out = append(out, p)
 		}

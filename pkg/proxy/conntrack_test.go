@@ -8,6 +8,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 
 	"github.com/miniproxy/miniproxy/pkg/conntrack"
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
@@ -83,5 +84,61 @@ func TestConntrackIsLeftAloneWithoutATable(t *testing.T) {
 	l.tracker.OnEndpointSliceAdd(slice("dns", "10.244.2.6", "node2", v1.ProtocolUDP))
 	if res := l.proxier.Sync(false); res.Err != nil || res.Conntrack != nil {
 		t.Errorf("sync = %v, %+v", res.Err, res.Conntrack)
+	}
+}
+
+// tcpSYN is a client's TCP entry to the ClusterIP 10.0.0.80:80 that was
+// never translated: what a SYN leaves when it finds no rules.
+func tcpSYN(clientPort uint16) conntrack.Entry {
+	return conntrack.Entry{
+		Proto:    conntrack.ProtoTCP,
+		OrigSrc:  netip.AddrPortFrom(client, clientPort),
+		OrigDst:  netip.MustParseAddrPort("10.0.0.80:80"),
+		ReplySrc: netip.MustParseAddrPort("10.0.0.80:80"),
+		ReplyDst: netip.AddrPortFrom(client, clientPort),
+	}
+}
+
+func TestTCPEntriesThatMissedTheRulesAreDeletedAtStartAndAfterAFlush(t *testing.T) {
+	table := &conntrack.Fake{}
+	l := newLab(t, Options{Conntrack: table})
+	l.tracker.OnServiceAdd(service("web", "10.0.0.80", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	established := conntrack.Entry{Proto: conntrack.ProtoTCP, OrigSrc: netip.AddrPortFrom(client, 40000),
+		OrigDst: netip.MustParseAddrPort("10.0.0.80:80"), ReplySrc: netip.MustParseAddrPort("10.244.2.6:8080")}
+
+	// Start-up: the rules may have been missing before this process (a
+	// node's first start, a crash): the SYN that found none goes, the
+	// translated connection stays.
+	table.Add(established, tcpSYN(40001))
+	if res := l.proxier.Sync(false); res.Err != nil || len(res.Conntrack) != 1 || res.Conntrack[0].Deleted != 1 {
+		t.Fatalf("first sync: err %v, conntrack %+v; want the untranslated SYN deleted", res.Err, res.Conntrack)
+	}
+	if got := table.Entries(); len(got) != 1 || got[0] != established {
+		t.Errorf("after start-up the table holds %v, want only %v", got, established)
+	}
+
+	// Rules in place: a later sync does not read the TCP entries.
+	table.Add(tcpSYN(40002))
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 0 {
+		t.Errorf("a sync with the rules in place swept TCP: %+v", res.Conntrack)
+	}
+
+	// Another program flushes the nat table: the sync that finds the
+	// canary gone rewrites the rules and then sweeps.
+	s := l.fake.State(iptables.IPv4)
+	for _, c := range s["nat"] {
+		c.Rules = nil
+	}
+	l.fake.SetState(iptables.IPv4, s)
+	res := l.proxier.Sync(false)
+	if res.Err != nil || len(res.Results) != 1 || res.Results[0].Reason != dataplane.ReasonCanary {
+		t.Fatalf("the sync after the flush: err %v, results %+v; want a full apply for the lost canary", res.Err, res.Results)
+	}
+	if len(res.Conntrack) != 1 || res.Conntrack[0].Deleted != 1 {
+		t.Errorf("the sync after the flush reconciled %+v, want the SYN sent meanwhile deleted", res.Conntrack)
+	}
+	if got := table.Entries(); len(got) != 1 || got[0] != established {
+		t.Errorf("after the flush the table holds %v, want only %v", got, established)
 	}
 }

@@ -133,7 +133,8 @@ type SyncResult struct {
 type ConntrackCleanup struct {
 	Family iptables.Family
 	// Duration is the time the reconciliation took; Seen counts the UDP and
-	// SCTP entries read and Deleted those deleted (those deleted before an
+	// SCTP entries read (and the TCP ones, in a sweep after the rules may
+	// have been missing) and Deleted those deleted (those deleted before an
 	// error included).
 	Duration      time.Duration
 	Seen, Deleted int
@@ -175,6 +176,10 @@ type Proxier struct {
 	// against in full; ctFailed says the last reconciliation failed.
 	ctFronts *conntrack.Frontends
 	ctFailed bool
+	// tcpSwept says the TCP entries that skipped the nat table while the
+	// rules were missing have been swept since the rules were last missing
+	// (false at start-up: they may have been missing before this process).
+	tcpSwept bool
 }
 
 // New makes a Proxier; planes holds one Applier per family to program.
@@ -355,7 +360,7 @@ func (p *Proxier) Sync(full bool) SyncResult {
 	if applied != nil {
 		res.Snapshot = applied
 		p.applied = applied.WithoutChanges()
-		res.Conntrack = p.reconcileConntrack(applied)
+		res.Conntrack = p.reconcileConntrack(applied, rulesWereMissing(res.Results))
 		res.Refusals = p.noteRefusals(want, refused, applied, start)
 	} else {
 		res.Snapshot = want
@@ -497,25 +502,48 @@ func sortRefusals(rs []Refusal) {
 	sort.Slice(rs, func(i, j int) bool { return endpoints.LessName(rs[i].Service, rs[j].Service) })
 }
 
+// rulesWereMissing says whether an apply of the sync found that another
+// program had flushed or deleted the rules (the canary was lost), so that
+// connections begun meanwhile skipped the nat table.
+func rulesWereMissing(results []ApplyResult) bool {
+	for _, r := range results {
+		if r.Reason == dataplane.ReasonCanary {
+			return true
+		}
+	}
+	return false
+}
+
 // reconcileConntrack runs only after the new rules are in, so that the next
 // packet of a flow whose entry is deleted meets them. It runs after the
 // first successful sync (a restart reconciles; it never flushes) and after
 // each one whose UDP or SCTP frontends or serving endpoints differ from the
 // last reconciled ones, or whose predecessor failed to reconcile. Each
 // family is reconciled, and timed, on its own.
-func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot) []ConntrackCleanup {
+//
+// The TCP entries that never met the rules are swept too (WithTCP) at the
+// first reconciliation of the process and after rulesMissing (the rules
+// were found flushed): then the client's next SYN is translated, instead of
+// matching the untranslated entry for its two minutes.
+func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot, rulesMissing bool) []ConntrackCleanup {
 	if p.opts.Conntrack == nil {
 		return nil
+	}
+	if rulesMissing {
+		p.tcpSwept = false
 	}
 	nodePorts := map[iptables.Family][]netip.Addr{}
 	for fam, cfg := range p.cfgs {
 		nodePorts[fam] = nodePortAddrs(cfg)
 	}
 	cur := conntrack.NewFrontends(snap, nodePorts)
-	if p.ctFronts != nil && !p.ctFailed && cur.SameServices(p.ctFronts) {
+	if p.tcpSwept && p.ctFronts != nil && !p.ctFailed && cur.SameServices(p.ctFronts) {
 		return nil
 	}
 	judge := cur.Since(p.ctFronts)
+	if !p.tcpSwept {
+		judge = judge.WithTCP(snap)
+	}
 	var out []ConntrackCleanup
 	failed := false
 	for _, fam := range p.families {
@@ -532,6 +560,7 @@ func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot) []ConntrackCleanu
 	p.ctFailed = failed
 	if !failed {
 		p.ctFronts = cur
+		p.tcpSwept = true
 	}
 	return out
 }

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"net"
 	"net/netip"
 	"regexp"
@@ -61,13 +62,20 @@ func udpDNSSlice(pods ...netip.Addr) *discoveryv1.EndpointSlice {
 // is the node's (nil: no reconciler). It syncs once and returns the result.
 func startProxier(t *testing.T, top *topology, table conntrack.Table, pods ...netip.Addr) proxy.SyncResult {
 	t.Helper()
+	return syncInNode(t, top, newProxier(t, table, udpDNS(), udpDNSSlice(pods...)))
+}
+
+// newProxier is a miniproxy for the node that knows one Service and its
+// slice, whose conntrack table is table (nil: no reconciler).
+func newProxier(t *testing.T, table conntrack.Table, svc *v1.Service, slice *discoveryv1.EndpointSlice) *proxy.Proxier {
+	t.Helper()
 	dp, err := dataplane.New(dataplane.NewRunner(), iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tracker := endpoints.NewTracker("node1", quietLog, nil)
-	tracker.OnServiceAdd(udpDNS())
-	tracker.OnEndpointSliceAdd(udpDNSSlice(pods...))
+	tracker.OnServiceAdd(svc)
+	tracker.OnEndpointSliceAdd(slice)
 	opts := proxy.Options{DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{clusterNet}}, SyncPeriod: time.Minute}
 	if table != nil {
 		opts.Conntrack = table
@@ -79,6 +87,13 @@ func startProxier(t *testing.T, top *topology, table conntrack.Table, pods ...ne
 			}
 			return nil, nil
 		}, quietLog)
+	return p
+}
+
+// syncInNode syncs p once in the node's namespace and fails the test on an
+// error of the sync or of its conntrack reconciliation.
+func syncInNode(t *testing.T, top *topology, p *proxy.Proxier) proxy.SyncResult {
+	t.Helper()
 	var res proxy.SyncResult
 	top.node.Do(func() error { res = p.Sync(false); return nil })
 	if res.Err != nil {
@@ -381,5 +396,82 @@ func TestTheKernelTableSweepsOnlyWhatItIsAskedFor(t *testing.T) {
 	must(err)
 	if seen != 2 || deleted != 0 {
 		t.Errorf("a UDP+SCTP sweep saw %d and deleted %d, want the UDP and the SCTP entry, none deleted", seen, deleted)
+	}
+}
+
+// A TCP Service whose rules another program flushed: a client's SYN sent
+// meanwhile goes out untranslated and leaves a conntrack entry, UNREPLIED
+// in SYN_SENT for two minutes, that every retransmission and any later
+// connection from the same source port matches, skipping the nat table even
+// after the rules are back. The sync that finds the rules flushed rewrites
+// them and deletes that entry, so the same source port connects again at
+// once (found by the fault drills: requests to a steady Service failed a
+// minute after another drill flushed the rules, when a new connection
+// reused a source port).
+func TestATCPConnectionBegunWhileTheRulesWereFlushedWorksOnceTheyAreBack(t *testing.T) {
+	top := setUp(t)
+	table := nodeTable(t, top.node)
+	web := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web"},
+		Spec: v1.ServiceSpec{Type: v1.ServiceTypeClusterIP, ClusterIP: "10.96.0.80", ClusterIPs: []string{"10.96.0.80"},
+			Ports: []v1.ServicePort{{Port: 80, Protocol: v1.ProtocolTCP, TargetPort: intstr.FromInt32(8080)}}},
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: "web-1", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Port: ptr.To[int32](8080), Protocol: ptr.To(v1.ProtocolTCP)}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{pod2IP.String()}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}, NodeName: ptr.To("node2")}},
+	}
+	p := newProxier(t, table, web, slice)
+	syncInNode(t, top, p)
+	const srcPort = 45080
+	connectFrom := func(port int) error {
+		return top.client.Do(func() error {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{Port: port}, Timeout: 500 * time.Millisecond}
+			c, err := d.Dial("tcp", "10.96.0.80:80")
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+	}
+	connect := func() error { return connectFrom(srcPort) }
+	if err := connectFrom(srcPort + 1); err != nil {
+		t.Fatalf("before the flush: %v", err)
+	}
+
+	if _, stderr, err := top.node.Run(context.Background(), "iptables", "-t", "nat", "-F"); err != nil {
+		t.Fatalf("iptables -t nat -F: %v: %s", err, stderr)
+	}
+	if err := connect(); err == nil {
+		t.Fatal("connected while the nat table was flushed")
+	}
+	untranslated := func() int {
+		n := 0
+		top.node.Do(func() error {
+			_, _, err := table.Sweep(iptables.IPv4, []uint8{conntrack.ProtoTCP}, func(e *conntrack.Entry) bool {
+				if e.OrigSrc.Port() == srcPort && e.ReplySrc == e.OrigDst {
+					n++
+				}
+				return false
+			})
+			return err
+		})
+		return n
+	}
+	if n := untranslated(); n != 1 {
+		out, _, _ := top.node.Run(context.Background(), "conntrack", "-L")
+		t.Fatalf("%d untranslated entries from the client's port after the SYN sent while flushed, want 1\n%s", n, out)
+	}
+
+	res := syncInNode(t, top, p)
+	if len(res.Results) != 1 || res.Results[0].Reason != dataplane.ReasonCanary {
+		t.Fatalf("the sync after the flush: %+v; want a full apply for the lost canary", res.Results)
+	}
+	if n := untranslated(); n != 0 {
+		t.Fatalf("%d untranslated entries left after the sync that rewrote the rules (conntrack: %+v)", n, res.Conntrack)
+	}
+	if err := connect(); err != nil {
+		t.Fatalf("from the same source port after the rules were back: %v (conntrack: %+v)", err, res.Conntrack)
 	}
 }
