@@ -80,6 +80,7 @@ func TestDrillGracefulRestart(t *testing.T) {
 	node := lab.Nodes[0]
 	cip := svc.Spec.ClusterIP + ":53"
 	np := fmt.Sprintf("%s:%d", node.IP, svc.Spec.Ports[0].NodePort)
+	created := time.Now()
 	err = cluster.Eventually(ctx, 30*time.Second, func() error {
 		if _, err := steadyPod.NS.UDPRequest(ctx, cip, "hello", 500*time.Millisecond); err != nil {
 			return err
@@ -88,7 +89,8 @@ func TestDrillGracefulRestart(t *testing.T) {
 		return err
 	})
 	if err != nil {
-		t.Fatalf("%v\n%s%s", err, serviceRules(ctx, node, svc.Spec.ClusterIP), serviceSlices(ctx, "steady-udp"))
+		t.Fatalf("%v\n%s%s%s's miniproxy since the Service was created:\n%s", err, serviceRules(ctx, node, svc.Spec.ClusterIP), serviceSlices(ctx, "steady-udp"),
+			node.Name, logWindow(node.Proxy.Output(), created.Add(-time.Second), time.Now()))
 	}
 	flowCtx, stopFlows := context.WithCancel(ctx)
 	flows := []*udpFlow{
