@@ -63,179 +63,256 @@ type convertedService struct {
 }
 
 // convertService turns a Service into its service ports, following upstream
-// kube-proxy:
-//   - Services labelled service.kubernetes.io/service-proxy-name (or the
-//     headless label), headless ones (clusterIP None), ones without a cluster
-//     IP and type ExternalName are skipped without being invalid.
-//   - A cluster IP that does not parse makes the whole Service invalid.
-//   - A port with an unknown protocol or a port number out of range is
-//     dropped alone; the other ports still work.
-//   - An external IP or load balancer ingress IP that does not parse is
-//     dropped alone (upstream does the same: the API server may not have
-//     validated them, and dropping one address fails closed for it).
-//   - A load balancer source range that does not parse is dropped alone, as
-//     upstream does. Note that if every range is dropped the list is empty,
-//     which means "open to everyone", exactly as upstream behaves; the API
-//     server rejects such ranges, so this only concerns objects that predate
-//     validation.
+// kube-proxy. It runs the steps below in order; each decides one thing and
+// says what it dropped, so the problems come in the order of the spec:
+//   - notProxiedBecause: Services labelled service.kubernetes.io/service-proxy-name
+//     (or the headless label), headless ones (clusterIP None), ones without a
+//     cluster IP and type ExternalName are skipped without being invalid.
+//   - clusterIPsOf: a cluster IP that does not parse makes the whole Service
+//     invalid.
+//   - externalIPsOf, loadBalancerIPsOf, sourceRangesOf: an address or range
+//     that does not parse is dropped alone.
+//   - externalPolicyLocal, internalPolicyLocal, healthCheckNodePortOf,
+//     affinityTimeoutOf: what every port of the Service shares.
+//   - servicePortsOf: a port with an unknown protocol or a port number out of
+//     range is dropped alone; the other ports still work.
 func convertService(svc *v1.Service) convertedService {
-	var out convertedService
+	if why := notProxiedBecause(svc); why != "" {
+		return convertedService{skipped: why}
+	}
+	clusterIPs, problems, err := clusterIPsOf(rawClusterIPs(&svc.Spec))
+	if err != nil {
+		return convertedService{problems: append(problems, "Service ignored: "+err.Error())}
+	}
+	externalIPs, dropped := externalIPsOf(svc.Spec.ExternalIPs)
+	problems = append(problems, dropped...)
+	lbIPs, dropped := loadBalancerIPsOf(svc.Status.LoadBalancer.Ingress)
+	problems = append(problems, dropped...)
+	sourceRanges, dropped := sourceRangesOf(svc.Spec.LoadBalancerSourceRanges)
+	problems = append(problems, dropped...)
+	healthCheckNodePort, dropped := healthCheckNodePortOf(&svc.Spec)
+	problems = append(problems, dropped...)
+	affinity, dropped := affinityTimeoutOf(&svc.Spec)
+	problems = append(problems, dropped...)
+
+	shared := ServicePort{
+		ClusterIPs:               clusterIPs,
+		ExternalIPs:              externalIPs,
+		LoadBalancerIPs:          lbIPs,
+		LoadBalancerSourceRanges: sourceRanges,
+		ExternalPolicyLocal:      externalPolicyLocal(&svc.Spec),
+		InternalPolicyLocal:      internalPolicyLocal(&svc.Spec),
+		HealthCheckNodePort:      healthCheckNodePort,
+		AffinityTimeoutSeconds:   affinity,
+	}
+	ports, dropped := servicePortsOf(svc.Namespace, svc.Name, svc.Spec.Ports, shared)
+	return convertedService{ports: ports, problems: append(problems, dropped...)}
+}
+
+// notProxiedBecause says why a Service gets no rules at all although
+// nothing is wrong with it, or "" when it is proxied: another proxy's or the
+// headless label, type ExternalName, no cluster IP, or clusterIP None.
+func notProxiedBecause(svc *v1.Service) string {
 	if ignored, why := ignoredByLabels(svc.Labels); ignored {
-		out.skipped = why
-		return out
+		return why
 	}
 	if svc.Spec.Type == v1.ServiceTypeExternalName {
-		out.skipped = "type ExternalName"
-		return out
+		return "type ExternalName"
 	}
-	rawIPs := svc.Spec.ClusterIPs
-	if len(rawIPs) == 0 && svc.Spec.ClusterIP != "" {
-		rawIPs = []string{svc.Spec.ClusterIP}
+	raw := rawClusterIPs(&svc.Spec)
+	if len(raw) == 0 || raw[0] == "" {
+		return "no cluster IP"
 	}
-	if len(rawIPs) == 0 || rawIPs[0] == "" {
-		out.skipped = "no cluster IP"
-		return out
+	if raw[0] == v1.ClusterIPNone || svc.Spec.ClusterIP == v1.ClusterIPNone {
+		return "headless (clusterIP None)"
 	}
-	if rawIPs[0] == v1.ClusterIPNone || svc.Spec.ClusterIP == v1.ClusterIPNone {
-		out.skipped = "headless (clusterIP None)"
-		return out
-	}
+	return ""
+}
 
-	var clusterIPs []netip.Addr
-	for _, raw := range rawIPs {
-		ip, err := parseAddr(raw)
+// rawClusterIPs is spec.clusterIPs, or spec.clusterIP for an object that
+// has only the older single-address field.
+func rawClusterIPs(spec *v1.ServiceSpec) []string {
+	if len(spec.ClusterIPs) == 0 && spec.ClusterIP != "" {
+		return []string{spec.ClusterIP}
+	}
+	return spec.ClusterIPs
+}
+
+// clusterIPsOf keeps the first cluster IP of each family; a later one of the
+// same family is dropped with a problem. A cluster IP that does not parse is
+// an error: the Service cannot be proxied without knowing its addresses.
+func clusterIPsOf(raw []string) (ips []netip.Addr, problems []string, err error) {
+	for _, r := range raw {
+		ip, err := parseAddr(r)
 		if err != nil {
-			out.problems = append(out.problems, fmt.Sprintf("Service ignored: cluster IP %q: %v", raw, err))
-			return out
+			return nil, problems, fmt.Errorf("cluster IP %q: %w", r, err)
 		}
-		if slices.ContainsFunc(clusterIPs, func(a netip.Addr) bool { return a.Is4() == ip.Is4() }) {
-			out.problems = append(out.problems, fmt.Sprintf("second cluster IP %s of the same family ignored", ip))
+		if slices.ContainsFunc(ips, func(a netip.Addr) bool { return a.Is4() == ip.Is4() }) {
+			problems = append(problems, fmt.Sprintf("second cluster IP %s of the same family ignored", ip))
 			continue
 		}
-		clusterIPs = append(clusterIPs, ip)
+		ips = append(ips, ip)
 	}
+	return ips, problems, nil
+}
 
-	var externalIPs []netip.Addr
-	for _, raw := range svc.Spec.ExternalIPs {
-		if strings.TrimSpace(raw) == "" {
-			continue // upstream ignores empty strings silently
-		}
-		ip, err := parseAddr(raw)
-		if err != nil {
-			out.problems = append(out.problems, fmt.Sprintf("external IP %q ignored: %v", raw, err))
+// externalIPsOf parses spec.externalIPs. One that does not parse is dropped
+// alone (upstream does the same: the API server may not have validated
+// them, and dropping one address fails closed for it); empty strings are
+// skipped silently, as upstream does; duplicates are kept once.
+func externalIPsOf(raw []string) (ips []netip.Addr, problems []string) {
+	for _, r := range raw {
+		if strings.TrimSpace(r) == "" {
 			continue
 		}
-		externalIPs = appendUnique(externalIPs, ip)
+		ip, err := parseAddr(r)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("external IP %q ignored: %v", r, err))
+			continue
+		}
+		ips = appendUnique(ips, ip)
 	}
+	return ips, problems
+}
 
-	var lbIPs []netip.Addr
-	for _, ing := range svc.Status.LoadBalancer.Ingress {
+// loadBalancerIPsOf picks the load balancer addresses the node captures:
+// hostname-only ingress has nothing to program, and with ipMode Proxy the
+// load balancer delivers to the node itself, so its VIP must not be captured
+// on the node (upstream skips it). An IP that does not parse is dropped
+// alone; duplicates are kept once.
+func loadBalancerIPsOf(ingress []v1.LoadBalancerIngress) (ips []netip.Addr, problems []string) {
+	for _, ing := range ingress {
 		if ing.IP == "" {
-			continue // a hostname-only ingress: nothing to program
+			continue
 		}
 		if ing.IPMode != nil && *ing.IPMode != v1.LoadBalancerIPModeVIP {
-			// ipMode Proxy: the load balancer delivers to the node itself, so
-			// the VIP must not be captured on the node (upstream skips it).
 			continue
 		}
 		ip, err := parseAddr(ing.IP)
 		if err != nil {
-			out.problems = append(out.problems, fmt.Sprintf("load balancer ingress IP %q ignored: %v", ing.IP, err))
+			problems = append(problems, fmt.Sprintf("load balancer ingress IP %q ignored: %v", ing.IP, err))
 			continue
 		}
-		lbIPs = appendUnique(lbIPs, ip)
+		ips = appendUnique(ips, ip)
 	}
+	return ips, problems
+}
 
-	// Only the field counts, as for upstream kube-proxy: the
-	// service.beta.kubernetes.io/load-balancer-source-ranges annotation is
-	// for cloud load balancers, not for the node's rules.
-	rawRanges := svc.Spec.LoadBalancerSourceRanges
-	var sourceRanges []netip.Prefix
-	for _, raw := range rawRanges {
-		raw = strings.TrimSpace(raw)
-		if raw == "" {
+// sourceRangesOf reads spec.loadBalancerSourceRanges, each reduced to its
+// network. Only the field counts, as for upstream kube-proxy: the
+// service.beta.kubernetes.io/load-balancer-source-ranges annotation is for
+// cloud load balancers, not for the node's rules. A range that does not
+// parse is dropped alone, as upstream does. Note that if every range is
+// dropped the list is empty, which means "open to everyone", exactly as
+// upstream behaves; the API server rejects such ranges, so this only
+// concerns objects that predate validation.
+func sourceRangesOf(raw []string) (ranges []netip.Prefix, problems []string) {
+	for _, r := range raw {
+		r = strings.TrimSpace(r)
+		if r == "" {
 			continue
 		}
-		p, err := parsePrefix(raw)
+		p, err := parsePrefix(r)
 		if err != nil {
-			out.problems = append(out.problems, fmt.Sprintf("load balancer source range %q ignored: %v", raw, err))
+			problems = append(problems, fmt.Sprintf("load balancer source range %q ignored: %v", r, err))
 			continue
 		}
-		if !slices.Contains(sourceRanges, p) {
-			sourceRanges = append(sourceRanges, p)
+		if !slices.Contains(ranges, p) {
+			ranges = append(ranges, p)
 		}
 	}
+	return ranges, problems
+}
 
-	// Upstream decides "externally accessible" per Service for the traffic
-	// policy: type NodePort or LoadBalancer, or external IPs. ServicePort's
-	// own ExternallyAccessible (per port, from what is actually reachable)
-	// is ANDed in wherever the policy is used, so the two agree in effect.
-	externallyAccessible := svc.Spec.Type == v1.ServiceTypeNodePort ||
-		svc.Spec.Type == v1.ServiceTypeLoadBalancer ||
-		len(svc.Spec.ExternalIPs) > 0
-	externalLocal := externallyAccessible && svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
-	internalLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
+// externallyAccessible is upstream's per-Service reading of "reachable from
+// outside the cluster", the only case where externalTrafficPolicy means
+// anything: type NodePort or LoadBalancer, or external IPs. ServicePort's
+// own ExternallyAccessible (per port, from what is actually reachable) is
+// ANDed in wherever the policy is used, so the two agree in effect.
+func externallyAccessible(spec *v1.ServiceSpec) bool {
+	return spec.Type == v1.ServiceTypeNodePort || spec.Type == v1.ServiceTypeLoadBalancer || len(spec.ExternalIPs) > 0
+}
 
-	var healthCheckNodePort int32
-	if svc.Spec.Type == v1.ServiceTypeLoadBalancer && externalLocal {
-		switch p := svc.Spec.HealthCheckNodePort; {
-		case p == 0:
-			out.problems = append(out.problems, "Service has no healthCheckNodePort")
-		case p < 1 || p > 65535:
-			out.problems = append(out.problems, fmt.Sprintf("healthCheckNodePort %d out of range, ignored", p))
-		default:
-			healthCheckNodePort = p
-		}
+// externalPolicyLocal says whether traffic from outside must stay on the
+// node it arrived at, keeping the client's source IP:
+// externalTrafficPolicy Local on an externally accessible Service.
+func externalPolicyLocal(spec *v1.ServiceSpec) bool {
+	return externallyAccessible(spec) && spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
+}
+
+// internalPolicyLocal says whether traffic from inside the cluster may only
+// go to endpoints on its own node: internalTrafficPolicy Local.
+func internalPolicyLocal(spec *v1.ServiceSpec) bool {
+	return spec.InternalTrafficPolicy != nil && *spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
+}
+
+// healthCheckNodePortOf is the port where the load balancer asks each node
+// whether it has local endpoints; only a LoadBalancer Service with
+// externalTrafficPolicy Local has one (0 otherwise). A missing or
+// out-of-range port is a problem and gives 0.
+func healthCheckNodePortOf(spec *v1.ServiceSpec) (port int32, problems []string) {
+	if spec.Type != v1.ServiceTypeLoadBalancer || !externalPolicyLocal(spec) {
+		return 0, nil
 	}
-
-	var affinity int32
-	if svc.Spec.SessionAffinity == v1.ServiceAffinityClientIP {
-		affinity = defaultAffinityTimeoutSeconds
-		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
-			if t := *c.ClientIP.TimeoutSeconds; t >= 1 && t <= maxAffinityTimeoutSeconds {
-				affinity = t
-			} else {
-				out.problems = append(out.problems, fmt.Sprintf("session affinity timeout %d out of range, using %d", t, affinity))
-			}
-		}
+	switch p := spec.HealthCheckNodePort; {
+	case p == 0:
+		return 0, []string{"Service has no healthCheckNodePort"}
+	case p < 1 || p > 65535:
+		return 0, []string{fmt.Sprintf("healthCheckNodePort %d out of range, ignored", p)}
+	default:
+		return p, nil
 	}
+}
 
+// affinityTimeoutOf is how long ClientIP session affinity keeps sending a
+// client to the same endpoint, in seconds; 0 means no affinity. Without a
+// configured timeout it is the API's default, 3 hours; a timeout outside
+// what the API accepts (1 s to 1 day) is a problem and gives the default.
+func affinityTimeoutOf(spec *v1.ServiceSpec) (seconds int32, problems []string) {
+	if spec.SessionAffinity != v1.ServiceAffinityClientIP {
+		return 0, nil
+	}
+	c := spec.SessionAffinityConfig
+	if c == nil || c.ClientIP == nil || c.ClientIP.TimeoutSeconds == nil {
+		return defaultAffinityTimeoutSeconds, nil
+	}
+	if t := *c.ClientIP.TimeoutSeconds; t < 1 || t > maxAffinityTimeoutSeconds {
+		return defaultAffinityTimeoutSeconds, []string{fmt.Sprintf("session affinity timeout %d out of range, using %d", t, defaultAffinityTimeoutSeconds)}
+	}
+	return *c.ClientIP.TimeoutSeconds, nil
+}
+
+// servicePortsOf makes one ServicePort per spec port of the Service ns/name,
+// each a copy of shared with the port's own name, protocol and numbers. A
+// port is dropped alone, with a problem, when its name repeats an earlier
+// port's, its protocol is unknown or a number is out of range; the other
+// ports still work.
+func servicePortsOf(ns, name string, specPorts []v1.ServicePort, shared ServicePort) (ports []*ServicePort, problems []string) {
 	seen := map[string]bool{}
-	for i := range svc.Spec.Ports {
-		p := &svc.Spec.Ports[i]
-		name := ServicePortName{Namespace: svc.Namespace, Name: svc.Name, Port: p.Name}
+	for i := range specPorts {
+		p := &specPorts[i]
 		proto, ok := convertProtocol(p.Protocol)
 		switch {
 		case seen[p.Name]:
-			out.problems = append(out.problems, fmt.Sprintf("port %q ignored: duplicate port name", p.Name))
+			problems = append(problems, fmt.Sprintf("port %q ignored: duplicate port name", p.Name))
 			continue
 		case !ok:
-			out.problems = append(out.problems, fmt.Sprintf("port %q ignored: unsupported protocol %q", p.Name, p.Protocol))
+			problems = append(problems, fmt.Sprintf("port %q ignored: unsupported protocol %q", p.Name, p.Protocol))
 			continue
 		case p.Port < 1 || p.Port > 65535:
-			out.problems = append(out.problems, fmt.Sprintf("port %q ignored: port %d out of range", p.Name, p.Port))
+			problems = append(problems, fmt.Sprintf("port %q ignored: port %d out of range", p.Name, p.Port))
 			continue
 		case p.NodePort < 0 || p.NodePort > 65535:
-			out.problems = append(out.problems, fmt.Sprintf("port %q ignored: nodePort %d out of range", p.Name, p.NodePort))
+			problems = append(problems, fmt.Sprintf("port %q ignored: nodePort %d out of range", p.Name, p.NodePort))
 			continue
 		}
 		seen[p.Name] = true
-		out.ports = append(out.ports, &ServicePort{
-			Name:                     name,
-			Protocol:                 proto,
-			Port:                     p.Port,
-			NodePort:                 p.NodePort,
-			ClusterIPs:               clusterIPs,
-			ExternalIPs:              externalIPs,
-			LoadBalancerIPs:          lbIPs,
-			LoadBalancerSourceRanges: sourceRanges,
-			ExternalPolicyLocal:      externalLocal,
-			InternalPolicyLocal:      internalLocal,
-			HealthCheckNodePort:      healthCheckNodePort,
-			AffinityTimeoutSeconds:   affinity,
-		})
+		sp := shared
+		sp.Name = ServicePortName{Namespace: ns, Name: name, Port: p.Name}
+		sp.Protocol, sp.Port, sp.NodePort = proto, p.Port, p.NodePort
+		ports = append(ports, &sp)
 	}
-	return out
+	return ports, problems
 }
 
 // convertProtocol maps an API protocol to ours; "" is TCP, the API default

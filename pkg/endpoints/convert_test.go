@@ -275,14 +275,141 @@ func TestConvertService(t *testing.T) {
 			if (got.skipped != "") != tc.wantSkipped {
 				t.Errorf("skipped = %q, want skipped %v", got.skipped, tc.wantSkipped)
 			}
-			if len(got.problems) != len(tc.wantProblems) {
-				t.Fatalf("problems = %q, want %d matching %q", got.problems, len(tc.wantProblems), tc.wantProblems)
+			wantProblems(t, got.problems, tc.wantProblems)
+		})
+	}
+}
+
+// wantProblems checks that problems match want, one substring each, in order.
+func wantProblems(t *testing.T, problems, want []string) {
+	t.Helper()
+	if len(problems) != len(want) {
+		t.Fatalf("problems = %q, want %d matching %q", problems, len(want), want)
+	}
+	for i, w := range want {
+		if !strings.Contains(problems[i], w) {
+			t.Errorf("problem %d = %q, want it to contain %q", i, problems[i], w)
+		}
+	}
+}
+
+func TestExternalPolicyLocal(t *testing.T) {
+	spec := func(typ v1.ServiceType, policy v1.ServiceExternalTrafficPolicy, externalIPs ...string) *v1.ServiceSpec {
+		return &v1.ServiceSpec{Type: typ, ExternalTrafficPolicy: policy, ExternalIPs: externalIPs}
+	}
+	local, cluster := v1.ServiceExternalTrafficPolicyLocal, v1.ServiceExternalTrafficPolicyCluster
+	tests := []struct {
+		name string
+		spec *v1.ServiceSpec
+		want bool
+	}{
+		{"a NodePort service with policy Local keeps the client's source IP", spec(v1.ServiceTypeNodePort, local), true},
+		{"a LoadBalancer service with policy Local keeps the client's source IP", spec(v1.ServiceTypeLoadBalancer, local), true},
+		{"a ClusterIP service with external IPs is reachable from outside, so policy Local counts", spec(v1.ServiceTypeClusterIP, local, "192.0.2.1"), true},
+		{"a ClusterIP service nobody outside can reach ignores policy Local", spec(v1.ServiceTypeClusterIP, local), false},
+		{"policy Cluster sends outside traffic to any node's endpoints", spec(v1.ServiceTypeLoadBalancer, cluster), false},
+		{"no policy is Cluster, the API default", spec(v1.ServiceTypeNodePort, ""), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := externalPolicyLocal(tc.spec); got != tc.want {
+				t.Errorf("externalPolicyLocal = %v, want %v", got, tc.want)
 			}
-			for i, want := range tc.wantProblems {
-				if !strings.Contains(got.problems[i], want) {
-					t.Errorf("problem %d = %q, want it to contain %q", i, got.problems[i], want)
-				}
+		})
+	}
+}
+
+func TestHealthCheckNodePortOf(t *testing.T) {
+	lbLocal := func(port int32) *v1.ServiceSpec {
+		return &v1.ServiceSpec{
+			Type:                  v1.ServiceTypeLoadBalancer,
+			ExternalTrafficPolicy: v1.ServiceExternalTrafficPolicyLocal,
+			HealthCheckNodePort:   port,
+		}
+	}
+	tests := []struct {
+		name         string
+		spec         *v1.ServiceSpec
+		want         int32
+		wantProblems []string
+	}{
+		{
+			name: "a LoadBalancer service with policy Local is asked on its healthCheckNodePort which nodes have local endpoints",
+			spec: lbLocal(32000),
+			want: 32000,
+		},
+		{
+			name:         "a LoadBalancer service with policy Local but no healthCheckNodePort has a problem",
+			spec:         lbLocal(0),
+			wantProblems: []string{"no healthCheckNodePort"},
+		},
+		{
+			name:         "a healthCheckNodePort out of range is ignored",
+			spec:         lbLocal(70000),
+			wantProblems: []string{"healthCheckNodePort 70000 out of range"},
+		},
+		{
+			name: "a NodePort service has no load balancer to ask, so no healthCheckNodePort",
+			spec: func() *v1.ServiceSpec { s := lbLocal(32000); s.Type = v1.ServiceTypeNodePort; return s }(),
+		},
+		{
+			name: "with policy Cluster every node may take the traffic, so nobody asks",
+			spec: func() *v1.ServiceSpec {
+				s := lbLocal(32000)
+				s.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyCluster
+				return s
+			}(),
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, problems := healthCheckNodePortOf(tc.spec)
+			if got != tc.want {
+				t.Errorf("healthCheckNodePortOf = %d, want %d", got, tc.want)
 			}
+			wantProblems(t, problems, tc.wantProblems)
+		})
+	}
+}
+
+func TestAffinityTimeoutOf(t *testing.T) {
+	clientIP := func(timeout *int32) *v1.ServiceSpec {
+		s := &v1.ServiceSpec{SessionAffinity: v1.ServiceAffinityClientIP}
+		if timeout != nil {
+			s.SessionAffinityConfig = &v1.SessionAffinityConfig{ClientIP: &v1.ClientIPConfig{TimeoutSeconds: timeout}}
+		}
+		return s
+	}
+	tests := []struct {
+		name         string
+		spec         *v1.ServiceSpec
+		want         int32
+		wantProblems []string
+	}{
+		{name: "without session affinity each connection may go to another endpoint", spec: &v1.ServiceSpec{}, want: 0},
+		{name: "ClientIP affinity keeps a client on one endpoint for 3 hours by default", spec: clientIP(nil), want: 10800},
+		{name: "a configured timeout is used", spec: clientIP(ptr(int32(60))), want: 60},
+		{name: "one day is the longest timeout the API accepts", spec: clientIP(ptr(int32(86400))), want: 86400},
+		{
+			name:         "a timeout longer than a day gives the default",
+			spec:         clientIP(ptr(int32(86401))),
+			want:         10800,
+			wantProblems: []string{"session affinity timeout 86401 out of range, using 10800"},
+		},
+		{
+			name:         "a zero timeout gives the default",
+			spec:         clientIP(ptr(int32(0))),
+			want:         10800,
+			wantProblems: []string{"session affinity timeout 0 out of range"},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, problems := affinityTimeoutOf(tc.spec)
+			if got != tc.want {
+				t.Errorf("affinityTimeoutOf = %d, want %d", got, tc.want)
+			}
+			wantProblems(t, problems, tc.wantProblems)
 		})
 	}
 }

@@ -151,43 +151,55 @@ func keyOf(o metav1.Object) objectKey { return objectKey{o.GetNamespace(), o.Get
 
 func (t *Tracker) deleteService(key objectKey) {
 	t.serviceEvents.Add(1)
-	t.mu.Lock()
-	_, changed := t.services[key]
-	if changed {
+	t.record("Service", key, "", nil, func() bool {
+		if _, found := t.services[key]; !found {
+			return false
+		}
 		delete(t.services, key)
 		t.markDirtyLocked(t.dirtyServices, key)
-	}
-	delete(t.reported, "Service/"+key.String())
-	cb := t.onChange
-	t.mu.Unlock()
-	if changed && cb != nil {
-		cb()
-	}
+		return true
+	})
 }
 
 // setService records what convertService made of the Service named key.
 func (t *Tracker) setService(key objectKey, conv convertedService) {
 	t.serviceEvents.Add(1)
-	if conv.skipped != "" {
-		t.log.Debug("not proxying Service", "service", key.String(), "reason", conv.skipped)
-	}
-	t.mu.Lock()
-	if t.dropExternalIPs {
-		conv.ports = withoutExternalIPs(conv.ports)
-	}
-	changed := !servicePortsEqual(t.services[key], conv.ports)
-	if changed {
-		if len(conv.ports) == 0 {
+	t.record("Service", key, conv.skipped, conv.problems, func() bool {
+		ports := conv.ports
+		if t.dropExternalIPs {
+			ports = withoutExternalIPs(ports)
+		}
+		if servicePortsEqual(t.services[key], ports) {
+			return false
+		}
+		if len(ports) == 0 {
 			delete(t.services, key)
 		} else {
-			t.services[key] = conv.ports
+			t.services[key] = ports
 		}
 		t.markDirtyLocked(t.dirtyServices, key)
+		return true
+	})
+}
+
+// record is the one way an event changes what the Tracker holds about an
+// object of kind ("Service" or "EndpointSlice"): skipped, when not "", is
+// why the object is not used at all (logged at debug level); apply makes the
+// change under the lock and says whether anything changed; the object's
+// problems replace those recorded for it (none for a deleted object). Then,
+// outside the lock (onChange may call Snapshot, and onInvalid may take its
+// time), the new problems are reported and onChange is called if something
+// changed.
+func (t *Tracker) record(kind string, key objectKey, skipped string, problems []string, apply func() bool) {
+	if skipped != "" {
+		t.log.Debug("not using "+kind, "object", key.String(), "reason", skipped)
 	}
-	reports := t.reportLocked("Service", key, conv.problems)
+	t.mu.Lock()
+	changed := apply()
+	fresh := t.reportLocked(kind, key, problems)
 	cb := t.onChange
 	t.mu.Unlock()
-	t.emit("Service", key, reports)
+	t.emit(kind, key, fresh)
 	if changed && cb != nil {
 		cb()
 	}
@@ -209,49 +221,32 @@ func (t *Tracker) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) { t.delete
 
 func (t *Tracker) deleteSlice(key objectKey) {
 	t.endpointEvents.Add(1)
-	t.mu.Lock()
-	old := t.slices[key]
-	if old != nil {
+	t.record("EndpointSlice", key, "", nil, func() bool {
+		old := t.slices[key]
+		if old == nil {
+			return false
+		}
 		t.removeSliceLocked(key, old)
-	}
-	delete(t.reported, "EndpointSlice/"+key.String())
-	cb := t.onChange
-	t.mu.Unlock()
-	if old != nil && cb != nil {
-		cb()
-	}
+		return true
+	})
 }
 
 // setSlice records what convertSlice made of the EndpointSlice named key.
 func (t *Tracker) setSlice(key objectKey, s sliceConversion) {
 	t.endpointEvents.Add(1)
-	if s.skipped != "" {
-		t.log.Debug("not using EndpointSlice", "endpointSlice", key.String(), "reason", s.skipped)
-	}
-	conv := s.slice
-	t.mu.Lock()
-	old := t.slices[key]
-	changed := false
-	switch {
-	case conv == nil:
-		if old != nil {
-			t.removeSliceLocked(key, old)
-			changed = true
+	t.record("EndpointSlice", key, s.skipped, s.problems, func() bool {
+		old, conv := t.slices[key], s.slice
+		if conv != nil && old != nil && old.equal(conv) {
+			return false
 		}
-	case old == nil || !old.equal(conv):
 		if old != nil {
 			t.removeSliceLocked(key, old)
 		}
-		t.addSliceLocked(key, conv)
-		changed = true
-	}
-	reports := t.reportLocked("EndpointSlice", key, s.problems)
-	cb := t.onChange
-	t.mu.Unlock()
-	t.emit("EndpointSlice", key, reports)
-	if changed && cb != nil {
-		cb()
-	}
+		if conv != nil {
+			t.addSliceLocked(key, conv)
+		}
+		return old != nil || conv != nil
+	})
 }
 
 func (t *Tracker) addSliceLocked(key objectKey, s *convertedSlice) {

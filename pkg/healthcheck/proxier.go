@@ -142,12 +142,6 @@ func (h *ProxierHealth) IsHealthy() bool {
 	return healthy
 }
 
-// NodeEligible says whether the node may receive load balancer traffic.
-func (h *ProxierHealth) NodeEligible() bool {
-	_, _, _, eligible := h.state()
-	return eligible
-}
-
 func (h *ProxierHealth) state() (healthy bool, lastUpdated, now time.Time, eligible bool) {
 	pending := h.pending()
 	now = h.now()

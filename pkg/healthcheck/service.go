@@ -338,7 +338,8 @@ func (s *ServiceHealth) Close() {
 	}
 }
 
-// Listening describes one open healthCheckNodePort, for logs and tests.
+// Listening describes one open healthCheckNodePort, for tests: they check
+// which ports are open, and on which addresses, without dialing them.
 type Listening struct {
 	Port  int32
 	Addrs []net.Addr

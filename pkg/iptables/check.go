@@ -93,7 +93,7 @@ type instance struct {
 
 func (e *instance) has(opt string) bool { _, ok := e.set[opt]; return ok }
 
-// parsedRule is what CheckRule learnt about a rule.
+// parsedRule is what parseRule learnt about a rule.
 type parsedRule struct {
 	fam      Family
 	table    string
@@ -504,15 +504,6 @@ func (e *extension) option(name string) (string, optSpec, bool) {
 	}
 	spec, ok := e.opts[name]
 	return name, spec, ok
-}
-
-// CheckRule reads a rule's arguments as iptables-restore would for a rule of
-// table in family, and returns what iptables-restore would refuse about it
-// by itself. What depends on other rules (that a jump's chain exists, where
-// a target is reached from) is checked when the rule is applied.
-func CheckRule(fam Family, table string, r Rule) error {
-	_, err := parseRule(fam, table, r)
-	return err
 }
 
 func parseRule(fam Family, table string, args Rule) (*parsedRule, error) {

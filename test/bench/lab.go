@@ -358,15 +358,6 @@ func (n *node) retire(ctx context.Context) {
 	})
 }
 
-// pids are the node's echo servers.
-func (n *node) pids() []int {
-	var out []int
-	for _, p := range n.procs {
-		out = append(out, p.Pid())
-	}
-	return out
-}
-
 // runOutput runs a command in ns and returns its stdout, trimmed.
 func runOutput(ctx context.Context, ns *netns.Namespace, name string, args ...string) string {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)

@@ -17,7 +17,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -418,15 +417,6 @@ func Eventually(ctx context.Context, timeout time.Duration, f func() error) erro
 }
 
 var errNoPod = errors.New("no such pod")
-
-func sortedKeys[M ~map[string]V, V any](m M) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
-}
 
 // RunTests is the TestMain of a test package that shares one lab cluster
 // of two nodes: it skips without root, fails without the Kubernetes

@@ -362,10 +362,6 @@ func (cp *ControlPlane) startControllerManager(ctx context.Context, bin string, 
 // the EndpointSlice controller runs.
 const endpointSliceControllerStarted = "Starting endpoint slice controller"
 
-// ControllerManager returns the kube-controller-manager process (nil when
-// it does not run), for its output.
-func (cp *ControlPlane) ControllerManager() *Process { return cp.kcm }
-
 // cpFiles are the paths of the files the processes read.
 type cpFiles struct {
 	ca, cert, key, saKey, saPub, tokens string
