@@ -21,10 +21,6 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
-// DefaultPrefix is the chain-name prefix miniproxy uses, distinct from
-// kube-proxy's "KUBE-" so that both can be on a node (and compared) at once.
-const DefaultPrefix = "MP-"
-
 // CanarySuffix is appended to the prefix to name the canary chain: a chain
 // kept in the nat and filter tables, nothing jumps to it, holding one rule
 // (CanaryRule) whose disappearance shows that another program flushed the
@@ -129,8 +125,8 @@ type Dataplane struct {
 }
 
 // New returns a Dataplane for family that owns the chains named with
-// prefix (use DefaultPrefix). Nothing is run until the first Apply, which
-// is full.
+// prefix: the caller's, since the rules name the chains (miniproxy passes
+// rules.Prefix). Nothing is run until the first Apply, which is full.
 func New(r Runner, family iptables.Family, prefix string) (*Dataplane, error) {
 	if err := checkPrefix(prefix); err != nil {
 		return nil, err

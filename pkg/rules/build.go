@@ -26,7 +26,11 @@ import (
 )
 
 // Prefix starts the name of every chain miniproxy owns, so that it can share
-// the tables with anyone else and `--cleanup` finds exactly its own chains.
+// the tables with anyone else and `--cleanup` finds exactly its own chains;
+// it differs from kube-proxy's "KUBE-" so that both can be on a node (and
+// compared) at once. The rules name the chains, so this is its one home: the
+// dataplane owns whatever prefix its caller gives it, and miniproxy gives it
+// this one.
 const Prefix = "MP-"
 
 // The fixed chains. The same name may exist in nat and in filter.
