@@ -195,7 +195,7 @@ func run(args []string, out io.Writer) error {
 		}
 		planes[fam] = opts.health.wrapApplier(fam, dp, log)
 	}
-	popts.RandomFully = hasRandomFully(log)
+	popts.RandomFully = hasRandomFully(runner, log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
 	if ct, err := conntrack.OpenKernel(); err != nil {
 		log.Warn("stale UDP/SCTP conntrack entries will not be deleted", "err", err)

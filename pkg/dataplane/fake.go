@@ -220,6 +220,15 @@ func fakeChainOrder(table string, tab iptables.Table) []string {
 	return append(builtin, user...)
 }
 
+// RandomFully is true: the model accepts MASQUERADE --random-fully, as
+// iptables does from 1.6.2, older than any this project supports.
+func (f *Fake) RandomFully(family iptables.Family) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("random-fully %s", family)
+	return true, nil
+}
+
 // ChainExists says whether the family's table holds chain.
 func (f *Fake) ChainExists(family iptables.Family, table, chain string) (bool, error) {
 	f.mu.Lock()
@@ -231,12 +240,18 @@ func (f *Fake) ChainExists(family iptables.Family, table, chain string) (bool, e
 
 // RuleExists says whether chain holds a rule with exactly these arguments;
 // a missing chain holds none (iptables -C exits 1 for both, which the real
-// Runner reports as false).
+// Runner reports as false). Like iptables -C it refuses a rule that could
+// not be added there: one it cannot parse, or a jump to a chain that does
+// not exist.
 func (f *Fake) RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("exists %s %s %s %s", family, table, chain, rule)
-	c, ok := f.state(family)[table][chain]
+	s := f.state(family)
+	if err := s.CheckRuleIn(family, table, chain, rule); err != nil {
+		return false, fmt.Errorf("fake iptables: %w", err)
+	}
+	c, ok := s[table][chain]
 	if !ok {
 		return false, nil
 	}
@@ -263,12 +278,17 @@ func (f *Fake) InsertRule(family iptables.Family, table, chain string, pos int, 
 }
 
 // DeleteRule deletes the first rule of chain with exactly these arguments,
-// or fails as iptables -D does when there is none.
+// or fails as iptables -D does when there is none or the rule could not be
+// there (see RuleExists).
 func (f *Fake) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("delete %s %s %s %s", family, table, chain, rule)
-	c, ok := f.state(family)[table][chain]
+	s := f.state(family)
+	if err := s.CheckRuleIn(family, table, chain, rule); err != nil {
+		return fmt.Errorf("fake iptables: %w", err)
+	}
+	c, ok := s[table][chain]
 	if !ok {
 		return fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
 	}

@@ -353,6 +353,18 @@ func checkRuleIn(family Family, table, chain string, tab Table, r Rule) error {
 	return nil
 }
 
+// CheckRuleIn says what iptables refuses about r as a rule of chain in table,
+// given the chains s has: the rule by itself, its interfaces in that chain,
+// and that a chain it jumps to exists. `iptables -C` and `-D` refuse such a
+// rule before they look for it, so a fake of them must too.
+func (s State) CheckRuleIn(family Family, table, chain string, r Rule) error {
+	tab, ok := s[table]
+	if !ok {
+		return fmt.Errorf("table %q does not exist", table)
+	}
+	return checkRuleIn(family, table, chain, tab, r)
+}
+
 // Target returns the rule's -j/-g argument, or "" when it has none.
 func (r Rule) Target() string {
 	for i := 0; i+1 < len(r); i++ {
