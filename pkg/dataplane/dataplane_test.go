@@ -110,7 +110,7 @@ func TestApplyWithFake(t *testing.T) {
 		for where, rules := range want {
 			tc := strings.Fields(where)
 			var got []string
-			for _, r := range s[tc[0]][tc[1]].Rules {
+			for _, r := range s[iptables.Table(tc[0])][tc[1]].Rules {
 				got = append(got, r.String())
 			}
 			if diff := cmp.Diff(rules, got); diff != "" {
@@ -652,9 +652,9 @@ func TestCleanupSaysWhatItRemoved(t *testing.T) {
 	if _, err := dp.Apply(rs, false); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string][2]int{}
+	want := map[iptables.Table][2]int{}
 	st := f.State(v4)
-	for _, table := range []string{"nat", "filter"} {
+	for _, table := range []iptables.Table{iptables.NAT, iptables.Filter} {
 		chains, nrules := 0, 0
 		for name, chain := range st[table] {
 			if strings.HasPrefix(name, rules.Prefix) {
@@ -674,7 +674,7 @@ func TestCleanupSaysWhatItRemoved(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := map[string][2]int{}
+	got := map[iptables.Table][2]int{}
 	for _, r := range removed {
 		if r.Family != v4 {
 			t.Errorf("a removal in %s, only IPv4 was asked for", r.Family)

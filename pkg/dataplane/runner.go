@@ -31,16 +31,16 @@ type Runner interface {
 	Restore(family iptables.Family, input []byte) error
 	// Save returns iptables-save output (without counters) for table, or for
 	// every table that exists when table is "".
-	Save(family iptables.Family, table string) ([]byte, error)
+	Save(family iptables.Family, table iptables.Table) ([]byte, error)
 	// ChainExists says whether chain exists in table; a missing table is
 	// reported as a missing chain, not as an error.
-	ChainExists(family iptables.Family, table, chain string) (bool, error)
+	ChainExists(family iptables.Family, table iptables.Table, chain string) (bool, error)
 	// RuleExists says whether chain holds rule (iptables -C).
-	RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error)
+	RuleExists(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) (bool, error)
 	// InsertRule inserts rule at 1-based position pos of chain (iptables -I).
-	InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error
+	InsertRule(family iptables.Family, table iptables.Table, chain string, pos int, rule iptables.Rule) error
 	// DeleteRule deletes the first rule of chain equal to rule (iptables -D).
-	DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error
+	DeleteRule(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) error
 	// Check asks the kernel whether it accepts input, without touching the
 	// live tables: the input is restored into the empty tables of a new
 	// network namespace that is gone afterwards. A refusal is a
@@ -350,22 +350,22 @@ func (r *execRunner) Check(family iptables.Family, input []byte) error {
 	return r.restore(family, input, &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET})
 }
 
-func (r *execRunner) Save(family iptables.Family, table string) ([]byte, error) {
+func (r *execRunner) Save(family iptables.Family, table iptables.Table) ([]byte, error) {
 	var args []string
 	if table != "" {
-		args = append(args, "-t", table)
+		args = append(args, "-t", string(table))
 	}
 	return r.exec(family, toolSave, args, nil, nil)
 }
 
 // ruleCommand runs one iptables (ip6tables) command on table, with --wait
 // where supported.
-func (r *execRunner) ruleCommand(family iptables.Family, table string, args ...string) error {
+func (r *execRunner) ruleCommand(family iptables.Family, table iptables.Table, args ...string) error {
 	v, err := r.version(family)
 	if err != nil {
 		return err
 	}
-	args = append([]string{"-t", table}, args...)
+	args = append([]string{"-t", string(table)}, args...)
 	if v.atLeast(iptablesWaitSince) {
 		args = append(args, "--wait")
 	}
@@ -376,7 +376,7 @@ func (r *execRunner) ruleCommand(family iptables.Family, table string, args ...s
 // ChainExists lists the chain's first rule (`iptables -S chain 1`), which
 // costs the same for any length of chain; exit status 1 means there is no
 // such chain (or table).
-func (r *execRunner) ChainExists(family iptables.Family, table, chain string) (bool, error) {
+func (r *execRunner) ChainExists(family iptables.Family, table iptables.Table, chain string) (bool, error) {
 	err := r.ruleCommand(family, table, "-S", chain, "1")
 	if exitCode(err) == 1 {
 		return false, nil
@@ -386,7 +386,7 @@ func (r *execRunner) ChainExists(family iptables.Family, table, chain string) (b
 
 // RuleExists runs `iptables -C`; exit status 1 means the chain does not
 // hold the rule (or does not exist), 2 that the rule itself was refused.
-func (r *execRunner) RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error) {
+func (r *execRunner) RuleExists(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) (bool, error) {
 	err := r.ruleCommand(family, table, append([]string{"-C", chain}, rule...)...)
 	if exitCode(err) == 1 {
 		return false, nil
@@ -394,11 +394,11 @@ func (r *execRunner) RuleExists(family iptables.Family, table, chain string, rul
 	return err == nil, err
 }
 
-func (r *execRunner) InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error {
+func (r *execRunner) InsertRule(family iptables.Family, table iptables.Table, chain string, pos int, rule iptables.Rule) error {
 	return r.ruleCommand(family, table, append([]string{"-I", chain, strconv.Itoa(pos)}, rule...)...)
 }
 
-func (r *execRunner) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
+func (r *execRunner) DeleteRule(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) error {
 	return r.ruleCommand(family, table, append([]string{"-D", chain}, rule...)...)
 }
 

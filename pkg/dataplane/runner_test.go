@@ -62,18 +62,18 @@ type singleRuleCall struct {
 const singleRuleSetup = "*nat\n:MP-X - [0:0]\n:MP-Y - [0:0]\n-A MP-X -j RETURN\nCOMMIT\n"
 
 func singleRuleCalls() []singleRuleCall {
-	exists := func(table, chain string, rule ...string) func(Runner, iptables.Family) (bool, error) {
+	exists := func(table iptables.Table, chain string, rule ...string) func(Runner, iptables.Family) (bool, error) {
 		return func(r Runner, f iptables.Family) (bool, error) { return r.RuleExists(f, table, chain, rule) }
 	}
-	chainExists := func(table, chain string) func(Runner, iptables.Family) (bool, error) {
+	chainExists := func(table iptables.Table, chain string) func(Runner, iptables.Family) (bool, error) {
 		return func(r Runner, f iptables.Family) (bool, error) { return r.ChainExists(f, table, chain) }
 	}
-	insert := func(table, chain string, pos int, rule ...string) func(Runner, iptables.Family) (bool, error) {
+	insert := func(table iptables.Table, chain string, pos int, rule ...string) func(Runner, iptables.Family) (bool, error) {
 		return func(r Runner, f iptables.Family) (bool, error) {
 			return false, r.InsertRule(f, table, chain, pos, rule)
 		}
 	}
-	del := func(table, chain string, rule ...string) func(Runner, iptables.Family) (bool, error) {
+	del := func(table iptables.Table, chain string, rule ...string) func(Runner, iptables.Family) (bool, error) {
 		return func(r Runner, f iptables.Family) (bool, error) { return false, r.DeleteRule(f, table, chain, rule) }
 	}
 	return []singleRuleCall{

@@ -406,7 +406,7 @@ func TestCleanupKubeProxyReportsWhatItCouldNotDelete(t *testing.T) {
 	for table, tab := range s {
 		for name := range tab {
 			if IsKubeProxyChain(name) {
-				left = append(left, table+" "+name)
+				left = append(left, string(table)+" "+name)
 			}
 		}
 	}
@@ -422,7 +422,7 @@ type refusingFake struct {
 	refuse string
 }
 
-func (r *refusingFake) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
+func (r *refusingFake) DeleteRule(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) error {
 	if rule.Target() == r.refuse {
 		return errInjected
 	}

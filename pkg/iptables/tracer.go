@@ -95,27 +95,27 @@ func (t *Tracer) Trace(p Packet) ([]Outcome, error) {
 	start := pstate{pkt: p, dst: netip.AddrPortFrom(p.Dst, uint16(p.DPort)), prob: 1}
 	var final []result
 	if p.FromNode {
-		for _, r := range t.hook("nat", "OUTPUT", start) {
-			for _, f := range t.hook("filter", "OUTPUT", r.s) {
+		for _, r := range t.hook(NAT, "OUTPUT", start) {
+			for _, f := range t.hook(Filter, "OUTPUT", r.s) {
 				if f.verdict != "ACCEPT" {
 					final = append(final, f)
 					continue
 				}
-				final = append(final, t.hook("nat", "POSTROUTING", f.s)...)
+				final = append(final, t.hook(NAT, "POSTROUTING", f.s)...)
 			}
 		}
 	} else {
-		for _, r := range t.hook("nat", "PREROUTING", start) {
+		for _, r := range t.hook(NAT, "PREROUTING", start) {
 			if t.isLocal(r.s.dst.Addr()) {
-				final = append(final, t.hook("filter", "INPUT", r.s)...)
+				final = append(final, t.hook(Filter, "INPUT", r.s)...)
 				continue
 			}
-			for _, f := range t.hook("filter", "FORWARD", r.s) {
+			for _, f := range t.hook(Filter, "FORWARD", r.s) {
 				if f.verdict != "ACCEPT" {
 					final = append(final, f)
 					continue
 				}
-				final = append(final, t.hook("nat", "POSTROUTING", f.s)...)
+				final = append(final, t.hook(NAT, "POSTROUTING", f.s)...)
 			}
 		}
 	}
@@ -124,10 +124,10 @@ func (t *Tracer) Trace(p Packet) ([]Outcome, error) {
 
 // hook runs a built-in chain; its policy is ACCEPT, and in nat every
 // outcome continues (nat cannot drop).
-func (t *Tracer) hook(table, chain string, s pstate) []result {
+func (t *Tracer) hook(table Table, chain string, s pstate) []result {
 	out := t.walk(table, chain, 0, s, 0)
 	for i := range out {
-		if out[i].verdict == "" || table == "nat" {
+		if out[i].verdict == "" || table == NAT {
 			out[i].verdict = "ACCEPT"
 		}
 	}
@@ -161,7 +161,7 @@ func merge(rs []result) []Outcome {
 
 const maxDepth = 32
 
-func (t *Tracer) walk(table, chain string, i int, s pstate, depth int) []result {
+func (t *Tracer) walk(table Table, chain string, i int, s pstate, depth int) []result {
 	c := t.State[table][chain]
 	if c == nil || depth > maxDepth {
 		return []result{{s: s}}
@@ -186,7 +186,7 @@ func (t *Tracer) walk(table, chain string, i int, s pstate, depth int) []result 
 }
 
 // target applies a matched rule's target and continues where iptables would.
-func (t *Tracer) target(table, chain string, i int, r Rule, s pstate, depth int) []result {
+func (t *Tracer) target(table Table, chain string, i int, r Rule, s pstate, depth int) []result {
 	tgt := r.Target()
 	switch tgt {
 	case "":

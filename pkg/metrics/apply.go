@@ -52,11 +52,11 @@ func (a *countingApplier) CanaryLost() (string, error) { return a.next.CanaryLos
 func (m *Metrics) setRuleCounts(fam iptables.Family, rs *iptables.Ruleset) {
 	counts := map[string]int{}
 	for _, t := range rs.Tables {
-		n := counts[t.Table]
+		n := counts[string(t.Table)]
 		for _, c := range t.Chains {
 			n += len(c.Rules)
 		}
-		counts[t.Table] = n
+		counts[string(t.Table)] = n
 	}
 	f := fam.String()
 	m.mu.Lock()

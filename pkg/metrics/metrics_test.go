@@ -298,7 +298,7 @@ func (f *fakeApplier) CanaryLost() (string, error)   { return f.lost, f.err }
 
 func ruleset(natRules, filterRules int) *iptables.Ruleset {
 	rs := &iptables.Ruleset{Family: iptables.IPv4}
-	mk := func(table string, n int) iptables.TableRules {
+	mk := func(table iptables.Table, n int) iptables.TableRules {
 		tr := iptables.TableRules{Table: table, Chains: []iptables.Chain{{Name: "MP-A"}, {Name: "MP-B"}}}
 		for i := range n {
 			c := &tr.Chains[i%2]

@@ -498,7 +498,7 @@ func TestSessionAffinityKeepsAClientOnItsEndpoint(t *testing.T) {
 		}
 	}
 	rs := Build(snapshotOf(sourceIPApp(affinity), onePodPerNode), testConfig())
-	text := iptables.RenderRestore(rs, func(string, string) bool { return true }, nil)
+	text := iptables.RenderRestore(rs, func(iptables.Table, string) bool { return true }, nil)
 	if !strings.Contains(text, "--rcheck --seconds 10800 --reap") {
 		t.Errorf("affinity timeout not in the rules:\n%s", text)
 	}
@@ -590,7 +590,7 @@ func changedChains(a, b *iptables.Ruleset) []string {
 		m := map[string]string{}
 		for _, t := range rs.Tables {
 			for i := range t.Chains {
-				m[t.Table+"/"+t.Chains[i].Name] = iptables.ChainText(&t.Chains[i])
+				m[string(t.Table)+"/"+t.Chains[i].Name] = iptables.ChainText(&t.Chains[i])
 			}
 		}
 		return m
