@@ -154,7 +154,7 @@ func serve(opts *options, runner dataplane.Runner, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	popts.RandomFully = hasRandomFully(log)
+	popts.RandomFully = hasRandomFully(runner, log)
 	popts.UnsupportedProtocols = unsupportedProtocols(runner, families, log)
 	if ct := openConntrack(log); ct != nil {
 		defer ct.Close()

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"time"
 
-	goipt "github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -82,13 +81,13 @@ func localAddresses(fam iptables.Family) ([]netip.Addr, error) {
 
 // hasRandomFully says whether MASQUERADE takes --random-fully here, which
 // avoids source port collisions under load (upstream uses it when it can).
-func hasRandomFully(log *slog.Logger) bool {
-	ipt, err := goipt.NewWithProtocol(goipt.ProtocolIPv4)
+func hasRandomFully(r dataplane.Runner, log *slog.Logger) bool {
+	ok, err := r.RandomFully(iptables.IPv4)
 	if err != nil {
 		log.Warn("cannot probe iptables for --random-fully", "err", err)
 		return false
 	}
-	return ipt.HasRandomFully()
+	return ok
 }
 
 // unsupportedProtocols tries a rule matching each protocol in a scratch

@@ -21,10 +21,6 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
-// DefaultPrefix is the chain-name prefix miniproxy uses, distinct from
-// kube-proxy's "KUBE-" so that both can be on a node (and compared) at once.
-const DefaultPrefix = "MP-"
-
 // CanarySuffix is appended to the prefix to name the canary chain: a chain
 // kept in the nat and filter tables, nothing jumps to it, holding one rule
 // (CanaryRule) whose disappearance shows that another program flushed the
@@ -47,7 +43,7 @@ const MaxChainName = 28
 // writes to. Unlike kube-proxy there is none in mangle, which miniproxy never
 // uses: creating it would leave behind a table that did not exist before, so
 // that --cleanup could not restore the tables exactly.
-var canaryTables = []string{"nat", "filter"}
+var canaryTables = []iptables.Table{iptables.NAT, iptables.Filter}
 
 // The reasons an apply is full, as Result.Reason gives them. They are short
 // fixed words so that they can label a metric.
@@ -82,8 +78,8 @@ type Result struct {
 	// RulesWritten counts the rules in the restore input, less the canary
 	// chains' (kube-proxy does not count its canaries either).
 	RulesWritten int
-	// TableRulesWritten counts the rules in the restore input per table,
-	// less the canary chains';
+	// TableRulesWritten counts the rules in the restore input per table
+	// name (a metric's label), less the canary chains';
 	// every table of the Ruleset has an entry, 0 when none of its chains
 	// was written. It is nil when the apply failed before building the
 	// input.
@@ -123,14 +119,14 @@ type Dataplane struct {
 	// applied maps table -> chain -> chainSum of what the last successful
 	// restore left in the kernel; nil means the next apply is full, for the
 	// reason in fullReason.
-	applied    map[string]map[string]uint64
+	applied    map[iptables.Table]map[string]uint64
 	jumps      []iptables.Jump
 	fullReason string
 }
 
 // New returns a Dataplane for family that owns the chains named with
-// prefix (use DefaultPrefix). Nothing is run until the first Apply, which
-// is full.
+// prefix: the caller's, since the rules name the chains (miniproxy passes
+// rules.Prefix). Nothing is run until the first Apply, which is full.
 func New(r Runner, family iptables.Family, prefix string) (*Dataplane, error) {
 	if err := checkPrefix(prefix); err != nil {
 		return nil, err
@@ -263,7 +259,7 @@ func (d *Dataplane) validate(rs *iptables.Ruleset) error {
 	if rs.Family != 0 && rs.Family != d.family {
 		return fmt.Errorf("ruleset is for %s", rs.Family)
 	}
-	chains := map[string]map[string]bool{}
+	chains := map[iptables.Table]map[string]bool{}
 	for _, t := range rs.Tables {
 		if chains[t.Table] == nil {
 			chains[t.Table] = map[string]bool{}
@@ -311,7 +307,7 @@ func (d *Dataplane) canaryChain() iptables.Chain {
 // table. rs itself is not modified.
 func (d *Dataplane) withCanary(rs *iptables.Ruleset) *iptables.Ruleset {
 	out := &iptables.Ruleset{Family: d.family, Jumps: rs.Jumps}
-	have := map[string]bool{}
+	have := map[iptables.Table]bool{}
 	for _, t := range rs.Tables {
 		t.Chains = slices.Clone(t.Chains)
 		if slices.Contains(canaryTables, t.Table) && !have[t.Table] {
@@ -375,8 +371,8 @@ func (d *Dataplane) CanaryLost() (string, error) {
 // and 50 MB of garbage for rendering, per apply). Two different chains share
 // a sum with probability 2^-64; that would delay a change until the next
 // full apply.
-func (d *Dataplane) chainSums(want *iptables.Ruleset) map[string]map[string]uint64 {
-	out := map[string]map[string]uint64{}
+func (d *Dataplane) chainSums(want *iptables.Ruleset) map[iptables.Table]map[string]uint64 {
+	out := map[iptables.Table]map[string]uint64{}
 	var h maphash.Hash
 	h.SetSeed(d.seed)
 	for ti := range want.Tables {
@@ -403,11 +399,11 @@ func (d *Dataplane) chainSums(want *iptables.Ruleset) map[string]map[string]uint
 // and deletes the applied chains want no longer has.
 func (d *Dataplane) applyPartial(want *iptables.Ruleset, res *Result) error {
 	sums := d.chainSums(want)
-	write := func(table, chain string) bool {
+	write := func(table iptables.Table, chain string) bool {
 		old, ok := d.applied[table][chain]
 		return !ok || old != sums[table][chain]
 	}
-	remove := map[string][]string{}
+	remove := map[iptables.Table][]string{}
 	for t, chains := range d.applied {
 		for c := range chains {
 			if _, ok := sums[t][c]; !ok {
@@ -434,9 +430,13 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 
 	// Rules elsewhere that jump to our chains and are not wanted jumps are
 	// deleted first: they would keep a leftover chain from being deleted.
-	wantJump := map[[3]string]bool{}
+	type jumpKey struct {
+		table         iptables.Table
+		chain, target string
+	}
+	wantJump := map[jumpKey]bool{}
 	for _, j := range jumps {
-		wantJump[[3]string{j.Table, j.Chain, j.Rule.Target()}] = true
+		wantJump[jumpKey{j.Table, j.Chain, j.Rule.Target()}] = true
 	}
 	for _, t := range sortedTables(saved) {
 		st := saved[t]
@@ -446,7 +446,7 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 			}
 			var kept []iptables.Rule
 			for _, r := range st.rules[c] {
-				if !d.owns(r.Target()) || wantJump[[3]string{t, c, r.Target()}] {
+				if !d.owns(r.Target()) || wantJump[jumpKey{t, c, r.Target()}] {
 					kept = append(kept, r)
 					continue
 				}
@@ -459,7 +459,7 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 		}
 	}
 
-	remove := map[string][]string{}
+	remove := map[iptables.Table][]string{}
 	for t, st := range saved {
 		for _, c := range st.chains {
 			if _, ok := sums[t][c]; d.owns(c) && !ok {
@@ -467,7 +467,7 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 			}
 		}
 	}
-	if err := d.restore(want, func(string, string) bool { return true }, remove, res); err != nil {
+	if err := d.restore(want, func(iptables.Table, string) bool { return true }, remove, res); err != nil {
 		return err
 	}
 	d.applied = sums
@@ -477,10 +477,10 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 // restore renders and runs the restore input that writes the chains of
 // want selected by write and deletes those in remove, counting the work in
 // res. An empty input is not run.
-func (d *Dataplane) restore(want *iptables.Ruleset, write func(table, chain string) bool, remove map[string][]string, res *Result) error {
+func (d *Dataplane) restore(want *iptables.Ruleset, write func(table iptables.Table, chain string) bool, remove map[iptables.Table][]string, res *Result) error {
 	res.TableRulesWritten = map[string]int{}
 	for _, t := range want.Tables {
-		n := res.TableRulesWritten[t.Table]
+		n := res.TableRulesWritten[string(t.Table)]
 		for _, c := range t.Chains {
 			if write(t.Table, c.Name) {
 				res.ChainsWritten++
@@ -490,7 +490,7 @@ func (d *Dataplane) restore(want *iptables.Ruleset, write func(table, chain stri
 				}
 			}
 		}
-		res.TableRulesWritten[t.Table] = n
+		res.TableRulesWritten[string(t.Table)] = n
 	}
 	for _, chains := range remove {
 		res.ChainsDeleted += len(chains)
@@ -514,8 +514,11 @@ func (d *Dataplane) restore(want *iptables.Ruleset, write func(table, chain stri
 // restore does not touch chains we do not own). A chain that is already
 // right costs one check per jump; otherwise our rules in it are deleted and
 // the jumps inserted again.
-func (d *Dataplane) ensureJumps(saved map[string]*savedTable, jumps []iptables.Jump, res *Result) error {
-	type group struct{ table, chain string }
+func (d *Dataplane) ensureJumps(saved map[iptables.Table]*savedTable, jumps []iptables.Jump, res *Result) error {
+	type group struct {
+		table iptables.Table
+		chain string
+	}
 	var order []group
 	byGroup := map[group][]iptables.Jump{}
 	for _, j := range jumps {

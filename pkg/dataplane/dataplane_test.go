@@ -9,6 +9,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 const v4 = iptables.IPv4
@@ -109,7 +110,7 @@ func TestApplyWithFake(t *testing.T) {
 		for where, rules := range want {
 			tc := strings.Fields(where)
 			var got []string
-			for _, r := range s[tc[0]][tc[1]].Rules {
+			for _, r := range s[iptables.Table(tc[0])][tc[1]].Rules {
 				got = append(got, r.String())
 			}
 			if diff := cmp.Diff(rules, got); diff != "" {
@@ -380,7 +381,7 @@ func TestApplyWithFake(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := NewFake()
 			f.SetState(v4, foreignState(t))
-			dp, err := New(f, v4, DefaultPrefix)
+			dp, err := New(f, v4, rules.Prefix)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -446,7 +447,7 @@ func TestApplyWithFake(t *testing.T) {
 
 func TestApplyFailureIsARestoreError(t *testing.T) {
 	f := NewFake()
-	dp, err := New(f, v4, DefaultPrefix)
+	dp, err := New(f, v4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -521,12 +522,12 @@ func TestCleanupWithFake(t *testing.T) {
 		{
 			name:    "cleanup of tables that never saw miniproxy changes nothing",
 			prepare: func(t *testing.T, f *Fake) {},
-			prefix:  DefaultPrefix,
+			prefix:  rules.Prefix,
 		},
 		{
 			name: "cleanup after an apply leaves exactly the foreign rules",
 			prepare: func(t *testing.T, f *Fake) {
-				dp, err := New(f, v4, DefaultPrefix)
+				dp, err := New(f, v4, rules.Prefix)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -534,12 +535,12 @@ func TestCleanupWithFake(t *testing.T) {
 					t.Fatal(err)
 				}
 			},
-			prefix: DefaultPrefix,
+			prefix: rules.Prefix,
 		},
 		{
 			name: "cleanup goes on when the batch delete is refused and deletes chain by chain",
 			prepare: func(t *testing.T, f *Fake) {
-				dp, err := New(f, v4, DefaultPrefix)
+				dp, err := New(f, v4, rules.Prefix)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -548,7 +549,7 @@ func TestCleanupWithFake(t *testing.T) {
 				}
 				f.FailNext(1)
 			},
-			prefix: DefaultPrefix,
+			prefix: rules.Prefix,
 		},
 		{
 			name:    "an empty prefix is refused, since it would own every chain",
@@ -584,7 +585,7 @@ func TestCanaryLost(t *testing.T) {
 	v4 := iptables.IPv4
 	f := NewFake()
 	f.SetState(v4, foreignState(t))
-	dp, err := New(f, v4, DefaultPrefix)
+	dp, err := New(f, v4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -643,7 +644,7 @@ func TestCleanupSaysWhatItRemoved(t *testing.T) {
 	v4 := iptables.IPv4
 	f := NewFake()
 	f.SetState(v4, foreignState(t))
-	dp, err := New(f, v4, DefaultPrefix)
+	dp, err := New(f, v4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -651,29 +652,29 @@ func TestCleanupSaysWhatItRemoved(t *testing.T) {
 	if _, err := dp.Apply(rs, false); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string][2]int{}
+	want := map[iptables.Table][2]int{}
 	st := f.State(v4)
-	for _, table := range []string{"nat", "filter"} {
-		chains, rules := 0, 0
+	for _, table := range []iptables.Table{iptables.NAT, iptables.Filter} {
+		chains, nrules := 0, 0
 		for name, chain := range st[table] {
-			if strings.HasPrefix(name, DefaultPrefix) {
+			if strings.HasPrefix(name, rules.Prefix) {
 				chains++
-				rules += len(chain.Rules)
+				nrules += len(chain.Rules)
 				continue
 			}
 			for _, r := range chain.Rules {
-				if strings.HasPrefix(r.Target(), DefaultPrefix) {
-					rules++
+				if strings.HasPrefix(r.Target(), rules.Prefix) {
+					nrules++
 				}
 			}
 		}
-		want[table] = [2]int{chains, rules}
+		want[table] = [2]int{chains, nrules}
 	}
-	removed, err := Cleanup(f, DefaultPrefix, v4)
+	removed, err := Cleanup(f, rules.Prefix, v4)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := map[string][2]int{}
+	got := map[iptables.Table][2]int{}
 	for _, r := range removed {
 		if r.Family != v4 {
 			t.Errorf("a removal in %s, only IPv4 was asked for", r.Family)

@@ -167,22 +167,22 @@ func applyInput(family iptables.Family, s iptables.State, input []byte) (iptable
 // Save renders the family's tables as iptables-save prints them (without
 // the comment lines): built-in chains first with policy ACCEPT, then the
 // other chains sorted by name, then the rules chain by chain.
-func (f *Fake) Save(family iptables.Family, table string) ([]byte, error) {
+func (f *Fake) Save(family iptables.Family, table iptables.Table) ([]byte, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("save %s %s", family, table)
 	s := f.state(family)
-	var names []string
+	var names []iptables.Table
 	if table != "" {
 		if _, ok := s[table]; !ok {
 			return nil, fmt.Errorf("fake %s: table %q does not exist", saveCommand(family), table)
 		}
-		names = []string{table}
+		names = []iptables.Table{table}
 	} else {
 		for t := range s {
 			names = append(names, t)
 		}
-		sort.Strings(names)
+		slices.Sort(names)
 	}
 	var b strings.Builder
 	for _, t := range names {
@@ -204,7 +204,7 @@ func (f *Fake) Save(family iptables.Family, table string) ([]byte, error) {
 
 // fakeChainOrder lists a table's chains: built-in ones in their usual
 // order, then the others sorted.
-func fakeChainOrder(table string, tab iptables.Table) []string {
+func fakeChainOrder(table iptables.Table, tab iptables.Chains) []string {
 	var builtin, user []string
 	for _, c := range []string{"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"} {
 		if _, ok := tab[c]; ok && iptables.IsBuiltin(table, c) {
@@ -220,8 +220,17 @@ func fakeChainOrder(table string, tab iptables.Table) []string {
 	return append(builtin, user...)
 }
 
+// RandomFully is true: the model accepts MASQUERADE --random-fully, as
+// iptables does from 1.6.2, older than any this project supports.
+func (f *Fake) RandomFully(family iptables.Family) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("random-fully %s", family)
+	return true, nil
+}
+
 // ChainExists says whether the family's table holds chain.
-func (f *Fake) ChainExists(family iptables.Family, table, chain string) (bool, error) {
+func (f *Fake) ChainExists(family iptables.Family, table iptables.Table, chain string) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("chain-exists %s %s %s", family, table, chain)
@@ -231,12 +240,18 @@ func (f *Fake) ChainExists(family iptables.Family, table, chain string) (bool, e
 
 // RuleExists says whether chain holds a rule with exactly these arguments;
 // a missing chain holds none (iptables -C exits 1 for both, which the real
-// Runner reports as false).
-func (f *Fake) RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error) {
+// Runner reports as false). Like iptables -C it refuses a rule that could
+// not be added there: one it cannot parse, or a jump to a chain that does
+// not exist.
+func (f *Fake) RuleExists(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("exists %s %s %s %s", family, table, chain, rule)
-	c, ok := f.state(family)[table][chain]
+	s := f.state(family)
+	if err := s.CheckRuleIn(family, table, chain, rule); err != nil {
+		return false, fmt.Errorf("fake iptables: %w", err)
+	}
+	c, ok := s[table][chain]
 	if !ok {
 		return false, nil
 	}
@@ -250,7 +265,7 @@ func (f *Fake) RuleExists(family iptables.Family, table, chain string, rule ipta
 
 // InsertRule inserts rule at 1-based position pos; like iptables it refuses
 // a position past the end plus one and a jump to a chain that does not exist.
-func (f *Fake) InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error {
+func (f *Fake) InsertRule(family iptables.Family, table iptables.Table, chain string, pos int, rule iptables.Rule) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("insert %s %s %s %d %s", family, table, chain, pos, rule)
@@ -263,12 +278,17 @@ func (f *Fake) InsertRule(family iptables.Family, table, chain string, pos int, 
 }
 
 // DeleteRule deletes the first rule of chain with exactly these arguments,
-// or fails as iptables -D does when there is none.
-func (f *Fake) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
+// or fails as iptables -D does when there is none or the rule could not be
+// there (see RuleExists).
+func (f *Fake) DeleteRule(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("delete %s %s %s %s", family, table, chain, rule)
-	c, ok := f.state(family)[table][chain]
+	s := f.state(family)
+	if err := s.CheckRuleIn(family, table, chain, rule); err != nil {
+		return fmt.Errorf("fake iptables: %w", err)
+	}
+	c, ok := s[table][chain]
 	if !ok {
 		return fmt.Errorf("fake iptables: chain %q does not exist in table %q", chain, table)
 	}

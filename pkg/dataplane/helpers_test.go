@@ -53,7 +53,7 @@ func chain(t testing.TB, name string, rules ...string) iptables.Chain {
 }
 
 // jump builds a Jump from a rule written as on the command line.
-func jump(t testing.TB, table, chainName, text string) iptables.Jump {
+func jump(t testing.TB, table iptables.Table, chainName, text string) iptables.Jump {
 	t.Helper()
 	return iptables.Jump{Table: table, Chain: chainName, Rule: rule(t, text)}
 }

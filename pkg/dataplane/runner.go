@@ -1,24 +1,20 @@
 package dataplane
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
-
-	goipt "github.com/coreos/go-iptables/iptables"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
-// Runner is everything the dataplane asks of iptables, so that the same
-// Dataplane code runs against the kernel (NewRunner) and against Fake in unit
-// tests. Rules are passed as arguments without the leading "-A CHAIN", the way
+// Runner is everything miniproxy asks of iptables: the one seam through
+// which the dataplane, the cleanups and the daemon's start-up probes run
+// iptables, iptables-save and iptables-restore (ip6tables… alike), so that
+// the same code runs against the kernel (NewRunner) and against Fake in unit
+// tests, swapped in one place. Rules are passed as arguments without the leading "-A CHAIN", the way
 // iptables.Rule holds them.
 //
 // Every method runs its command from the calling goroutine's OS thread, so a
@@ -31,21 +27,25 @@ type Runner interface {
 	Restore(family iptables.Family, input []byte) error
 	// Save returns iptables-save output (without counters) for table, or for
 	// every table that exists when table is "".
-	Save(family iptables.Family, table string) ([]byte, error)
+	Save(family iptables.Family, table iptables.Table) ([]byte, error)
 	// ChainExists says whether chain exists in table; a missing table is
 	// reported as a missing chain, not as an error.
-	ChainExists(family iptables.Family, table, chain string) (bool, error)
+	ChainExists(family iptables.Family, table iptables.Table, chain string) (bool, error)
 	// RuleExists says whether chain holds rule (iptables -C).
-	RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error)
+	RuleExists(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) (bool, error)
 	// InsertRule inserts rule at 1-based position pos of chain (iptables -I).
-	InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error
+	InsertRule(family iptables.Family, table iptables.Table, chain string, pos int, rule iptables.Rule) error
 	// DeleteRule deletes the first rule of chain equal to rule (iptables -D).
-	DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error
+	DeleteRule(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) error
 	// Check asks the kernel whether it accepts input, without touching the
 	// live tables: the input is restored into the empty tables of a new
 	// network namespace that is gone afterwards. A refusal is a
 	// *RestoreError, as from Restore.
 	Check(family iptables.Family, input []byte) error
+	// RandomFully says whether MASQUERADE takes --random-fully here, which
+	// avoids source port collisions under load (the rules add it when it
+	// does, as kube-proxy's).
+	RandomFully(family iptables.Family) (bool, error)
 }
 
 // RestoreError is how a Runner reports a failed restore: the tool's own
@@ -146,37 +146,8 @@ func inputContext(input []byte, line, around int) string {
 	return strings.TrimSuffix(b.String(), "\n")
 }
 
-// NewRunner returns the Runner that executes the real iptables tools:
-// iptables-restore/iptables-save (ip6tables-… for IPv6) for whole inputs and
-// go-iptables for single rules. Nothing is executed until the first call; the
-// iptables version is probed once per family then.
-func NewRunner() Runner {
-	return &execRunner{ipt: map[iptables.Family]*goipt.IPTables{}}
-}
-
-type execRunner struct {
-	mu  sync.Mutex
-	ipt map[iptables.Family]*goipt.IPTables
-}
-
-func (r *execRunner) handle(family iptables.Family) (*goipt.IPTables, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if ipt, ok := r.ipt[family]; ok {
-		return ipt, nil
-	}
-	proto := goipt.ProtocolIPv4
-	if family == iptables.IPv6 {
-		proto = goipt.ProtocolIPv6
-	}
-	ipt, err := goipt.NewWithProtocol(proto)
-	if err != nil {
-		return nil, fmt.Errorf("probe %s iptables: %w", family, err)
-	}
-	r.ipt[family] = ipt
-	return ipt, nil
-}
-
+// restoreCommand and saveCommand name the tools of a family, for the real
+// Runner and for errors alike.
 func restoreCommand(family iptables.Family) string {
 	if family == iptables.IPv6 {
 		return "ip6tables-restore"
@@ -189,94 +160,6 @@ func saveCommand(family iptables.Family) string {
 		return "ip6tables-save"
 	}
 	return "iptables-save"
-}
-
-// restoreHasWait says whether iptables-restore of this version accepts
-// --wait (added in 1.6.2).
-func restoreHasWait(v1, v2, v3 int) bool {
-	return v1 > 1 || (v1 == 1 && (v2 > 6 || (v2 == 6 && v3 >= 2)))
-}
-
-func (r *execRunner) Restore(family iptables.Family, input []byte) error {
-	return r.run(family, input, nil, "--noflush")
-}
-
-// run runs iptables-restore with args (and --wait where supported) on
-// input, from the calling thread, with attr for the new process.
-func (r *execRunner) run(family iptables.Family, input []byte, attr *syscall.SysProcAttr, args ...string) error {
-	ipt, err := r.handle(family)
-	if err != nil {
-		return err
-	}
-	if restoreHasWait(ipt.GetIptablesVersion()) {
-		args = append(args, "--wait")
-	}
-	cmd := exec.Command(restoreCommand(family), args...)
-	cmd.SysProcAttr = attr
-	cmd.Stdin = bytes.NewReader(input)
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	cmd.Stderr = &out
-	if err := cmd.Run(); err != nil {
-		return newRestoreError(family, input, out.String(), err)
-	}
-	return nil
-}
-
-// Check runs iptables-restore as a process created in a new network
-// namespace of its own (CLONE_NEWNET), so that it sees empty tables and
-// nothing it does reaches any other namespace; the namespace is gone when
-// the process exits. Creating a network namespace needs CAP_SYS_ADMIN, as
-// the DaemonSet's privileged container has.
-func (r *execRunner) Check(family iptables.Family, input []byte) error {
-	return r.run(family, input, &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET})
-}
-
-func (r *execRunner) Save(family iptables.Family, table string) ([]byte, error) {
-	var args []string
-	if table != "" {
-		args = append(args, "-t", table)
-	}
-	cmd := exec.Command(saveCommand(family), args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout = &stdout
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("%s %s: %w: %s", saveCommand(family), strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
-	}
-	return stdout.Bytes(), nil
-}
-
-func (r *execRunner) ChainExists(family iptables.Family, table, chain string) (bool, error) {
-	ipt, err := r.handle(family)
-	if err != nil {
-		return false, err
-	}
-	return ipt.ChainExists(table, chain)
-}
-
-func (r *execRunner) RuleExists(family iptables.Family, table, chain string, rule iptables.Rule) (bool, error) {
-	ipt, err := r.handle(family)
-	if err != nil {
-		return false, err
-	}
-	return ipt.Exists(table, chain, rule...)
-}
-
-func (r *execRunner) InsertRule(family iptables.Family, table, chain string, pos int, rule iptables.Rule) error {
-	ipt, err := r.handle(family)
-	if err != nil {
-		return err
-	}
-	return ipt.Insert(table, chain, pos, rule...)
-}
-
-func (r *execRunner) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
-	ipt, err := r.handle(family)
-	if err != nil {
-		return err
-	}
-	return ipt.Delete(table, chain, rule...)
 }
 
 // errInjected is the cause of the failures Fake.FailNext asks for.

@@ -1,7 +1,7 @@
 package dataplane
 
 import (
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -18,8 +18,8 @@ type savedTable struct {
 // fails: the output also holds other programs' rules, and a rule this
 // package cannot split exactly must not stop a sync. Such a rule is split on
 // blanks, which is enough to find its target.
-func parseSave(text string) map[string]*savedTable {
-	out := map[string]*savedTable{}
+func parseSave(text string) map[iptables.Table]*savedTable {
+	out := map[iptables.Table]*savedTable{}
 	var cur *savedTable
 	for _, l := range strings.Split(text, "\n") {
 		l = strings.TrimSpace(l)
@@ -27,7 +27,7 @@ func parseSave(text string) map[string]*savedTable {
 		case l == "" || strings.HasPrefix(l, "#"):
 		case strings.HasPrefix(l, "*"):
 			cur = &savedTable{rules: map[string][]iptables.Rule{}}
-			out[l[1:]] = cur
+			out[iptables.Table(l[1:])] = cur
 		case l == "COMMIT":
 			cur = nil
 		case cur == nil:
@@ -50,11 +50,11 @@ func parseSave(text string) map[string]*savedTable {
 
 // sortedTables returns the table names of a parsed save, sorted, so that
 // work over them happens in a stable order.
-func sortedTables(saved map[string]*savedTable) []string {
-	names := make([]string, 0, len(saved))
+func sortedTables(saved map[iptables.Table]*savedTable) []iptables.Table {
+	names := make([]iptables.Table, 0, len(saved))
 	for t := range saved {
 		names = append(names, t)
 	}
-	sort.Strings(names)
+	slices.Sort(names)
 	return names
 }

@@ -98,7 +98,7 @@ func CleanupKubeProxy(r Runner, families ...iptables.Family) (Removed, error) {
 // to them.
 type Removal struct {
 	Family iptables.Family
-	Table  string
+	Table  iptables.Table
 	// Chains were deleted; Rules counts their rules and the jumps to them.
 	Chains, Rules int
 }
@@ -125,9 +125,9 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 	}
 	saved := parseSave(string(out))
 	var errs []error
-	owned := map[string][]string{}
-	counts := map[string]*Removal{}
-	count := func(t string) *Removal {
+	owned := map[iptables.Table][]string{}
+	counts := map[iptables.Table]*Removal{}
+	count := func(t iptables.Table) *Removal {
 		if counts[t] == nil {
 			counts[t] = &Removal{Family: family, Table: t}
 		}
@@ -163,7 +163,7 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 	if len(owned) == 0 {
 		return removed, errors.Join(errs...)
 	}
-	none := func(string, string) bool { return false }
+	none := func(iptables.Table, string) bool { return false }
 	all := iptables.RenderRestore(&iptables.Ruleset{}, none, owned)
 	if err := r.Restore(family, []byte(all)); err == nil {
 		return removed, errors.Join(errs...)

@@ -7,6 +7,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // kubeletInput is what a kubelet of 1.28 or later keeps in a node's tables
@@ -291,7 +292,7 @@ func TestIsKubeProxyChain(t *testing.T) {
 // miniproxy would have.
 func installMiniproxy(t *testing.T, r Runner, family iptables.Family) {
 	t.Helper()
-	dp, err := New(r, family, DefaultPrefix)
+	dp, err := New(r, family, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -405,7 +406,7 @@ func TestCleanupKubeProxyReportsWhatItCouldNotDelete(t *testing.T) {
 	for table, tab := range s {
 		for name := range tab {
 			if IsKubeProxyChain(name) {
-				left = append(left, table+" "+name)
+				left = append(left, string(table)+" "+name)
 			}
 		}
 	}
@@ -421,7 +422,7 @@ type refusingFake struct {
 	refuse string
 }
 
-func (r *refusingFake) DeleteRule(family iptables.Family, table, chain string, rule iptables.Rule) error {
+func (r *refusingFake) DeleteRule(family iptables.Family, table iptables.Table, chain string, rule iptables.Rule) error {
 	if rule.Target() == r.refuse {
 		return errInjected
 	}

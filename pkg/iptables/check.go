@@ -35,7 +35,7 @@ var (
 )
 
 // checkIfaceIn refuses -i or -o in a built-in chain that cannot have them.
-func checkIfaceIn(table, chain string, p *parsedRule) error {
+func checkIfaceIn(table Table, chain string, p *parsedRule) error {
 	if !IsBuiltin(table, chain) {
 		return nil
 	}
@@ -78,7 +78,7 @@ type extension struct {
 	canonical map[string]string
 	final     func(r *parsedRule, e *instance) error
 	// tables restricts a target to some tables; nil allows all.
-	tables []string
+	tables []Table
 	// hooks restricts a target to chains reached from these built-in
 	// chains (the kernel checks it when a jump links the chain to them).
 	hooks []string
@@ -96,7 +96,7 @@ func (e *instance) has(opt string) bool { _, ok := e.set[opt]; return ok }
 // parsedRule is what parseRule learnt about a rule.
 type parsedRule struct {
 	fam      Family
-	table    string
+	table    Table
 	proto    string // as given to -p, lower case; "" when absent
 	protoNeg bool
 	matches  []*instance
@@ -426,7 +426,7 @@ func natPortNeedsProto(r *parsedRule) error {
 func natTarget(opt string, hooks ...string) *extension {
 	return &extension{
 		opts:   map[string]optSpec{opt: {1, nil}, "--random": {0, nil}, "--persistent": {0, nil}, "--random-fully": {0, nil}},
-		tables: []string{"nat"},
+		tables: []Table{NAT},
 		hooks:  hooks,
 		final: func(r *parsedRule, e *instance) error {
 			v, ok := e.set[opt]
@@ -449,7 +449,7 @@ func natTarget(opt string, hooks ...string) *extension {
 var targets = map[string]*extension{
 	"ACCEPT": {},
 	"DROP": {final: func(r *parsedRule, _ *instance) error {
-		if r.table == "nat" {
+		if r.table == NAT {
 			return fmt.Errorf("The \"nat\" table is not intended for filtering, the use of DROP is therefore inhibited.")
 		}
 		return nil
@@ -462,7 +462,7 @@ var targets = map[string]*extension{
 			}
 			return nil
 		}}},
-		tables: []string{"filter"},
+		tables: []Table{Filter},
 		hooks:  []string{"INPUT", "FORWARD", "OUTPUT"},
 		final: func(r *parsedRule, e *instance) error {
 			if w := e.set["--reject-with"]; w != nil && (w[0] == "tcp-reset" || w[0] == "tcp-rst") && (r.proto != "tcp" || r.protoNeg) {
@@ -475,7 +475,7 @@ var targets = map[string]*extension{
 	"SNAT": natTarget("--to-source", "POSTROUTING", "INPUT"),
 	"MASQUERADE": {
 		opts:   map[string]optSpec{"--to-ports": {1, nil}, "--random": {0, nil}, "--random-fully": {0, nil}},
-		tables: []string{"nat"},
+		tables: []Table{NAT},
 		hooks:  []string{"POSTROUTING"},
 		final: func(r *parsedRule, e *instance) error {
 			if e.has("--to-ports") {
@@ -506,7 +506,7 @@ func (e *extension) option(name string) (string, optSpec, bool) {
 	return name, spec, ok
 }
 
-func parseRule(fam Family, table string, args Rule) (*parsedRule, error) {
+func parseRule(fam Family, table Table, args Rule) (*parsedRule, error) {
 	r := &parsedRule{fam: fam, table: table}
 	value := func(i int, opt string) (string, error) {
 		if i >= len(args) {
@@ -661,7 +661,7 @@ func (r *parsedRule) ownerOf(opt string) (*instance, string, optSpec) {
 	return nil, "", optSpec{}
 }
 
-func contains(list []string, s string) bool {
+func contains[T comparable](list []T, s T) bool {
 	for _, v := range list {
 		if v == s {
 			return true
@@ -675,7 +675,7 @@ func contains(list []string, s string) bool {
 // allows, and targets only where they are valid (DNAT only on the way from
 // PREROUTING or OUTPUT, for example). Chains nothing jumps to are checked
 // once something does, as in the kernel.
-func checkReach(table string, tab Table) error {
+func checkReach(table Table, tab Chains) error {
 	for _, base := range builtinChains[table] {
 		if _, ok := tab[base]; !ok {
 			continue
@@ -690,8 +690,9 @@ func checkReach(table string, tab Table) error {
 
 // reachWalk visits the chains reachable from one built-in chain.
 type reachWalk struct {
-	table, hook  string
-	tab          Table
+	table        Table
+	hook         string
+	tab          Chains
 	onPath, done map[string]bool
 }
 

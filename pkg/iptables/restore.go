@@ -33,11 +33,11 @@ type Chain struct {
 	Rules []Rule
 }
 
-// Table maps chain names to chains.
-type Table map[string]*Chain
+// Chains maps the chain names of one table to its chains.
+type Chains map[string]*Chain
 
 // State is the content of every table, as iptables-save would show it.
-type State map[string]Table
+type State map[Table]Chains
 
 // Op is one operation of a restore input.
 type Op struct {
@@ -53,7 +53,7 @@ type Op struct {
 
 // TableInput is the part of a restore input between "*table" and "COMMIT".
 type TableInput struct {
-	Table string
+	Table Table
 	Ops   []Op
 	// CommitLine is the line of the COMMIT, where the real tool reports
 	// some refusals.
@@ -80,7 +80,7 @@ func ParseRestore(text string) ([]TableInput, error) {
 			if cur != nil {
 				return nil, fmt.Errorf("line %d: table %q started before COMMIT of %q", line, l[1:], cur.Table)
 			}
-			cur = &TableInput{Table: l[1:]}
+			cur = &TableInput{Table: Table(l[1:])}
 		case l == "COMMIT":
 			if cur == nil {
 				return nil, fmt.Errorf("line %d: COMMIT outside a table", line)
@@ -173,15 +173,15 @@ func SplitArgs(l string) ([]string, error) {
 }
 
 // builtinChains are the chains each table has before anyone writes to it.
-var builtinChains = map[string][]string{
-	"filter": {"INPUT", "FORWARD", "OUTPUT"},
-	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
-	"mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
-	"raw":    {"PREROUTING", "OUTPUT"},
+var builtinChains = map[Table][]string{
+	Filter: {"INPUT", "FORWARD", "OUTPUT"},
+	NAT:    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+	Mangle: {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+	Raw:    {"PREROUTING", "OUTPUT"},
 }
 
 // IsBuiltin says whether chain is one of table's built-in chains.
-func IsBuiltin(table, chain string) bool {
+func IsBuiltin(table Table, chain string) bool {
 	for _, c := range builtinChains[table] {
 		if c == chain {
 			return true
@@ -194,7 +194,7 @@ func IsBuiltin(table, chain string) bool {
 func NewState() State {
 	s := State{}
 	for t, chains := range builtinChains {
-		s[t] = Table{}
+		s[t] = Chains{}
 		for _, c := range chains {
 			s[t][c] = &Chain{Name: c}
 		}
@@ -206,7 +206,7 @@ func NewState() State {
 func (s State) Clone() State {
 	out := State{}
 	for t, tab := range s {
-		out[t] = Table{}
+		out[t] = Chains{}
 		for n, c := range tab {
 			out[t][n] = &Chain{Name: c.Name, Rules: append([]Rule(nil), c.Rules...)}
 		}
@@ -261,7 +261,7 @@ func (s State) Apply(family Family, inputs []TableInput, noflush bool) (State, e
 type atCommit struct{ error }
 
 // references counts, per chain, the rules jumping to it.
-func references(tab Table) map[string]int {
+func references(tab Chains) map[string]int {
 	refs := map[string]int{}
 	for _, c := range tab {
 		for _, r := range c.Rules {
@@ -282,7 +282,7 @@ func flush(c *Chain, refs map[string]int) {
 	c.Rules = nil
 }
 
-func applyOp(family Family, table string, tab Table, refs map[string]int, op Op) error {
+func applyOp(family Family, table Table, tab Chains, refs map[string]int, op Op) error {
 	switch op.Kind {
 	case ':':
 		if err := checkChainName(op.Chain); err != nil {
@@ -336,7 +336,7 @@ func applyOp(family Family, table string, tab Table, refs map[string]int, op Op)
 // checkRuleIn checks a rule about to be added to chain of tab: the rule by
 // itself, its interfaces in that chain, and that the chain it jumps to
 // exists already.
-func checkRuleIn(family Family, table, chain string, tab Table, r Rule) error {
+func checkRuleIn(family Family, table Table, chain string, tab Chains, r Rule) error {
 	p, err := parseRule(family, table, r)
 	if err != nil {
 		return err
@@ -353,6 +353,18 @@ func checkRuleIn(family Family, table, chain string, tab Table, r Rule) error {
 	return nil
 }
 
+// CheckRuleIn says what iptables refuses about r as a rule of chain in table,
+// given the chains s has: the rule by itself, its interfaces in that chain,
+// and that a chain it jumps to exists. `iptables -C` and `-D` refuse such a
+// rule before they look for it, so a fake of them must too.
+func (s State) CheckRuleIn(family Family, table Table, chain string, r Rule) error {
+	tab, ok := s[table]
+	if !ok {
+		return fmt.Errorf("table %q does not exist", table)
+	}
+	return checkRuleIn(family, table, chain, tab, r)
+}
+
 // Target returns the rule's -j/-g argument, or "" when it has none.
 func (r Rule) Target() string {
 	for i := 0; i+1 < len(r); i++ {
@@ -367,7 +379,7 @@ func (r Rule) Target() string {
 // `iptables -I` does, refusing what iptables refuses: a position past the
 // end plus one, a rule it cannot parse, a jump to a chain that does not
 // exist, a target reached from where it is not valid, a loop.
-func (s State) Insert(family Family, table, chain string, pos int, r Rule) (State, error) {
+func (s State) Insert(family Family, table Table, chain string, pos int, r Rule) (State, error) {
 	next := s.Clone()
 	c, ok := next[table][chain]
 	if !ok {

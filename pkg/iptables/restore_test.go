@@ -10,7 +10,7 @@ import (
 
 // dump lists a table's chains and rules in a stable form, leaving out
 // built-in chains that hold no rule.
-func dump(s State, table string) string {
+func dump(s State, table Table) string {
 	names := make([]string, 0, len(s[table]))
 	for n := range s[table] {
 		names = append(names, n)

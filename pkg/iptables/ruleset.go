@@ -3,6 +3,7 @@ package iptables
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -33,18 +34,32 @@ func FamilyOf(a netip.Addr) Family {
 	return IPv6
 }
 
+// Table names one of the kernel's iptables tables. It is a type of its own so
+// that a table and a chain, both names, cannot be passed in each other's
+// place.
+type Table string
+
+// The tables miniproxy writes to (nat, filter) or looks at (mangle, raw:
+// cleanups and iptables-save list them).
+const (
+	NAT    Table = "nat"
+	Filter Table = "filter"
+	Mangle Table = "mangle"
+	Raw    Table = "raw"
+)
+
 // Jump is a rule this project keeps in a built-in chain (or another chain it
 // does not own) so that packets reach its own chains. Jumps are kept at the
 // head of the chain, in the order given.
 type Jump struct {
-	Table string
+	Table Table
 	Chain string
 	Rule  Rule
 }
 
 // TableRules is the desired content of this project's chains in one table.
 type TableRules struct {
-	Table  string
+	Table  Table
 	Chains []Chain
 }
 
@@ -57,7 +72,7 @@ type Ruleset struct {
 }
 
 // Chain returns the named chain of table, or nil.
-func (rs *Ruleset) Chain(table, name string) *Chain {
+func (rs *Ruleset) Chain(table Table, name string) *Chain {
 	for ti := range rs.Tables {
 		if rs.Tables[ti].Table != table {
 			continue
@@ -92,20 +107,20 @@ func ChainText(c *Chain) string {
 // rule may jump to a chain declared later and a chain is only deleted after
 // the rules that jumped to it were rewritten. A table with nothing to do is
 // left out.
-func RenderRestore(rs *Ruleset, write func(table, chain string) bool, remove map[string][]string) string {
+func RenderRestore(rs *Ruleset, write func(table Table, chain string) bool, remove map[Table][]string) string {
 	var b strings.Builder
-	tables := map[string]bool{}
+	tables := map[Table]bool{}
 	for _, t := range rs.Tables {
 		tables[t.Table] = true
 	}
 	for t := range remove {
 		tables[t] = true
 	}
-	names := make([]string, 0, len(tables))
+	names := make([]Table, 0, len(tables))
 	for t := range tables {
 		names = append(names, t)
 	}
-	sort.Strings(names)
+	slices.Sort(names)
 	for _, table := range names {
 		var chains []*Chain
 		for ti := range rs.Tables {
@@ -151,13 +166,13 @@ func RenderRestore(rs *Ruleset, write func(table, chain string) bool, remove map
 // packet tracer) with every check the kernel makes on the way from the
 // built-in chains.
 func RenderComplete(rs *Ruleset) string {
-	text := RenderRestore(rs, func(string, string) bool { return true }, nil)
+	text := RenderRestore(rs, func(Table, string) bool { return true }, nil)
 	var b strings.Builder
-	table := ""
+	var table Table
 	for _, l := range strings.SplitAfter(text, "\n") {
 		switch {
 		case strings.HasPrefix(l, "*"):
-			table = strings.TrimSpace(l[1:])
+			table = Table(strings.TrimSpace(l[1:]))
 		case l == "COMMIT\n":
 			for _, j := range rs.Jumps {
 				if j.Table == table {

@@ -19,8 +19,8 @@ import (
 )
 
 // probe is a pod's connection to a ClusterIP on port 80.
-func probe(ip string) rules.Packet {
-	return rules.Packet{Src: aPod, Dst: netip.MustParseAddr(ip), Proto: "tcp", DPort: 80}
+func probe(ip string) iptables.Packet {
+	return iptables.Packet{Src: aPod, Dst: netip.MustParseAddr(ip), Proto: "tcp", DPort: 80}
 }
 
 func served(ep string) string { return "[ACCEPT " + ep + ":8080 (p=1.000)]" }
@@ -334,12 +334,12 @@ func TestARefusalInOneFamilyHoldsTheServiceBackInBoth(t *testing.T) {
 		t.Fatalf("want bad refused, a programmed: err=%v %+v", res.Err, res.Refusals)
 	}
 	trace := func(fam iptables.Family, dst string) string {
-		tr := &rules.Tracer{State: fake.State(fam), LocalAddrs: []netip.Addr{nodeIP}}
+		tr := &iptables.Tracer{State: fake.State(fam), LocalAddrs: []netip.Addr{nodeIP}}
 		src := aPod
 		if fam == iptables.IPv6 {
 			src = netip.MustParseAddr("fd00:244:1::9")
 		}
-		outs, err := tr.Trace(rules.Packet{Src: src, Dst: netip.MustParseAddr(dst), Proto: "tcp", DPort: 80})
+		outs, err := tr.Trace(iptables.Packet{Src: src, Dst: netip.MustParseAddr(dst), Proto: "tcp", DPort: 80})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -44,11 +44,11 @@ func (p *Proxier) apply(fam iptables.Family, rs *iptables.Ruleset, full bool) (A
 func tableRules(rs *iptables.Ruleset) map[string]int {
 	counts := map[string]int{}
 	for _, t := range rs.Tables {
-		n := counts[t.Table]
+		n := counts[string(t.Table)]
 		for _, c := range t.Chains {
 			n += len(c.Rules)
 		}
-		counts[t.Table] = n
+		counts[string(t.Table)] = n
 	}
 	return counts
 }

@@ -21,7 +21,7 @@ func ownRules(f *dataplane.Fake) map[string]int {
 	for table, chains := range f.State(iptables.IPv4) {
 		for name, c := range chains {
 			if strings.HasPrefix(name, rules.Prefix) && name != rules.Prefix+dataplane.CanarySuffix {
-				out[table] += len(c.Rules)
+				out[string(table)] += len(c.Rules)
 			}
 		}
 	}

@@ -95,9 +95,9 @@ func newLabWith(t *testing.T, opts Options, wrap func(dataplane.Runner) dataplan
 }
 
 // trace follows a packet through what the fake kernel holds now.
-func (l *lab) trace(t *testing.T, p rules.Packet) string {
+func (l *lab) trace(t *testing.T, p iptables.Packet) string {
 	t.Helper()
-	tr := &rules.Tracer{State: l.fake.State(iptables.IPv4), LocalAddrs: []netip.Addr{nodeIP}}
+	tr := &iptables.Tracer{State: l.fake.State(iptables.IPv4), LocalAddrs: []netip.Addr{nodeIP}}
 	outs, err := tr.Trace(p)
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +112,7 @@ func TestAFailedSyncKeepsTheOldRulesAndIsRetried(t *testing.T) {
 	if res := l.proxier.Sync(false); res.Err != nil {
 		t.Fatalf("first sync: %v", res.Err)
 	}
-	pkt := rules.Packet{Src: aPod, Dst: netip.MustParseAddr("10.0.0.10"), Proto: "tcp", DPort: 80}
+	pkt := iptables.Packet{Src: aPod, Dst: netip.MustParseAddr("10.0.0.10"), Proto: "tcp", DPort: 80}
 	if got := l.trace(t, pkt); got != "[ACCEPT 10.244.2.6:8080 (p=1.000)]" {
 		t.Fatalf("after first sync: %s", got)
 	}
@@ -157,7 +157,7 @@ func TestAServiceOfAProtocolTheNodeCannotDoIsSkippedAlone(t *testing.T) {
 	if res.Err != nil || res.Skipped != 1 {
 		t.Fatalf("want a successful sync skipping one port, got err=%v skipped=%d", res.Err, res.Skipped)
 	}
-	web := rules.Packet{Src: aPod, Dst: netip.MustParseAddr("10.0.0.10"), Proto: "tcp", DPort: 80}
+	web := iptables.Packet{Src: aPod, Dst: netip.MustParseAddr("10.0.0.10"), Proto: "tcp", DPort: 80}
 	if got := l.trace(t, web); got != "[ACCEPT 10.244.2.6:8080 (p=1.000)]" {
 		t.Errorf("the TCP Service should work: %s", got)
 	}
@@ -176,7 +176,7 @@ func TestNodePortAddressesPickTheLocalAddressesInRange(t *testing.T) {
 	if res := l.proxier.Sync(false); res.Err != nil {
 		t.Fatal(res.Err)
 	}
-	pkt := rules.Packet{Src: client, Dst: nodeIP, Proto: "tcp", DPort: 30080}
+	pkt := iptables.Packet{Src: client, Dst: nodeIP, Proto: "tcp", DPort: 30080}
 	if got := l.trace(t, pkt); got != "[ACCEPT 10.240.0.3:30080 (p=1.000)]" {
 		t.Errorf("the node's address is outside --nodeport-addresses, so no NodePort: %s", got)
 	}
@@ -247,7 +247,7 @@ func (f *fakeSysctl) Ensure(name string, value int) (bool, error) {
 }
 
 func TestLocalhostNodePortsSetRouteLocalnetOnceAndServeLoopback(t *testing.T) {
-	loopback := rules.Packet{Src: netip.MustParseAddr("127.0.0.1"), Dst: netip.MustParseAddr("127.0.0.1"), Proto: "tcp", DPort: 30080, FromNode: true}
+	loopback := iptables.Packet{Src: netip.MustParseAddr("127.0.0.1"), Dst: netip.MustParseAddr("127.0.0.1"), Proto: "tcp", DPort: 30080, FromNode: true}
 	served, untouched := "[ACCEPT 10.244.2.6:8080 masqueraded (p=1.000)]", "[ACCEPT 127.0.0.1:30080 (p=1.000)]"
 	tests := []struct {
 		name      string

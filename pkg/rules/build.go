@@ -26,7 +26,11 @@ import (
 )
 
 // Prefix starts the name of every chain miniproxy owns, so that it can share
-// the tables with anyone else and `--cleanup` finds exactly its own chains.
+// the tables with anyone else and `--cleanup` finds exactly its own chains;
+// it differs from kube-proxy's "KUBE-" so that both can be on a node (and
+// compared) at once. The rules name the chains, so this is its one home: the
+// dataplane owns whatever prefix its caller gives it, and miniproxy gives it
+// this one.
 const Prefix = "MP-"
 
 // The fixed chains. The same name may exist in nat and in filter.
@@ -97,21 +101,21 @@ func Jumps(cfg Config) []iptables.Jump {
 		// First, for every packet, as upstream's KUBE-FIREWALL jumps:
 		// nothing after them may accept what they drop.
 		out = append(out,
-			iptables.Jump{Table: "filter", Chain: "INPUT", Rule: iptables.Rule{"-j", ChainLocalnet}},
-			iptables.Jump{Table: "filter", Chain: "OUTPUT", Rule: iptables.Rule{"-j", ChainLocalnet}})
+			iptables.Jump{Table: iptables.Filter, Chain: "INPUT", Rule: iptables.Rule{"-j", ChainLocalnet}},
+			iptables.Jump{Table: iptables.Filter, Chain: "OUTPUT", Rule: iptables.Rule{"-j", ChainLocalnet}})
 	}
 	return append(out, []iptables.Jump{
-		{Table: "nat", Chain: "PREROUTING", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
-		{Table: "nat", Chain: "OUTPUT", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
-		{Table: "nat", Chain: "POSTROUTING", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy postrouting rules", "-j", ChainPostrouting}},
-		{Table: "filter", Chain: "INPUT", Rule: iptables.Rule(svcJump)},
+		{Table: iptables.NAT, Chain: "PREROUTING", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
+		{Table: iptables.NAT, Chain: "OUTPUT", Rule: iptables.Rule(append(append([]string{}, portals...), "-j", ChainServices))},
+		{Table: iptables.NAT, Chain: "POSTROUTING", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy postrouting rules", "-j", ChainPostrouting}},
+		{Table: iptables.Filter, Chain: "INPUT", Rule: iptables.Rule(svcJump)},
 		// Every packet, not only the first: a node whose INPUT policy
 		// drops must still answer its load balancers' health checks, as
 		// with kube-proxy's KUBE-NODEPORTS jump.
-		{Table: "filter", Chain: "INPUT", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy health check service ports", "-j", ChainHealthCheck}},
-		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule(svcJump)},
-		{Table: "filter", Chain: "FORWARD", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy forwarding rules", "-j", ChainForward}},
-		{Table: "filter", Chain: "OUTPUT", Rule: iptables.Rule(svcJump)},
+		{Table: iptables.Filter, Chain: "INPUT", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy health check service ports", "-j", ChainHealthCheck}},
+		{Table: iptables.Filter, Chain: "FORWARD", Rule: iptables.Rule(svcJump)},
+		{Table: iptables.Filter, Chain: "FORWARD", Rule: iptables.Rule{"-m", "comment", "--comment", "miniproxy forwarding rules", "-j", ChainForward}},
+		{Table: iptables.Filter, Chain: "OUTPUT", Rule: iptables.Rule(svcJump)},
 	}...)
 }
 
@@ -589,7 +593,7 @@ func (b *builder) finish() *iptables.Ruleset {
 
 	return &iptables.Ruleset{
 		Family: b.cfg.Family,
-		Tables: []iptables.TableRules{{Table: "filter", Chains: filt}, {Table: "nat", Chains: nat}},
+		Tables: []iptables.TableRules{{Table: iptables.Filter, Chains: filt}, {Table: iptables.NAT, Chains: nat}},
 		Jumps:  Jumps(b.cfg),
 	}
 }

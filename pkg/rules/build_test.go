@@ -116,9 +116,9 @@ func snapshotOf(svc *endpoints.ServicePort, eps []endpoints.Endpoint) *endpoints
 	}
 }
 
-func trace(t *testing.T, snap *endpoints.Snapshot, cfg Config, p Packet) []string {
+func trace(t *testing.T, snap *endpoints.Snapshot, cfg Config, p iptables.Packet) []string {
 	t.Helper()
-	tr, err := NewTracer(Build(snap, cfg), []netip.Addr{node1IP})
+	tr, err := iptables.NewTracer(Build(snap, cfg), []netip.Addr{node1IP})
 	if err != nil {
 		t.Fatalf("load rules: %v", err)
 	}
@@ -133,11 +133,11 @@ func trace(t *testing.T, snap *endpoints.Snapshot, cfg Config, p Packet) []strin
 	return got
 }
 
-func tcpTo(src, dst netip.Addr, port int) Packet {
-	return Packet{Src: src, Dst: dst, Proto: "tcp", DPort: port}
+func tcpTo(src, dst netip.Addr, port int) iptables.Packet {
+	return iptables.Packet{Src: src, Dst: dst, Proto: "tcp", DPort: port}
 }
 
-func fromNode(p Packet) Packet { p.FromNode = true; return p }
+func fromNode(p iptables.Packet) iptables.Packet { p.FromNode = true; return p }
 
 func TestTutorialOutcomes(t *testing.T) {
 	half := func(s string) string { return s + " (p=0.500)" }
@@ -147,7 +147,7 @@ func TestTutorialOutcomes(t *testing.T) {
 		svc  *endpoints.ServicePort
 		eps  []endpoints.Endpoint
 		cfg  func(*Config)
-		pkt  Packet
+		pkt  iptables.Packet
 		want []string
 	}{
 		// 1. ClusterIP
@@ -191,7 +191,7 @@ func TestTutorialOutcomes(t *testing.T) {
 		{
 			name: "UDP to ClusterIP: DNAT, source kept",
 			svc:  sourceIPApp(udp), eps: onlyOnNode2,
-			pkt:  Packet{Src: node1Pod2, Dst: clusterIP, Proto: "udp", DPort: 80},
+			pkt:  iptables.Packet{Src: node1Pod2, Dst: clusterIP, Proto: "udp", DPort: 80},
 			want: []string{all("ACCEPT 10.244.2.6:8080")},
 		},
 		{
@@ -203,7 +203,7 @@ func TestTutorialOutcomes(t *testing.T) {
 		{
 			name: "SCTP to ClusterIP: DNAT",
 			svc:  sourceIPApp(sctp), eps: onlyOnNode2,
-			pkt:  Packet{Src: node1Pod2, Dst: clusterIP, Proto: "sctp", DPort: 80},
+			pkt:  iptables.Packet{Src: node1Pod2, Dst: clusterIP, Proto: "sctp", DPort: 80},
 			want: []string{all("ACCEPT 10.244.2.6:8080")},
 		},
 		// hairpin
@@ -261,7 +261,7 @@ func TestTutorialOutcomes(t *testing.T) {
 		{
 			name: "UDP NodePort, Cluster policy: masqueraded",
 			svc:  sourceIPApp(withNodePort, udp), eps: onlyOnNode2,
-			pkt:  Packet{Src: client, Dst: node1IP, Proto: "udp", DPort: nodePort},
+			pkt:  iptables.Packet{Src: client, Dst: node1IP, Proto: "udp", DPort: nodePort},
 			want: []string{all("ACCEPT 10.244.2.6:8080 masqueraded")},
 		},
 		// LoadBalancer and externalIPs
@@ -461,7 +461,7 @@ func TestSpreadsEvenlyOverManyEndpoints(t *testing.T) {
 	for i := 1; i <= 7; i++ {
 		eps = append(eps, ready(netip.AddrFrom4([4]byte{10, 244, 2, byte(i)}), false))
 	}
-	tr, err := NewTracer(Build(snapshotOf(sourceIPApp(), eps), testConfig()), []netip.Addr{node1IP})
+	tr, err := iptables.NewTracer(Build(snapshotOf(sourceIPApp(), eps), testConfig()), []netip.Addr{node1IP})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -477,7 +477,7 @@ func TestSpreadsEvenlyOverManyEndpoints(t *testing.T) {
 }
 
 func TestSessionAffinityKeepsAClientOnItsEndpoint(t *testing.T) {
-	tr, err := NewTracer(Build(snapshotOf(sourceIPApp(affinity), onePodPerNode), testConfig()), []netip.Addr{node1IP})
+	tr, err := iptables.NewTracer(Build(snapshotOf(sourceIPApp(affinity), onePodPerNode), testConfig()), []netip.Addr{node1IP})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -498,7 +498,7 @@ func TestSessionAffinityKeepsAClientOnItsEndpoint(t *testing.T) {
 		}
 	}
 	rs := Build(snapshotOf(sourceIPApp(affinity), onePodPerNode), testConfig())
-	text := iptables.RenderRestore(rs, func(string, string) bool { return true }, nil)
+	text := iptables.RenderRestore(rs, func(iptables.Table, string) bool { return true }, nil)
 	if !strings.Contains(text, "--rcheck --seconds 10800 --reap") {
 		t.Errorf("affinity timeout not in the rules:\n%s", text)
 	}
@@ -511,7 +511,7 @@ func TestIPv6ClusterIPAndNodePort(t *testing.T) {
 	svc := sourceIPApp(withNodePort, func(s *endpoints.ServicePort) { s.ClusterIPs = []netip.Addr{clusterIP, cip} })
 	eps := []endpoints.Endpoint{ready(node2Pod, false), ready(pod, false)}
 	cfg := Config{Family: iptables.IPv6, DetectLocal: clusterCIDR("fd00:10:244::/56")}
-	tr, err := NewTracer(Build(snapshotOf(svc, eps), cfg), []netip.Addr{nodeIP6})
+	tr, err := iptables.NewTracer(Build(snapshotOf(svc, eps), cfg), []netip.Addr{nodeIP6})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -529,7 +529,7 @@ func TestAServiceIsProgrammedOnlyInTheFamiliesOfItsClusterIPs(t *testing.T) {
 	v6ext := netip.MustParseAddr("2001:db8::10")
 	svc := sourceIPApp(func(s *endpoints.ServicePort) { s.ExternalIPs = []netip.Addr{v6ext} })
 	eps := []endpoints.Endpoint{ready(netip.MustParseAddr("fd00:10:244:2::6"), false)}
-	tr, err := NewTracer(Build(snapshotOf(svc, eps), Config{Family: iptables.IPv6}), nil)
+	tr, err := iptables.NewTracer(Build(snapshotOf(svc, eps), Config{Family: iptables.IPv6}), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -570,7 +570,7 @@ func manyServices(n int, seed int64) *endpoints.Snapshot {
 
 func TestEveryServiceOfALargeClusterIsReachable(t *testing.T) {
 	snap := manyServices(2000, 1)
-	tr, err := NewTracer(Build(snap, testConfig()), []netip.Addr{node1IP})
+	tr, err := iptables.NewTracer(Build(snap, testConfig()), []netip.Addr{node1IP})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -590,7 +590,7 @@ func changedChains(a, b *iptables.Ruleset) []string {
 		m := map[string]string{}
 		for _, t := range rs.Tables {
 			for i := range t.Chains {
-				m[t.Table+"/"+t.Chains[i].Name] = iptables.ChainText(&t.Chains[i])
+				m[string(t.Table)+"/"+t.Chains[i].Name] = iptables.ChainText(&t.Chains[i])
 			}
 		}
 		return m

@@ -80,14 +80,14 @@ func TestDetectLocalValidate(t *testing.T) {
 // input interface), as upstream.
 func TestEachDetectLocalModeTellsPodsFromOthers(t *testing.T) {
 	all := func(s string) string { return s + " (p=1.000)" }
-	from := func(src netip.Addr, iface string) func(Packet) Packet {
-		return func(p Packet) Packet { p.Src, p.InIface = src, iface; return p }
+	from := func(src netip.Addr, iface string) func(iptables.Packet) iptables.Packet {
+		return func(p iptables.Packet) iptables.Packet { p.Src, p.InIface = src, iface; return p }
 	}
 	modes := []struct {
 		name string
 		d    DetectLocal
 		// pod is a pod of this node; other a client that is not one.
-		pod, other func(Packet) Packet
+		pod, other func(iptables.Packet) iptables.Packet
 	}{
 		{"ClusterCIDR", clusterCIDR("10.244.0.0/16"), from(node1Pod2, "cni0"), from(client, "eth0")},
 		{"ClusterCIDR, a pod of another node routed here", clusterCIDR("10.244.0.0/16"), from(otherPod, "eth0"), from(client, "eth0")},
@@ -103,7 +103,7 @@ func TestEachDetectLocalModeTellsPodsFromOthers(t *testing.T) {
 		for _, tc := range []struct {
 			name string
 			snap *endpoints.Snapshot
-			pkt  Packet
+			pkt  iptables.Packet
 			want string
 		}{
 			{"pod to a ClusterIP: not masqueraded", clusterIPOnNode2, m.pod(tcpTo(netip.Addr{}, clusterIP, 80)), "ACCEPT 10.244.2.6:8080"},
@@ -137,7 +137,7 @@ func TestLocalhostNodePorts(t *testing.T) {
 		name string
 		cfg  func(*Config)
 		snap *endpoints.Snapshot
-		pkt  Packet
+		pkt  iptables.Packet
 		want []string
 	}{
 		{"on, Cluster policy: localhost reaches the endpoint, masqueraded",

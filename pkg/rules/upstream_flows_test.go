@@ -10,7 +10,7 @@ package rules
 //
 // The state is built as the daemon builds it: API objects into an
 // endpoints.Tracker, its Snapshot into Build with the Config the daemon would
-// compute, the ruleset into a Tracer. Where miniproxy deliberately differs
+// compute, the ruleset into an iptables.Tracer. Where miniproxy deliberately differs
 // from upstream (docs/decisions.md) the row expects our behaviour and its name
 // says which difference applies. Rows that assert upstream's expectation and
 // fail are differences nobody decided on.
@@ -236,7 +236,7 @@ func upRun(t *testing.T, s upSetup, stages ...upStage) {
 		if st.change != nil {
 			st.change(tracker)
 		}
-		tr, err := NewTracer(Build(tracker.Snapshot(), s.config()), upNodeAddrs(s.family()))
+		tr, err := iptables.NewTracer(Build(tracker.Snapshot(), s.config()), upNodeAddrs(s.family()))
 		if err != nil {
 			t.Fatalf("load rules: %v", err)
 		}
@@ -299,20 +299,20 @@ var (
 	upRejected  = upResult{verdict: "REJECT"}
 )
 
-func upCheck(t *testing.T, tr *Tracer, f upFlow) {
+func upCheck(t *testing.T, tr *iptables.Tracer, f upFlow) {
 	t.Helper()
 	proto := f.proto
 	if proto == "" {
 		proto = "tcp"
 	}
-	pkt := Packet{
+	pkt := iptables.Packet{
 		Src: netip.MustParseAddr(f.src), Dst: netip.MustParseAddr(f.dst),
 		Proto: proto, DPort: f.port, FromNode: f.fromNode,
 	}
 	if f.nodeFirewall {
 		st := tr.State.Clone()
 		st["filter"]["INPUT"].Rules = append(st["filter"]["INPUT"].Rules, iptables.Rule{"-j", "DROP"})
-		tr = &Tracer{State: st, LocalAddrs: tr.LocalAddrs}
+		tr = &iptables.Tracer{State: st, LocalAddrs: tr.LocalAddrs}
 	}
 	outs, err := tr.Trace(pkt)
 	if err != nil {
@@ -326,7 +326,7 @@ func upCheck(t *testing.T, tr *Tracer, f upFlow) {
 
 // upMismatch compares our outcomes with upstream's expectation: the verdict,
 // the set of destinations, the masquerade flag, and an even spread.
-func upMismatch(pkt Packet, outs []Outcome, want upResult) string {
+func upMismatch(pkt iptables.Packet, outs []iptables.Outcome, want upResult) string {
 	total := 0.0
 	for _, o := range outs {
 		total += o.Probability

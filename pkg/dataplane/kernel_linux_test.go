@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // foreignInput puts another program's rules into a namespace: a user chain
@@ -78,7 +79,7 @@ func TestKernelApplyAndCleanup(t *testing.T) {
 			ns := enterTestNetns(t)
 			ns.restore(t, family, foreignInput(family))
 			before := ns.save(t, family)
-			dp, err := New(NewRunner(), family, DefaultPrefix)
+			dp, err := New(NewRunner(), family, rules.Prefix)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -175,7 +176,7 @@ func TestKernelApplyAndCleanup(t *testing.T) {
 
 			// Cleanup leaves the tables exactly as they were before.
 			ns.check(t)
-			if _, err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
+			if _, err := Cleanup(NewRunner(), rules.Prefix, family); err != nil {
 				t.Fatalf("Cleanup: %v", err)
 			}
 			after := ns.save(t, family)
@@ -183,7 +184,7 @@ func TestKernelApplyAndCleanup(t *testing.T) {
 				t.Errorf("iptables-save after cleanup differs from before (-before +after):\n%s", cmp.Diff(before, after))
 			}
 			ns.check(t)
-			if _, err := Cleanup(NewRunner(), DefaultPrefix); err != nil {
+			if _, err := Cleanup(NewRunner(), rules.Prefix); err != nil {
 				t.Errorf("Cleanup with nothing installed: %v", err)
 			}
 			if again := ns.save(t, family); again != before {
@@ -198,7 +199,7 @@ func TestKernelCanary(t *testing.T) {
 		t.Run(family.String()+" tables flushed by someone else are rebuilt by the next apply, jumps included", func(t *testing.T) {
 			ns := enterTestNetns(t)
 			ns.restore(t, family, foreignInput(family))
-			dp, err := New(NewRunner(), family, DefaultPrefix)
+			dp, err := New(NewRunner(), family, rules.Prefix)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -237,7 +238,7 @@ func TestKernelCanary(t *testing.T) {
 				t.Errorf("tables after the rebuild (-want +got):\n%s", cmp.Diff(want, got))
 			}
 			ns.check(t)
-			if _, err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
+			if _, err := Cleanup(NewRunner(), rules.Prefix, family); err != nil {
 				t.Errorf("Cleanup: %v", err)
 			}
 		})
@@ -247,7 +248,7 @@ func TestKernelCanary(t *testing.T) {
 func TestKernelCanaryAfterFlushWithoutDelete(t *testing.T) {
 	ns := enterTestNetns(t)
 	ns.restore(t, iptables.IPv4, foreignInput(iptables.IPv4))
-	dp, err := New(NewRunner(), iptables.IPv4, DefaultPrefix)
+	dp, err := New(NewRunner(), iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -295,7 +296,7 @@ func TestKernelLeftovers(t *testing.T) {
 		-A FORWARD -j MP-FORWARD
 		COMMIT
 		`))
-	dp, err := New(NewRunner(), iptables.IPv4, DefaultPrefix)
+	dp, err := New(NewRunner(), iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +315,7 @@ func TestKernelLeftovers(t *testing.T) {
 		t.Errorf("FORWARD = %q, want the jump exactly once", fwd)
 	}
 	ns.check(t)
-	if _, err := Cleanup(NewRunner(), DefaultPrefix, iptables.IPv4); err != nil {
+	if _, err := Cleanup(NewRunner(), rules.Prefix, iptables.IPv4); err != nil {
 		t.Errorf("Cleanup: %v", err)
 	}
 	if after := ns.save(t, iptables.IPv4); after != before {
@@ -329,7 +330,7 @@ func TestKernelCheckLeavesTheLiveTablesAlone(t *testing.T) {
 	ns := enterTestNetns(t)
 	ns.restore(t, iptables.IPv4, foreignInput(iptables.IPv4))
 	before := ns.save(t, iptables.IPv4)
-	dp, err := New(NewRunner(), iptables.IPv4, DefaultPrefix)
+	dp, err := New(NewRunner(), iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
 	}

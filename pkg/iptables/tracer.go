@@ -1,4 +1,4 @@
-package rules
+package iptables
 
 import (
 	"fmt"
@@ -6,8 +6,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-
-	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
 // Packet is the first packet of a new connection, as the tracer sees it.
@@ -52,9 +50,11 @@ func (o Outcome) String() string {
 	return fmt.Sprintf("%s (p=%.3f)", s, o.Probability)
 }
 
-// Tracer walks packets through a set of tables.
+// Tracer walks packets through a set of tables, so that tests can assert
+// what happens to traffic ("dropped", "to this endpoint, masqueraded")
+// rather than the text of the rules.
 type Tracer struct {
-	State iptables.State
+	State State
 	// LocalAddrs are the node's addresses: they decide addrtype LOCAL and
 	// whether a packet is delivered locally (INPUT) or forwarded (FORWARD).
 	LocalAddrs []netip.Addr
@@ -63,12 +63,12 @@ type Tracer struct {
 // NewTracer loads a ruleset into fresh tables exactly as the dataplane
 // would: the full restore text through the restore parser, then the jumps
 // at the head of the built-in chains.
-func NewTracer(rs *iptables.Ruleset, localAddrs []netip.Addr) (*Tracer, error) {
-	in, err := iptables.ParseRestore(iptables.RenderComplete(rs))
+func NewTracer(rs *Ruleset, localAddrs []netip.Addr) (*Tracer, error) {
+	in, err := ParseRestore(RenderComplete(rs))
 	if err != nil {
 		return nil, fmt.Errorf("parse rules: %w", err)
 	}
-	st, err := iptables.NewState().Apply(rs.Family, in, true)
+	st, err := NewState().Apply(rs.Family, in, true)
 	if err != nil {
 		return nil, fmt.Errorf("load rules: %w", err)
 	}
@@ -95,27 +95,27 @@ func (t *Tracer) Trace(p Packet) ([]Outcome, error) {
 	start := pstate{pkt: p, dst: netip.AddrPortFrom(p.Dst, uint16(p.DPort)), prob: 1}
 	var final []result
 	if p.FromNode {
-		for _, r := range t.hook("nat", "OUTPUT", start) {
-			for _, f := range t.hook("filter", "OUTPUT", r.s) {
+		for _, r := range t.hook(NAT, "OUTPUT", start) {
+			for _, f := range t.hook(Filter, "OUTPUT", r.s) {
 				if f.verdict != "ACCEPT" {
 					final = append(final, f)
 					continue
 				}
-				final = append(final, t.hook("nat", "POSTROUTING", f.s)...)
+				final = append(final, t.hook(NAT, "POSTROUTING", f.s)...)
 			}
 		}
 	} else {
-		for _, r := range t.hook("nat", "PREROUTING", start) {
+		for _, r := range t.hook(NAT, "PREROUTING", start) {
 			if t.isLocal(r.s.dst.Addr()) {
-				final = append(final, t.hook("filter", "INPUT", r.s)...)
+				final = append(final, t.hook(Filter, "INPUT", r.s)...)
 				continue
 			}
-			for _, f := range t.hook("filter", "FORWARD", r.s) {
+			for _, f := range t.hook(Filter, "FORWARD", r.s) {
 				if f.verdict != "ACCEPT" {
 					final = append(final, f)
 					continue
 				}
-				final = append(final, t.hook("nat", "POSTROUTING", f.s)...)
+				final = append(final, t.hook(NAT, "POSTROUTING", f.s)...)
 			}
 		}
 	}
@@ -124,10 +124,10 @@ func (t *Tracer) Trace(p Packet) ([]Outcome, error) {
 
 // hook runs a built-in chain; its policy is ACCEPT, and in nat every
 // outcome continues (nat cannot drop).
-func (t *Tracer) hook(table, chain string, s pstate) []result {
+func (t *Tracer) hook(table Table, chain string, s pstate) []result {
 	out := t.walk(table, chain, 0, s, 0)
 	for i := range out {
-		if out[i].verdict == "" || table == "nat" {
+		if out[i].verdict == "" || table == NAT {
 			out[i].verdict = "ACCEPT"
 		}
 	}
@@ -161,7 +161,7 @@ func merge(rs []result) []Outcome {
 
 const maxDepth = 32
 
-func (t *Tracer) walk(table, chain string, i int, s pstate, depth int) []result {
+func (t *Tracer) walk(table Table, chain string, i int, s pstate, depth int) []result {
 	c := t.State[table][chain]
 	if c == nil || depth > maxDepth {
 		return []result{{s: s}}
@@ -186,7 +186,7 @@ func (t *Tracer) walk(table, chain string, i int, s pstate, depth int) []result 
 }
 
 // target applies a matched rule's target and continues where iptables would.
-func (t *Tracer) target(table, chain string, i int, r iptables.Rule, s pstate, depth int) []result {
+func (t *Tracer) target(table Table, chain string, i int, r Rule, s pstate, depth int) []result {
 	tgt := r.Target()
 	switch tgt {
 	case "":
@@ -224,7 +224,7 @@ func (t *Tracer) target(table, chain string, i int, r iptables.Rule, s pstate, d
 	return out
 }
 
-func argAfter(r iptables.Rule, flag string) string {
+func argAfter(r Rule, flag string) string {
 	for i := 0; i+1 < len(r); i++ {
 		if r[i] == flag {
 			return r[i+1]
@@ -241,7 +241,7 @@ func parseUint(s string) uint32 {
 // match evaluates a rule's matches in order, as the kernel does, and returns
 // the probability that all of them match (0, 1, or a statistic's
 // probability) and the state after their side effects (recent --set).
-func (t *Tracer) match(r iptables.Rule, s pstate) (float64, pstate) {
+func (t *Tracer) match(r Rule, s pstate) (float64, pstate) {
 	prob := 1.0
 	neg := false
 	for i := 0; i < len(r); i++ {
@@ -315,7 +315,7 @@ func (t *Tracer) match(r iptables.Rule, s pstate) (float64, pstate) {
 }
 
 // recentName finds the --name of the recent match that flag i belongs to.
-func recentName(r iptables.Rule, i int) string {
+func recentName(r Rule, i int) string {
 	name := ""
 	for j := 0; j < len(r); j++ {
 		if r[j] == "-m" && j+1 < len(r) && r[j+1] == "recent" && j > i {

@@ -7,6 +7,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // TestKernelCleanupKubeProxy plays a node where kube-proxy ran next to the
@@ -53,7 +54,7 @@ func TestKernelCleanupKubeProxy(t *testing.T) {
 
 			// And miniproxy's own cleanup still finds all of its rules.
 			ns.check(t)
-			if _, err := Cleanup(NewRunner(), DefaultPrefix, family); err != nil {
+			if _, err := Cleanup(NewRunner(), rules.Prefix, family); err != nil {
 				t.Errorf("Cleanup: %v", err)
 			}
 			if after := ns.save(t, family); strings.Contains(after, "MP-") || !strings.Contains(after, "KUBE-KUBELET-CANARY") {

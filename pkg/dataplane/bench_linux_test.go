@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
+	"github.com/miniproxy/miniproxy/pkg/rules"
 )
 
 // benchRuleset is shaped like the dispatch tree of the brief: a Services
@@ -50,7 +51,7 @@ func BenchmarkKernelApply(b *testing.B) {
 		for _, kind := range []string{"full", "one-chain", "unchanged"} {
 			b.Run(fmt.Sprintf("%s/%d-chains-%d-rules", kind, size.leaves+1, size.leaves*(size.perLeaf+1)), func(b *testing.B) {
 				ns := enterTestNetns(b)
-				dp, err := New(NewRunner(), iptables.IPv4, DefaultPrefix)
+				dp, err := New(NewRunner(), iptables.IPv4, rules.Prefix)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -31,7 +31,7 @@ type testNetns struct {
 // enterTestNetns locks the calling goroutine to its OS thread and moves
 // that thread into a new, uniquely named network namespace; t's cleanup moves
 // it back and deletes the namespace, on every exit path. Commands started
-// from this goroutine (os/exec and go-iptables fork from the calling thread)
+// from this goroutine (os/exec forks from the calling thread)
 // run in the new namespace. Goroutines do not inherit it, and subtests run
 // on goroutines of their own: call this at the top of every (sub)test or
 // benchmark that touches the kernel.
