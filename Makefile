@@ -11,8 +11,9 @@ deps:
 build: deps
 	$(GO) build -o bin/ ./cmd/...
 
+# On a fresh machine go vet compiles every dependency first: a line every 10 s.
 vet:
-	$(GO) vet ./...
+	./scripts/progress.sh "go vet" $(GO) vet ./...
 
 # go test -json turned back into plain go test's text, with a progress line
 # every 10 s (which packages and tests run, for how long) on stderr, and go
@@ -27,7 +28,8 @@ k8s-binaries: deps
 
 # The tutorial, walked in the namespace lab with a real API server.
 demo: deps k8s-binaries
-	$(GO) run ./test/demo
+	./scripts/progress.sh "building the demo" $(GO) build -o bin/demo ./test/demo
+	bin/demo
 
 # Every test, the namespace tests included (they need root).
 test: deps vet k8s-binaries gotestprogress
