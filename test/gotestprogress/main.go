@@ -123,7 +123,7 @@ func run(args []string) int {
 	}
 	n := "packages unknown"
 	if p.Total > 0 {
-		n = fmt.Sprintf("%d packages", p.Total)
+		n = packages(p.Total)
 	}
 	mu.Lock()
 	p.progressf(start, "go test %s (%s): plain go test's output, each package's when it ends, and every %s a line like this one saying what runs", strings.Join(args, " "), n, p.Interval)

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -35,7 +36,8 @@ type Event struct {
 // errors), as it comes, where plain go test prints it: to stderr.
 //
 // Progress receives lines starting with "..." that plain go test does not
-// print: every Interval, what runs and for how long; a test that failed, as
+// print: every Interval, what runs and for how long (each running test with
+// the first line of its last log entry); a test that failed, as
 // soon as it fails (its report follows when its package ends); a test that
 // ran longer than Interval, when it ends; the totals at the end.
 //
@@ -85,6 +87,7 @@ type test struct {
 	reported bool // its "--- PASS/FAIL/SKIP" line was seen
 	done     bool
 	log      strings.Builder // its log, and failed subtests' reports, indented as in plain go test
+	said     string          // the first line of its last log entry, for progress
 	// failedChild: a subtest failed (the failure was announced there).
 	failedChild bool
 }
@@ -201,10 +204,17 @@ func (p *Printer) output(k *pkg, t *test, e Event) {
 	// (an example's got/want, a panic).
 	if !t.reported && strings.HasPrefix(line, indent) {
 		t.log.WriteString(line)
+		// An entry's first line is indented once, its next lines twice.
+		if !strings.HasPrefix(line, indent+" ") {
+			t.said = logPrefix.ReplaceAllString(strings.TrimSpace(line), "")
+		}
 		return
 	}
 	k.text.WriteString(line)
 }
+
+// logPrefix is where t.Log says it was called from.
+var logPrefix = regexp.MustCompile(`^[^ :]+\.go:\d+: `)
 
 func indentLines(s string) string {
 	var b strings.Builder
@@ -273,9 +283,9 @@ func (p *Printer) Tick(now time.Time) {
 		running = append(running, k)
 	}
 	sort.Slice(running, func(i, j int) bool { return running[i].start.Before(running[j].start) })
-	done := fmt.Sprintf("%d packages done", p.done)
+	done := packages(p.done) + " done"
 	if p.Total > 0 {
-		done = fmt.Sprintf("%d of %d packages done", p.done, p.Total)
+		done = fmt.Sprintf("%d of %s done", p.done, packages(p.Total))
 	}
 	if len(running) == 0 {
 		p.progressf(now, "%s; building test binaries", done)
@@ -326,7 +336,11 @@ func (p *Printer) describe(k *pkg, now time.Time) string {
 			parts = append(parts, fmt.Sprintf("and %d more", len(leaves)-most))
 			break
 		}
-		parts = append(parts, fmt.Sprintf("%s (%s)", clip(t.name, 90), dur(now.Sub(t.start))))
+		said := ""
+		if t.said != "" {
+			said = "; last log: " + clip(t.said, 80)
+		}
+		parts = append(parts, fmt.Sprintf("%s (%s%s)", clip(t.name, 90), dur(now.Sub(t.start)), said))
 	}
 	return name + " " + strings.Join(parts, ", ")
 }
@@ -353,7 +367,7 @@ func (p *Printer) Finish(now time.Time, exitCode int) int {
 	if exitCode != 0 {
 		io.WriteString(p.Out, "FAIL\n")
 	}
-	summary := fmt.Sprintf("go test ended after %s: %d packages", dur(now.Sub(p.start)), p.done+left)
+	summary := fmt.Sprintf("go test ended after %s: %s", dur(now.Sub(p.start)), packages(p.done+left))
 	if p.failed > 0 {
 		summary += fmt.Sprintf(", %d failed: %s", p.failed, strings.Join(p.failedPkgs, ", "))
 	} else if exitCode == 0 {
@@ -389,6 +403,13 @@ func dur(d time.Duration) time.Duration {
 		return d.Round(100 * time.Millisecond)
 	}
 	return d.Round(time.Second)
+}
+
+func packages(n int) string {
+	if n == 1 {
+		return "1 package"
+	}
+	return fmt.Sprintf("%d packages", n)
 }
 
 func clip(s string, n int) string {

@@ -215,7 +215,9 @@ func TestWhatTheUserSees(t *testing.T) {
 }
 
 // TestProgress feeds a made-up run of two long packages and a short one,
-// with progress ticks in between, and checks every progress line.
+// with progress ticks in between, and checks every progress line: each
+// running test with its last log entry, or a package's last line before
+// its first test.
 func TestProgress(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
 	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
@@ -244,6 +246,8 @@ func TestProgress(t *testing.T) {
 	ev(31.5, "output", parity, "TestParity/scenario_2", "--- FAIL: TestParity/scenario_2 (0.50s)\n", 0)
 	ev(31.5, "fail", parity, "TestParity/scenario_2", "", 0.5)
 	ev(32, "run", parity, "TestParity/scenario_3", "", 0)
+	ev(33, "output", parity, "TestParity/scenario_3", "    parity_test.go:87: scenario 3 of 50, 1 differences so far\n", 0)
+	ev(33, "output", parity, "TestParity/scenario_3", "        a second line of the same entry\n", 0)
 	p.Tick(at(84))
 	ev(95, "pass", faults, "TestDrillOddObjects", "", 66)
 	p.Tick(at(100))
@@ -252,9 +256,9 @@ func TestProgress(t *testing.T) {
 ... [20s] 1 of 3 packages done; running: test/faults (6s, before its first test; it said: lab: network up: router, client 198.51.100.79), test/parity TestParity/scenario_1 (3s)
 ... [30s] test/parity TestParity/scenario_1 passed (13s)
 ... [32s] test/parity TestParity/scenario_2 FAILED (500ms); its report follows when test/parity ends
-... [1m24s] 1 of 3 packages done; running: test/faults TestDrillOddObjects (55s), test/parity TestParity/scenario_3 (52s)
+... [1m24s] 1 of 3 packages done; running: test/faults TestDrillOddObjects (55s), test/parity TestParity/scenario_3 (52s; last log: scenario 3 of 50, 1 differences so far)
 ... [1m35s] test/faults TestDrillOddObjects passed (1m6s)
-... [1m40s] 1 of 3 packages done; running: test/faults (1m26s, between tests), test/parity TestParity/scenario_3 (1m8s)
+... [1m40s] 1 of 3 packages done; running: test/faults (1m26s, between tests), test/parity TestParity/scenario_3 (1m8s; last log: scenario 3 of 50, 1 differences so far)
 `
 	if d := cmp.Diff(want, progress.String()); d != "" {
 		t.Errorf("progress (-want +got):\n%s", d)
