@@ -3,7 +3,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: deps build demo test unit vet k8s-binaries bench parity drills
+.PHONY: deps build demo test unit vet k8s-binaries bench parity drills gotestprogress
 
 deps:
 	./scripts/install-deps.sh
@@ -11,8 +11,16 @@ deps:
 build: deps
 	$(GO) build -o bin/ ./cmd/...
 
+# On a fresh machine go vet compiles every dependency first: a line every 10 s.
 vet:
-	$(GO) vet ./...
+	./scripts/progress.sh "go vet" $(GO) vet ./...
+
+# go test -json turned back into plain go test's text, with a progress line
+# every 10 s (which packages and tests run, for how long) on stderr, and go
+# test's exit status: in package list mode plain go test says nothing about
+# a package before it ends, minutes for the lab's packages.
+gotestprogress:
+	$(GO) build -o bin/gotestprogress ./test/gotestprogress
 
 # kube-apiserver and kube-proxy for the lab, cached once per machine.
 k8s-binaries: deps
@@ -20,16 +28,18 @@ k8s-binaries: deps
 
 # The tutorial, walked in the namespace lab with a real API server.
 demo: deps k8s-binaries
-	$(GO) run ./test/demo
+	./scripts/progress.sh "building the demo" $(GO) build -o bin/demo ./test/demo
+	bin/demo
 
 # Every test, the namespace tests included (they need root).
-test: deps vet k8s-binaries
-	$(GO) test -count=1 -timeout 25m ./...
+test: deps vet k8s-binaries gotestprogress
+	GO=$(GO) bin/gotestprogress -count=1 -timeout 25m ./...
 
 # Tests that need neither root nor the kernel, also when run as root (the
-# kernel tests of pkg/ skip under MINIPROXY_UNIT_ONLY; test/ needs both).
-unit:
-	MINIPROXY_UNIT_ONLY=1 $(GO) test -count=1 ./pkg/... ./cmd/... ./deploy/...
+# kernel tests of pkg/ skip under MINIPROXY_UNIT_ONLY; the rest of test/ needs
+# both).
+unit: gotestprogress
+	MINIPROXY_UNIT_ONLY=1 GO=$(GO) bin/gotestprogress -count=1 ./pkg/... ./cmd/... ./deploy/... ./test/gotestprogress
 
 # miniproxy against upstream kube-proxy at 1k/10k/30k Services in the lab;
 # writes docs/performance.md and docs/performance.svg. Takes about 50 minutes.

@@ -129,10 +129,15 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		}
 	}()
 
-	if c.echoBin, err = netns.Build("github.com/miniproxy/miniproxy/cmd/echoserver"); err != nil {
-		return c, err
-	}
-	if c.proxyBin, err = netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy"); err != nil {
+	// Quick with Go's build cache; on a fresh machine the first build
+	// compiles the dependencies, which takes minutes on 2 cores.
+	if err := during(logf, "building echoserver and miniproxy (go build)", func() (err error) {
+		if c.echoBin, err = netns.Build("github.com/miniproxy/miniproxy/cmd/echoserver"); err != nil {
+			return err
+		}
+		c.proxyBin, err = netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
+		return err
+	}); err != nil {
 		return c, err
 	}
 	if err := c.buildNetwork(opts.Nodes); err != nil {
@@ -141,13 +146,16 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	logf("network up: router, client %s, control plane %s, %d nodes", ClientIP, ControlIP, opts.Nodes)
 
 	start := time.Now()
-	c.Control, err = netns.StartControlPlane(ctx, lab, c.CPNS, netns.ControlPlaneOptions{
-		Address:           ControlIP,
-		ServiceCIDR:       ServiceCIDR,
-		ControllerManager: true,
-		// A Service with three pods or more has its endpoints split over
-		// several slices, as one with over 100 has in a real cluster.
-		MaxEndpointsPerSlice: MaxEndpointsPerSlice,
+	err = during(logf, "starting etcd, kube-apiserver and kube-controller-manager on cp ("+ControlIP.String()+")", func() (err error) {
+		c.Control, err = netns.StartControlPlane(ctx, lab, c.CPNS, netns.ControlPlaneOptions{
+			Address:           ControlIP,
+			ServiceCIDR:       ServiceCIDR,
+			ControllerManager: true,
+			// A Service with three pods or more has its endpoints split over
+			// several slices, as one with over 100 has in a real cluster.
+			MaxEndpointsPerSlice: MaxEndpointsPerSlice,
+		})
+		return err
 	})
 	if err != nil {
 		return c, fmt.Errorf("start control plane: %w", err)
@@ -166,22 +174,56 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		go func() { defer c.wg.Done(); c.lb.run(bg) }()
 	}
 
-	for _, n := range c.Nodes {
-		var other *exec.Cmd
-		if opts.Proxy != nil {
-			other = opts.Proxy(n, c.Control.ProxyKubeconfig())
+	err = during(logf, "starting the proxies on "+strings.Join(c.nodeNames(), ", ")+" and waiting for their first sync", func() error {
+		for _, n := range c.Nodes {
+			var other *exec.Cmd
+			if opts.Proxy != nil {
+				other = opts.Proxy(n, c.Control.ProxyKubeconfig())
+			}
+			var err error
+			if other != nil {
+				err = c.StartProxyCmd(ctx, n, func(string, []string) *exec.Cmd { return other })
+			} else {
+				err = c.startProxy(ctx, n, miniproxyCmd(n, opts.ProxyArgs), miniproxySynced)
+			}
+			if err != nil {
+				return err
+			}
 		}
-		if other != nil {
-			err = c.StartProxyCmd(ctx, n, func(string, []string) *exec.Cmd { return other })
-		} else {
-			err = c.startProxy(ctx, n, miniproxyCmd(n, opts.ProxyArgs), miniproxySynced)
-		}
-		if err != nil {
-			return c, err
-		}
+		return nil
+	})
+	if err != nil {
+		return c, err
 	}
 	logf("proxies running on %s", strings.Join(c.nodeNames(), ", "))
 	return c, nil
+}
+
+// during runs f after saying what it does, and says every 10 s that it is
+// still at it, so that no step of bringing the lab up is silent for long.
+func during(logf func(string, ...any), what string, f func() error) error {
+	logf("%s", what)
+	start := time.Now()
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(10 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				logf("%s: still at it, %s so far", what, time.Since(start).Round(time.Second))
+			}
+		}
+	}()
+	err := f()
+	close(done)
+	wg.Wait()
+	return err
 }
 
 func (c *Cluster) nodeNames() []string {

@@ -77,9 +77,16 @@ func TestParity(t *testing.T) {
 	var diffs []difference
 	probesRun, attempts := 0, 0
 	run := time.Now()
+	said := run
 	for i := 0; i < *scenarios; i++ {
 		if *only >= 0 && i != *only {
 			continue
+		}
+		// How far it is, every 10 s (make test's progress lines show a
+		// running test's last log line).
+		if time.Since(said) >= 10*time.Second {
+			t.Logf("scenario %d of %d, %d differences so far", i+1, *scenarios, len(diffs))
+			said = time.Now()
 		}
 		sc := generate(*seed, i)
 		if err := both(sides, func(s *side) error { return s.apply(ctx, sc) }); err != nil {
