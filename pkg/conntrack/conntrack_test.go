@@ -340,7 +340,7 @@ func TestJudgeTCPAfterTheRulesWereMissing(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := NewFrontends(snap, nodePortAddrs)
 			if tc.sweep {
-				f = f.WithTCP(snap)
+				f = f.WithTCP(snap, nil)
 			}
 			if got := f.Judge(&tc.entry); got != tc.want {
 				t.Errorf("Judge(%+v)\n got %+v\nwant %+v", tc.entry, got, tc.want)
@@ -351,7 +351,43 @@ func TestJudgeTCPAfterTheRulesWereMissing(t *testing.T) {
 	if p := NewFrontends(snap, nodePortAddrs).Protocols(); len(p) != 0 {
 		t.Errorf("Protocols of a TCP-only state = %v, want none", p)
 	}
-	if p := NewFrontends(snap, nodePortAddrs).WithTCP(snap).Protocols(); len(p) != 1 || p[0] != ProtoTCP {
+	if p := NewFrontends(snap, nodePortAddrs).WithTCP(snap, nil).Protocols(); len(p) != 1 || p[0] != ProtoTCP {
 		t.Errorf("Protocols after WithTCP = %v, want [TCP]", p)
+	}
+}
+
+// The TCP service ports a sync must sweep for SYNs that found no rule: those
+// with a frontend the previous rules lacked, and no others.
+func TestNewTCPFrontends(t *testing.T) {
+	web := endpoints.ServicePortName{Namespace: "default", Name: "web"}
+	webPort := func(opts ...svcOpt) *endpoints.ServicePort {
+		sp := &endpoints.ServicePort{Name: web, Protocol: endpoints.TCP, Port: 80, ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.80")}}
+		for _, o := range opts {
+			o(sp)
+		}
+		return sp
+	}
+	changed := func(sp *endpoints.ServicePort, eps ...endpoints.Endpoint) *endpoints.Snapshot {
+		s := state(sp, eps...)
+		s.Changed = map[endpoints.ServicePortName]bool{sp.Name: true}
+		return s
+	}
+	for _, tc := range []struct {
+		name      string
+		prev, cur *endpoints.Snapshot
+		want      int
+	}{
+		{"a new Service", state(dnsService(), ready(podA)), changed(webPort(), ready(podB)), 1},
+		{"the first sync (nothing before)", nil, changed(webPort(), ready(podB)), 1},
+		{"only its endpoints changed", state(webPort(), ready(podA)), changed(webPort(), ready(podB)), 0},
+		{"it got a NodePort", state(webPort(), ready(podA)), changed(webPort(withNodePort(30080)), ready(podA)), 1},
+		{"it got a load balancer IP", state(webPort(), ready(podA)), changed(webPort(withLoadBalancerIP("203.0.113.80")), ready(podA)), 1},
+		{"a new UDP Service: not TCP's concern", state(webPort(), ready(podA)), changed(dnsService(), ready(podA)), 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := NewTCPFrontends(tc.prev, tc.cur); len(got) != tc.want {
+				t.Errorf("NewTCPFrontends = %v, want %d service ports", got, tc.want)
+			}
+		})
 	}
 }

@@ -13,18 +13,20 @@
 // target) is not a serving endpoint of that service port is deleted. The
 // decision (Frontends.Judge) is pure; the kernel is behind Table.
 //
-// TCP gets one kind of help, only when the rules may have been missing (at
-// start-up, and after another program flushed them): an entry to a TCP
-// frontend that was never translated. A SYN sent while the rules were gone
-// leaves such an entry, UNREPLIED in SYN_SENT for two minutes; the client's
-// retransmissions, and any later connection that happens to reuse its source
-// port, match it and so skip the nat table, and go nowhere even though the
-// rules are back (WithTCP). Translated TCP entries are never touched.
+// TCP gets one kind of help, only where the rules may have been missing (at
+// start-up, after another program flushed them, and at frontends that are
+// new in this sync): an entry to a TCP frontend that was never translated. A
+// SYN sent while the rules were not there leaves such an entry, UNREPLIED in
+// SYN_SENT for two minutes; the client's retransmissions, and any later
+// connection that happens to reuse its source port, match it and so skip the
+// nat table, and go nowhere even though the rules are in place (WithTCP).
+// Translated TCP entries are never touched.
 package conntrack
 
 import (
 	"maps"
 	"net/netip"
+	"slices"
 
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
@@ -181,21 +183,29 @@ func protoNumber(p endpoints.Protocol) uint8 {
 	return 0
 }
 
-// WithTCP returns f plus the TCP frontends of snap (ClusterIPs, external
-// IPs, load balancer IPs, and NodePorts on f's node addresses), for a sweep
-// after the rules may have been missing: Judge then also deletes the TCP
-// entries to those frontends that were never translated. f is not changed.
-// It costs a map of every TCP frontend, so it is made only for such a
+// WithTCP returns f plus the TCP frontends of snap's service ports named in
+// only, or of all its TCP service ports when only is nil (ClusterIPs,
+// external IPs, load balancer IPs, and NodePorts on f's node addresses), for
+// a sweep where the rules may have been missing: Judge then also deletes the
+// TCP entries to those frontends that were never translated. f is not
+// changed. It costs a map of the frontends, so it is made only for such a
 // sweep, never kept.
-func (f *Frontends) WithTCP(snap *endpoints.Snapshot) *Frontends {
+func (f *Frontends) WithTCP(snap *endpoints.Snapshot, only []endpoints.ServicePortName) *Frontends {
 	out := *f
 	out.tcpIPs = map[netip.AddrPort]endpoints.ServicePortName{}
 	out.tcpNodePorts = map[uint16]endpoints.ServicePortName{}
 	if snap == nil {
 		return &out
 	}
-	for name, sp := range snap.Services {
-		if sp.Protocol != endpoints.TCP {
+	names := only
+	if names == nil {
+		for name := range snap.Services {
+			names = append(names, name)
+		}
+	}
+	for _, name := range names {
+		sp := snap.Services[name]
+		if sp == nil || sp.Protocol != endpoints.TCP {
 			continue
 		}
 		for _, list := range [][]netip.Addr{sp.ClusterIPs, sp.ExternalIPs, sp.LoadBalancerIPs} {
@@ -208,6 +218,38 @@ func (f *Frontends) WithTCP(snap *endpoints.Snapshot) *Frontends {
 		}
 	}
 	return &out
+}
+
+// NewTCPFrontends names the TCP service ports of cur, among those it marks
+// changed, that have a frontend prev's rules did not (a new Service, port or
+// address). Until the sync that programs them, a client's SYN to such a
+// frontend finds no rule and leaves an untranslated entry: a client that
+// connects to a Service the moment it is created (a deployment script, a
+// test) would otherwise see every retransmission of its SYN go nowhere for
+// the two minutes of SYN_SENT, rules or not. A nil prev means every port.
+func NewTCPFrontends(prev, cur *endpoints.Snapshot) []endpoints.ServicePortName {
+	var out []endpoints.ServicePortName
+	for name := range cur.Changed {
+		sp := cur.Services[name]
+		if sp == nil || sp.Protocol != endpoints.TCP {
+			continue
+		}
+		var old *endpoints.ServicePort
+		if prev != nil {
+			old = prev.Services[name]
+		}
+		if old == nil || !sameFrontends(old, sp) {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// sameFrontends says whether two versions of a service port are reached at
+// the same addresses and ports.
+func sameFrontends(a, b *endpoints.ServicePort) bool {
+	return a.Port == b.Port && a.NodePort == b.NodePort && slices.Equal(a.ClusterIPs, b.ClusterIPs) &&
+		slices.Equal(a.ExternalIPs, b.ExternalIPs) && slices.Equal(a.LoadBalancerIPs, b.LoadBalancerIPs)
 }
 
 // judgeTCP decides about a TCP entry: stale only when it goes to a TCP

@@ -46,14 +46,18 @@ func TestConntrackIsReconciledAtStartAndAfterUDPChanges(t *testing.T) {
 		t.Errorf("after start-up the table holds %v, want only %v", got, live)
 	}
 
-	// Nothing changed, or only a TCP Service: no reconciliation.
+	// Nothing changed, or only the endpoints of a TCP Service: no
+	// reconciliation (a new TCP Service is swept for SYNs that found no
+	// rule yet: TestTCPEntriesThatMissedTheRules...).
 	if res := l.proxier.Sync(false); len(res.Conntrack) != 0 {
 		t.Errorf("a sync without change reconciled: %+v", res.Conntrack)
 	}
 	l.tracker.OnServiceAdd(service("web", "10.0.0.80", v1.ProtocolTCP))
 	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	l.proxier.Sync(false)
+	l.tracker.OnEndpointSliceUpdate(nil, slice("web", "10.244.2.7", "node2", v1.ProtocolTCP))
 	if res := l.proxier.Sync(false); len(res.Conntrack) != 0 {
-		t.Errorf("a TCP-only change reconciled: %+v", res.Conntrack)
+		t.Errorf("a change of a TCP Service's endpoints reconciled: %+v", res.Conntrack)
 	}
 
 	// The UDP endpoint moves, and the first reconciliation fails: the next
@@ -99,7 +103,7 @@ func tcpSYN(clientPort uint16) conntrack.Entry {
 	}
 }
 
-func TestTCPEntriesThatMissedTheRulesAreDeletedAtStartAndAfterAFlush(t *testing.T) {
+func TestTCPEntriesThatMissedTheRulesAreDeletedAtStartForNewServicesAndAfterAFlush(t *testing.T) {
 	table := &conntrack.Fake{}
 	l := newLab(t, Options{Conntrack: table})
 	l.tracker.OnServiceAdd(service("web", "10.0.0.80", v1.ProtocolTCP))
@@ -122,6 +126,20 @@ func TestTCPEntriesThatMissedTheRulesAreDeletedAtStartAndAfterAFlush(t *testing.
 	table.Add(tcpSYN(40002))
 	if res := l.proxier.Sync(false); len(res.Conntrack) != 0 {
 		t.Errorf("a sync with the rules in place swept TCP: %+v", res.Conntrack)
+	}
+
+	// A new Service: a SYN sent to it before this sync found no rule; the
+	// sync that programs it deletes that entry, and only entries to it.
+	api := conntrack.Entry{Proto: conntrack.ProtoTCP, OrigSrc: netip.AddrPortFrom(client, 40003),
+		OrigDst: netip.MustParseAddrPort("10.0.0.81:80"), ReplySrc: netip.MustParseAddrPort("10.0.0.81:80")}
+	table.Add(api)
+	l.tracker.OnServiceAdd(service("api", "10.0.0.81", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("api", "10.244.2.6", "node2", v1.ProtocolTCP))
+	if res := l.proxier.Sync(false); len(res.Conntrack) != 1 || res.Conntrack[0].Deleted != 1 {
+		t.Errorf("the sync that programs a new Service reconciled %+v, want the SYN sent to it before deleted", res.Conntrack)
+	}
+	if got := table.Entries(); len(got) != 2 || got[0] != established || got[1] != tcpSYN(40002) {
+		t.Errorf("after the new Service the table holds %v, want %v and the untranslated entry to web, which was not new", got, established)
 	}
 
 	// Another program flushes the nat table: the sync that finds the

@@ -359,8 +359,9 @@ func (p *Proxier) Sync(full bool) SyncResult {
 
 	if applied != nil {
 		res.Snapshot = applied
+		prev := p.applied
 		p.applied = applied.WithoutChanges()
-		res.Conntrack = p.reconcileConntrack(applied, rulesWereMissing(res.Results))
+		res.Conntrack = p.reconcileConntrack(applied, prev, rulesWereMissing(res.Results))
 		res.Refusals = p.noteRefusals(want, refused, applied, start)
 	} else {
 		res.Snapshot = want
@@ -521,11 +522,13 @@ func rulesWereMissing(results []ApplyResult) bool {
 // last reconciled ones, or whose predecessor failed to reconcile. Each
 // family is reconciled, and timed, on its own.
 //
-// The TCP entries that never met the rules are swept too (WithTCP) at the
-// first reconciliation of the process and after rulesMissing (the rules
-// were found flushed): then the client's next SYN is translated, instead of
-// matching the untranslated entry for its two minutes.
-func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot, rulesMissing bool) []ConntrackCleanup {
+// The TCP entries that never met the rules are swept too (WithTCP): those
+// to every TCP frontend at the first reconciliation of the process and
+// after rulesMissing (the rules were found flushed), and those to the TCP
+// frontends that are new since prev (the rules applied before this sync).
+// Then the client's next SYN is translated, instead of matching the
+// untranslated entry for its two minutes.
+func (p *Proxier) reconcileConntrack(snap, prev *endpoints.Snapshot, rulesMissing bool) []ConntrackCleanup {
 	if p.opts.Conntrack == nil {
 		return nil
 	}
@@ -537,12 +540,19 @@ func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot, rulesMissing bool
 		nodePorts[fam] = nodePortAddrs(cfg)
 	}
 	cur := conntrack.NewFrontends(snap, nodePorts)
-	if p.tcpSwept && p.ctFronts != nil && !p.ctFailed && cur.SameServices(p.ctFronts) {
+	var newTCP []endpoints.ServicePortName
+	if p.tcpSwept {
+		newTCP = conntrack.NewTCPFrontends(prev, snap)
+	}
+	if p.tcpSwept && len(newTCP) == 0 && p.ctFronts != nil && !p.ctFailed && cur.SameServices(p.ctFronts) {
 		return nil
 	}
 	judge := cur.Since(p.ctFronts)
-	if !p.tcpSwept {
-		judge = judge.WithTCP(snap)
+	switch {
+	case !p.tcpSwept:
+		judge = judge.WithTCP(snap, nil)
+	case len(newTCP) > 0:
+		judge = judge.WithTCP(snap, newTCP)
 	}
 	var out []ConntrackCleanup
 	failed := false

@@ -62,12 +62,14 @@ func udpDNSSlice(pods ...netip.Addr) *discoveryv1.EndpointSlice {
 // is the node's (nil: no reconciler). It syncs once and returns the result.
 func startProxier(t *testing.T, top *topology, table conntrack.Table, pods ...netip.Addr) proxy.SyncResult {
 	t.Helper()
-	return syncInNode(t, top, newProxier(t, table, udpDNS(), udpDNSSlice(pods...)))
+	p, _ := newProxier(t, table, udpDNS(), udpDNSSlice(pods...))
+	return syncInNode(t, top, p)
 }
 
 // newProxier is a miniproxy for the node that knows one Service and its
-// slice, whose conntrack table is table (nil: no reconciler).
-func newProxier(t *testing.T, table conntrack.Table, svc *v1.Service, slice *discoveryv1.EndpointSlice) *proxy.Proxier {
+// slice, whose conntrack table is table (nil: no reconciler), and its
+// tracker, to tell it of more.
+func newProxier(t *testing.T, table conntrack.Table, svc *v1.Service, slice *discoveryv1.EndpointSlice) (*proxy.Proxier, *endpoints.Tracker) {
 	t.Helper()
 	dp, err := dataplane.New(dataplane.NewRunner(), iptables.IPv4, rules.Prefix)
 	if err != nil {
@@ -87,7 +89,7 @@ func newProxier(t *testing.T, table conntrack.Table, svc *v1.Service, slice *dis
 			}
 			return nil, nil
 		}, quietLog)
-	return p
+	return p, tracker
 }
 
 // syncInNode syncs p once in the node's namespace and fails the test on an
@@ -399,6 +401,56 @@ func TestTheKernelTableSweepsOnlyWhatItIsAskedFor(t *testing.T) {
 	}
 }
 
+// webService is a TCP Service named name on clusterIP:80 whose one endpoint
+// is pod2:8080.
+func webService(name, clusterIP string) (*v1.Service, *discoveryv1.EndpointSlice) {
+	svc := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name},
+		Spec: v1.ServiceSpec{Type: v1.ServiceTypeClusterIP, ClusterIP: clusterIP, ClusterIPs: []string{clusterIP},
+			Ports: []v1.ServicePort{{Port: 80, Protocol: v1.ProtocolTCP, TargetPort: intstr.FromInt32(8080)}}},
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Port: ptr.To[int32](8080), Protocol: ptr.To(v1.ProtocolTCP)}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{pod2IP.String()}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}, NodeName: ptr.To("node2")}},
+	}
+	return svc, slice
+}
+
+// connectFrom opens (and closes) a TCP connection from the client's port
+// to address, waiting at most 500 ms.
+func connectFrom(top *topology, port int, address string) error {
+	return top.client.Do(func() error {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{Port: port}, Timeout: 500 * time.Millisecond}
+		c, err := d.Dial("tcp", address)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+}
+
+// untranslatedFrom counts the node's TCP entries from the client's port
+// that were never translated.
+func untranslatedFrom(t *testing.T, top *topology, table conntrack.Table, port uint16) int {
+	t.Helper()
+	n := 0
+	err := top.node.Do(func() error {
+		_, _, err := table.Sweep(iptables.IPv4, []uint8{conntrack.ProtoTCP}, func(e *conntrack.Entry) bool {
+			if e.OrigSrc.Port() == port && e.ReplySrc == e.OrigDst {
+				n++
+			}
+			return false
+		})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // A TCP Service whose rules another program flushed: a client's SYN sent
 // meanwhile goes out untranslated and leaves a conntrack entry, UNREPLIED
 // in SYN_SENT for two minutes, that every retransmission and any later
@@ -411,55 +463,21 @@ func TestTheKernelTableSweepsOnlyWhatItIsAskedFor(t *testing.T) {
 func TestATCPConnectionBegunWhileTheRulesWereFlushedWorksOnceTheyAreBack(t *testing.T) {
 	top := setUp(t)
 	table := nodeTable(t, top.node)
-	web := &v1.Service{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web"},
-		Spec: v1.ServiceSpec{Type: v1.ServiceTypeClusterIP, ClusterIP: "10.96.0.80", ClusterIPs: []string{"10.96.0.80"},
-			Ports: []v1.ServicePort{{Port: 80, Protocol: v1.ProtocolTCP, TargetPort: intstr.FromInt32(8080)}}},
-	}
-	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: "web-1", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-		Ports:       []discoveryv1.EndpointPort{{Port: ptr.To[int32](8080), Protocol: ptr.To(v1.ProtocolTCP)}},
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{pod2IP.String()}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}, NodeName: ptr.To("node2")}},
-	}
-	p := newProxier(t, table, web, slice)
+	web, webSlice := webService("web", "10.96.0.80")
+	p, _ := newProxier(t, table, web, webSlice)
 	syncInNode(t, top, p)
 	const srcPort = 45080
-	connectFrom := func(port int) error {
-		return top.client.Do(func() error {
-			d := net.Dialer{LocalAddr: &net.TCPAddr{Port: port}, Timeout: 500 * time.Millisecond}
-			c, err := d.Dial("tcp", "10.96.0.80:80")
-			if err == nil {
-				c.Close()
-			}
-			return err
-		})
-	}
-	connect := func() error { return connectFrom(srcPort) }
-	if err := connectFrom(srcPort + 1); err != nil {
+	if err := connectFrom(top, srcPort+1, "10.96.0.80:80"); err != nil {
 		t.Fatalf("before the flush: %v", err)
 	}
 
 	if _, stderr, err := top.node.Run(context.Background(), "iptables", "-t", "nat", "-F"); err != nil {
 		t.Fatalf("iptables -t nat -F: %v: %s", err, stderr)
 	}
-	if err := connect(); err == nil {
+	if err := connectFrom(top, srcPort, "10.96.0.80:80"); err == nil {
 		t.Fatal("connected while the nat table was flushed")
 	}
-	untranslated := func() int {
-		n := 0
-		top.node.Do(func() error {
-			_, _, err := table.Sweep(iptables.IPv4, []uint8{conntrack.ProtoTCP}, func(e *conntrack.Entry) bool {
-				if e.OrigSrc.Port() == srcPort && e.ReplySrc == e.OrigDst {
-					n++
-				}
-				return false
-			})
-			return err
-		})
-		return n
-	}
-	if n := untranslated(); n != 1 {
+	if n := untranslatedFrom(t, top, table, srcPort); n != 1 {
 		out, _, _ := top.node.Run(context.Background(), "conntrack", "-L")
 		t.Fatalf("%d untranslated entries from the client's port after the SYN sent while flushed, want 1\n%s", n, out)
 	}
@@ -468,10 +486,41 @@ func TestATCPConnectionBegunWhileTheRulesWereFlushedWorksOnceTheyAreBack(t *test
 	if len(res.Results) != 1 || res.Results[0].Reason != dataplane.ReasonCanary {
 		t.Fatalf("the sync after the flush: %+v; want a full apply for the lost canary", res.Results)
 	}
-	if n := untranslated(); n != 0 {
+	if n := untranslatedFrom(t, top, table, srcPort); n != 0 {
 		t.Fatalf("%d untranslated entries left after the sync that rewrote the rules (conntrack: %+v)", n, res.Conntrack)
 	}
-	if err := connect(); err != nil {
+	if err := connectFrom(top, srcPort, "10.96.0.80:80"); err != nil {
 		t.Fatalf("from the same source port after the rules were back: %v (conntrack: %+v)", err, res.Conntrack)
+	}
+}
+
+// A client connects to a Service the moment it is created, before the
+// node's rules have it (a deployment script, a test): its SYN leaves an
+// untranslated entry, and without help its retransmissions, and any later
+// connection from that port, would match it for two minutes. The sync that
+// programs the Service deletes it, so the same source port connects at once.
+func TestATCPConnectionToAServiceBeforeItsRulesWorksOnceTheyAreIn(t *testing.T) {
+	top := setUp(t)
+	table := nodeTable(t, top.node)
+	web, webSlice := webService("web", "10.96.0.80")
+	p, tracker := newProxier(t, table, web, webSlice)
+	syncInNode(t, top, p)
+
+	const srcPort = 45090
+	if err := connectFrom(top, srcPort, "10.96.0.81:80"); err == nil {
+		t.Fatal("connected to a Service the rules do not have yet")
+	}
+	if n := untranslatedFrom(t, top, table, srcPort); n != 1 {
+		t.Fatalf("%d untranslated entries from the client's port after the SYN to the new Service, want 1", n)
+	}
+	svc, slice := webService("api", "10.96.0.81")
+	tracker.OnServiceAdd(svc)
+	tracker.OnEndpointSliceAdd(slice)
+	res := syncInNode(t, top, p)
+	if n := untranslatedFrom(t, top, table, srcPort); n != 0 {
+		t.Fatalf("%d untranslated entries left after the sync that programmed the Service (conntrack: %+v)", n, res.Conntrack)
+	}
+	if err := connectFrom(top, srcPort, "10.96.0.81:80"); err != nil {
+		t.Fatalf("from the same source port once the Service's rules were in: %v (conntrack: %+v)", err, res.Conntrack)
 	}
 }
