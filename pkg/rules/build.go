@@ -50,32 +50,32 @@ const DefaultMasqueradeBit = 14
 
 // Config is what the rules depend on besides the cluster state.
 type Config struct {
-	Family iptables.Family
+	Family iptables.Family `json:"family"`
 	// DetectLocal tells this node's pods' traffic from other traffic:
 	// traffic to a ClusterIP that is not local is masqueraded, and local
 	// traffic to an external address of an externalTrafficPolicy: Local
 	// Service may use any endpoint.
-	DetectLocal DetectLocal
+	DetectLocal DetectLocal `json:"detectLocal"`
 	// MasqueradeAll masquerades all traffic to service IPs.
-	MasqueradeAll bool
+	MasqueradeAll bool `json:"masqueradeAll"`
 	// MasqueradeBit is the packet mark bit used to request masquerade.
-	MasqueradeBit int
+	MasqueradeBit int `json:"masqueradeBit"`
 	// NodePortAddresses restricts NodePorts to these local addresses; nil
 	// means every local address (loopback only with LocalhostNodePorts).
-	NodePortAddresses []netip.Addr
+	NodePortAddresses []netip.Addr `json:"nodePortAddresses"`
 	// LocalhostNodePorts serves NodePorts on 127.0.0.0/8 to the node's own
 	// traffic (IPv4 only; ignored in IPv6), masqueraded, and adds
 	// upstream's guard against CVE-2020-8558: a packet to 127.0.0.0/8 from
 	// a source outside it that is not part of a connection or translated is
 	// dropped (filter INPUT and OUTPUT, MP-LOCALNET). It needs the sysctl
 	// net.ipv4.conf.all.route_localnet=1, which pkg/proxy sets.
-	LocalhostNodePorts bool
+	LocalhostNodePorts bool `json:"localhostNodePorts"`
 	// NodeIPs are the node's own addresses of this family; a load balancer
 	// source range containing one also admits the node's own traffic to the
 	// load balancer IP, as upstream does.
-	NodeIPs []netip.Addr
+	NodeIPs []netip.Addr `json:"nodeIPs"`
 	// RandomFully adds --random-fully to MASQUERADE where iptables supports it.
-	RandomFully bool
+	RandomFully bool `json:"randomFully"`
 }
 
 // localhostNodePorts says whether loopback addresses serve NodePorts.

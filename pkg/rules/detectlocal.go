@@ -33,17 +33,17 @@ const maxIfName = 15
 type DetectLocal struct {
 	// Mode is one of the Detect* values; any other (also "") detects
 	// nothing: no rule depends on where the traffic comes from.
-	Mode string
+	Mode string `json:"mode"`
 	// CIDRs are the pods' ranges, at most one per family: the cluster's
 	// (ClusterCIDR) or this node's spec.podCIDRs (NodeCIDR). A family
 	// without one detects nothing.
-	CIDRs []netip.Prefix
+	CIDRs []netip.Prefix `json:"cidrs,omitempty"`
 	// BridgeInterface is the bridge the node's pods are attached to
 	// (BridgeInterface mode).
-	BridgeInterface string
+	BridgeInterface string `json:"bridgeInterface,omitempty"`
 	// InterfaceNamePrefix starts the name of every pod interface on the
 	// node (InterfaceNamePrefix mode).
-	InterfaceNamePrefix string
+	InterfaceNamePrefix string `json:"interfaceNamePrefix,omitempty"`
 }
 
 // IfLocal gives the match arguments for "from a pod of this node" in fam,
