@@ -534,7 +534,7 @@ func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot, rulesMissing bool
 	}
 	nodePorts := map[iptables.Family][]netip.Addr{}
 	for fam, cfg := range p.cfgs {
-		nodePorts[fam] = nodePortAddrs(cfg)
+		nodePorts[fam] = cfg.NodePortAddrs()
 	}
 	cur := conntrack.NewFrontends(snap, nodePorts)
 	if p.tcpSwept && p.ctFronts != nil && !p.ctFailed && cur.SameServices(p.ctFronts) {
@@ -561,22 +561,6 @@ func (p *Proxier) reconcileConntrack(snap *endpoints.Snapshot, rulesMissing bool
 	if !failed {
 		p.ctFronts = cur
 		p.tcpSwept = true
-	}
-	return out
-}
-
-// nodePortAddrs are the node's addresses on which cfg's rules translate
-// NodePorts: --nodeport-addresses' choice, or every local address, loopback
-// only with localhost NodePorts (as nodePortJumps in pkg/rules).
-func nodePortAddrs(cfg rules.Config) []netip.Addr {
-	if cfg.NodePortAddresses != nil {
-		return cfg.NodePortAddresses
-	}
-	var out []netip.Addr
-	for _, a := range cfg.NodeIPs {
-		if !a.IsLoopback() || (cfg.LocalhostNodePorts && a.Unmap().Is4()) {
-			out = append(out, a)
-		}
 	}
 	return out
 }

@@ -78,6 +78,23 @@ type Config struct {
 	RandomFully bool `json:"randomFully"`
 }
 
+// NodePortAddrs are the node's addresses on which the rules translate
+// NodePorts: --nodeport-addresses' choice, or every local address, loopback
+// only with localhost NodePorts (as nodePortJumps writes them). The
+// conntrack reconciler and explanations ask it.
+func (c Config) NodePortAddrs() []netip.Addr {
+	if c.NodePortAddresses != nil {
+		return c.NodePortAddresses
+	}
+	var out []netip.Addr
+	for _, a := range c.NodeIPs {
+		if !a.IsLoopback() || c.localhostNodePorts() {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 // localhostNodePorts says whether loopback addresses serve NodePorts.
 func (c Config) localhostNodePorts() bool {
 	return c.LocalhostNodePorts && c.Family == iptables.IPv4
