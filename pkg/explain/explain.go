@@ -125,13 +125,61 @@ type Outcome struct {
 	Rules []string `json:"rules"`
 }
 
-// Explain answers q with the kernel's rules k and the view v: the trace of
-// k gives the candidates, the masquerade verdict and the outcome; v gives
-// the Service, the policies and the reasons, from pkg/rules' decisions.
-// It fails only when the packet's family has no rules in k or v.
+// Explain answers q with the kernel's rules k and the view v; see
+// Explainer.Explain. To answer many queries against one view and one
+// reading of the kernel, make an Explainer once.
 func Explain(v View, k Kernel, q Query) (*Explanation, error) {
+	x, err := New(v, k)
+	if err != nil {
+		return nil, err
+	}
+	return x.Explain(q)
+}
+
+// Explainer answers queries against one view and one reading of the
+// kernel's rules. It compares them once (the drift) and loads miniproxy's
+// own rules for the view once, to check each answer of the kernel against
+// theirs. It is not modified by Explain, so it may answer concurrently.
+type Explainer struct {
+	view   View
+	kernel Kernel
+	drift  []ChainDrift
+	// model traces miniproxy's rules for the view, per family; modelErr
+	// says why a family's could not be loaded.
+	model    map[iptables.Family]*iptables.Tracer
+	modelErr map[iptables.Family]error
+}
+
+// New prepares answers for v and k; it fails only without a snapshot.
+func New(v View, k Kernel) (*Explainer, error) {
+	if v.Snapshot == nil {
+		return nil, fmt.Errorf("explain: no cluster state")
+	}
+	x := &Explainer{view: v, kernel: k, drift: Drift(v, k),
+		model: map[iptables.Family]*iptables.Tracer{}, modelErr: map[iptables.Family]error{}}
+	for _, fam := range families(v) {
+		tr, err := iptables.NewTracer(rules.Build(v.Snapshot, v.Configs[fam]), v.LocalAddrs)
+		if err != nil {
+			x.modelErr[fam] = err
+			continue
+		}
+		x.model[fam] = tr
+	}
+	return x, nil
+}
+
+// Drift names the chains whose kernel rules differ from what miniproxy
+// would write for the view (see the function Drift).
+func (x *Explainer) Drift() []ChainDrift { return x.drift }
+
+// Explain answers q: the trace of the kernel's rules gives the candidates,
+// the masquerade verdict and the outcome; the view gives the Service, the
+// policies and the reasons, from pkg/rules' decisions. It fails only when
+// the packet's family has no rules in the kernel's reading or the view.
+func (x *Explainer) Explain(q Query) (*Explanation, error) {
+	v := x.view
 	fam := iptables.FamilyOf(q.Dst.Addr())
-	state, ok := k[fam]
+	state, ok := x.kernel[fam]
 	if !ok {
 		return nil, fmt.Errorf("explain: no %s rules were read from the kernel", fam)
 	}
@@ -139,13 +187,13 @@ func Explain(v View, k Kernel, q Query) (*Explanation, error) {
 	if !ok {
 		return nil, fmt.Errorf("explain: the node does not program %s", fam)
 	}
-	if v.Snapshot == nil {
-		return nil, fmt.Errorf("explain: no cluster state")
-	}
 	e := &Explanation{
 		Query: QueryInfo{Src: q.Src.String(), Dst: q.Dst.String(), Protocol: strings.ToLower(string(q.Protocol)),
 			FromNode: q.FromNode, InIface: q.InIface, Family: fam.String()},
-		Policies: []Policy{}, Candidates: []Candidate{}, Drift: []ChainDrift{}, Warnings: []string{},
+		Policies: []Policy{}, Candidates: []Candidate{}, Drift: x.drift, Warnings: []string{},
+	}
+	if e.Drift == nil {
+		e.Drift = []ChainDrift{}
 	}
 	pkt := iptables.Packet{Src: q.Src, Dst: q.Dst.Addr(), Proto: e.Query.Protocol, DPort: int(q.Dst.Port()), FromNode: q.FromNode, InIface: q.InIface}
 	kernel, err := (&iptables.Tracer{State: state, LocalAddrs: v.LocalAddrs}).Trace(pkt)
@@ -164,7 +212,6 @@ func Explain(v View, k Kernel, q Query) (*Explanation, error) {
 	e.Outcome = outcome(kernel, e.Candidates)
 	e.Masquerade = masquerade(kernel, e.Candidates, sit, q, e.Outcome)
 
-	e.Drift = Drift(v, k)
 	if len(e.Drift) > 0 {
 		names := make([]string, len(e.Drift))
 		for i, d := range e.Drift {
@@ -172,30 +219,27 @@ func Explain(v View, k Kernel, q Query) (*Explanation, error) {
 		}
 		e.Warnings = append(e.Warnings, "the kernel's rules differ from what miniproxy would write for its current view (another program changed them, or a sync failed or is pending): "+strings.Join(names, ", "))
 	}
-	if w := compareWithModel(v, cfg, pkt, kernel); w != "" {
+	if w := x.compareWithModel(fam, pkt, kernel); w != "" {
 		e.Warnings = append(e.Warnings, w)
 	}
 	for _, f := range families(v) {
-		if _, ok := k[f]; !ok {
+		if _, ok := x.kernel[f]; !ok {
 			e.Warnings = append(e.Warnings, fmt.Sprintf("no %s rules were read from the kernel: %s is neither explained nor compared", f, f))
 		}
 	}
-	if sit.masqWarning != "" && e.Outcome.Verdict == VerdictDNAT {
-		if want := sit.masqExpected; want != e.Masquerade.Masqueraded && !e.Masquerade.Partly {
-			e.Warnings = append(e.Warnings, sit.masqWarning)
-		}
+	if sit.masqWarning != "" && e.Outcome.Verdict == VerdictDNAT && sit.masqExpected != e.Masquerade.Masqueraded && !e.Masquerade.Partly {
+		e.Warnings = append(e.Warnings, sit.masqWarning)
 	}
 	return e, nil
 }
 
 // compareWithModel traces the packet through the rules miniproxy would
 // write for the view and says how the kernel's answer differs, or "".
-func compareWithModel(v View, cfg rules.Config, pkt iptables.Packet, kernel []iptables.Outcome) string {
-	tr, err := iptables.NewTracer(rules.Build(v.Snapshot, cfg), v.LocalAddrs)
-	if err != nil {
+func (x *Explainer) compareWithModel(fam iptables.Family, pkt iptables.Packet, kernel []iptables.Outcome) string {
+	if err := x.modelErr[fam]; err != nil {
 		return fmt.Sprintf("miniproxy's own rules for this view do not load (%v): the kernel's answer cannot be checked against them", err)
 	}
-	model, err := tr.Trace(pkt)
+	model, err := x.model[fam].Trace(pkt)
 	if err != nil {
 		return fmt.Sprintf("miniproxy's own rules for this view cannot be traced (%v)", err)
 	}

@@ -12,7 +12,8 @@ import (
 // way iptables-save prints it back compare equal, which is what telling a
 // rule changed behind our back from the kernel's own spelling needs. The
 // kernel moves -s, -d, -i, -o and -p to the front, reorders a match's
-// options, adds defaults (recent's --mask and --rsource), prints MARK's
+// options, adds defaults (recent's --mask and --rsource, REJECT's
+// --reject-with), prints MARK's
 // --or-mark and --xor-mark as --set-xmark and a statistic's probability
 // with more digits. Canonical puts the address, interface and protocol
 // matches first, sorted; keeps the matches in order (their order decides
@@ -127,6 +128,8 @@ func canonicalGroup(g []string) string {
 		f := strings.Fields(o)
 		switch {
 		case name == "recent" && (f[0] == "--rsource" || (f[0] == "--mask" && allOnes(f[1:]))):
+			continue
+		case name == "REJECT" && (o == "--reject-with icmp-port-unreachable" || o == "--reject-with icmp6-port-unreachable"):
 			continue
 		case name == "statistic" && f[0] == "--probability" && len(f) == 2:
 			if p, err := strconv.ParseFloat(f[1], 64); err == nil {

@@ -24,6 +24,8 @@ var kernelSpellings = []struct{ name, ours, kernels string }{
 		`-m comment --comment "a loadbalancer IP" -p tcp -m recent --name MP-AFF-Y --rcheck --seconds 10800 --reap -m recent --name MP-AFF-Y --set -j DNAT --to-destination [fd00:244:1::5]:8080`,
 		`-p tcp -m comment --comment "a loadbalancer IP" -m recent --rcheck --seconds 10800 --reap --name MP-AFF-Y --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -m recent --set --name MP-AFF-Y --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -j DNAT --to-destination [fd00:244:1::5]:8080`,
 	},
+	{"REJECT names its default", `-d 10.96.10.20/32 -p udp -m udp --dport 53 -j REJECT`, `-d 10.96.10.20/32 -p udp -m udp --dport 53 -j REJECT --reject-with icmp-port-unreachable`},
+	{"ip6tables' REJECT names its own default", `-d fd00::20/128 -p udp -m udp --dport 53 -j REJECT`, `-d fd00::20/128 -p udp -m udp --dport 53 -j REJECT --reject-with icmp6-port-unreachable`},
 	{"MARK --or-mark", `-j MARK --or-mark 0x4000`, `-j MARK --set-xmark 0x4000/0x4000`},
 	{"MARK --xor-mark", `-j MARK --xor-mark 0x4000`, `-j MARK --set-xmark 0x4000/0x0`},
 	{"a host without its length", `-s 10.244.1.5 -d 10.244.1.5 -m comment --comment hairpin -j MASQUERADE --random-fully`, `-s 10.244.1.5/32 -d 10.244.1.5/32 -m comment --comment hairpin -j MASQUERADE --random-fully`},
