@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -38,7 +39,8 @@ func (d ChainDrift) String() string {
 }
 
 // Drift compares the kernel's rules with what miniproxy would write for
-// the view, family by family: every MP- chain of nat and filter, and the
+// the view, family by family: every MP- chain of nat and filter (the
+// dataplane's canary included), and the
 // rules of the built-in chains that jump to MP- chains, in order. Rules are
 // compared in their canonical spelling (iptables.Canonical), so the
 // kernel's rewording is no difference; counters are not compared. A family
@@ -64,7 +66,9 @@ func familyDrift(want *iptables.Ruleset, st iptables.State) []ChainDrift {
 	for _, tr := range want.Tables {
 		have := st[tr.Table]
 		wanted := map[string]bool{}
-		for _, c := range tr.Chains {
+		// The dataplane keeps its canary in every table it writes.
+		canary := iptables.Chain{Name: rules.Prefix + dataplane.CanarySuffix, Rules: []iptables.Rule{dataplane.CanaryRule}}
+		for _, c := range append(slices.Clone(tr.Chains), canary) {
 			wanted[c.Name] = true
 			kc, ok := have[c.Name]
 			switch {

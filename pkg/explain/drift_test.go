@@ -41,6 +41,19 @@ func TestDriftNamesTheChainChangedBehindOurBack(t *testing.T) {
 			[]string{"IPv4 nat MP-POSTROUTING (missing)", "IPv4 nat POSTROUTING (its jumps to MP- chains) (different)"},
 		},
 		{
+			"the tables flushed by another program (iptables -t nat -F): the canary is named too",
+			func(st iptables.State) {
+				for _, c := range st[iptables.NAT] {
+					c.Rules = nil
+				}
+			},
+			[]string{"IPv4 nat MP-SERVICES (different)", "IPv4 nat MP-NODEPORTS (different)", "IPv4 nat MP-MARK-MASQ (different)",
+				"IPv4 nat MP-POSTROUTING (different)", "IPv4 nat MP-HAIRPIN (different)", "IPv4 nat MP-VIP-XC (different)", "IPv4 nat MP-VIP-5C (different)",
+				"IPv4 nat MP-VIP-8C (different)", "IPv4 nat MP-NP-tcp-30080 (different)", "IPv4 nat MP-CANARY (different)",
+				"IPv4 nat PREROUTING (its jumps to MP- chains) (different)", "IPv4 nat OUTPUT (its jumps to MP- chains) (different)",
+				"IPv4 nat POSTROUTING (its jumps to MP- chains) (different)"},
+		},
+		{
 			"a chain of our name that we would not write",
 			func(st iptables.State) { st[iptables.NAT]["MP-VIP-FF"] = &iptables.Chain{Name: "MP-VIP-FF"} },
 			[]string{"IPv4 nat MP-VIP-FF (extra)"},

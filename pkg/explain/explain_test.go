@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/rules"
@@ -89,17 +90,21 @@ func nodeView(svc *endpoints.ServicePort, eps ...endpoints.Endpoint) View {
 	return View{Snapshot: snap, Configs: map[iptables.Family]rules.Config{iptables.IPv4: cfg}, LocalAddrs: []netip.Addr{node1IP}}
 }
 
-// kernelOf is the kernel holding exactly the rules miniproxy writes for v:
-// its restore input through the model of iptables-restore.
+// kernelOf is the kernel after miniproxy's dataplane applied the rules it
+// builds for v (into the Fake, which refuses what iptables-restore does).
 func kernelOf(t *testing.T, v View) Kernel {
 	t.Helper()
+	fake := dataplane.NewFake()
 	k := Kernel{}
 	for fam, cfg := range v.Configs {
-		tr, err := iptables.NewTracer(rules.Build(v.Snapshot, cfg), nil)
+		dp, err := dataplane.New(fake, fam, rules.Prefix)
 		if err != nil {
 			t.Fatal(err)
 		}
-		k[fam] = tr.State
+		if _, err := dp.Apply(rules.Build(v.Snapshot, cfg), true); err != nil {
+			t.Fatal(err)
+		}
+		k[fam] = fake.State(fam)
 	}
 	return k
 }

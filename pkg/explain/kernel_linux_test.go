@@ -30,17 +30,20 @@ func kernelNamespace(t *testing.T, short string) *netns.Namespace {
 	return ns
 }
 
-// restoreAndRead puts rs into the namespace with the real
-// iptables-restore and reads the family back with iptables-save.
-func restoreAndRead(t *testing.T, ns *netns.Namespace, rs *iptables.Ruleset) iptables.State {
+// applyAndRead has miniproxy's dataplane apply rs in the namespace, with
+// the real iptables-restore, and reads the family back with iptables-save.
+func applyAndRead(t *testing.T, ns *netns.Namespace, rs *iptables.Ruleset) iptables.State {
 	t.Helper()
 	var out []byte
 	err := ns.Do(func() error {
 		r := dataplane.NewRunner()
-		if err := r.Restore(rs.Family, []byte(iptables.RenderComplete(rs))); err != nil {
+		dp, err := dataplane.New(r, rs.Family, rules.Prefix)
+		if err != nil {
 			return err
 		}
-		var err error
+		if _, err := dp.Apply(rs, true); err != nil {
+			return err
+		}
 		out, err = r.Save(rs.Family, "")
 		return err
 	})
@@ -91,7 +94,7 @@ func TestTheKernelsRulesExplainAsMiniproxysAndADriftIsNamed(t *testing.T) {
 				set.Apply(&cfg)
 				snap := rulestest.Snapshot(a.Zone, rulestest.EveryShape(a)...)
 				view := View{Snapshot: snap, Configs: map[iptables.Family]rules.Config{fam: cfg}, LocalAddrs: cfg.NodeIPs}
-				kernel := Kernel{fam: restoreAndRead(t, ns, rules.Build(snap, cfg))}
+				kernel := Kernel{fam: applyAndRead(t, ns, rules.Build(snap, cfg))}
 
 				// iptables-save's spelling of every construct reads as
 				// ours: no drift, and every packet goes as miniproxy's
@@ -126,7 +129,7 @@ func TestARuleChangedWithIptablesIsNamedByTheDriftWarning(t *testing.T) {
 	snap := rulestest.Snapshot(a.Zone, rulestest.EveryShape(a)...)
 	view := View{Snapshot: snap, Configs: map[iptables.Family]rules.Config{iptables.IPv4: cfg}, LocalAddrs: cfg.NodeIPs}
 	rs := rules.Build(snap, cfg)
-	restoreAndRead(t, ns, rs)
+	applyAndRead(t, ns, rs)
 
 	// Another program puts a rule of its own at the head of the leaf that
 	// holds the first shape's cluster IP rules.

@@ -105,6 +105,10 @@ type AddrLister func(iptables.Family) ([]netip.Addr, error)
 // SyncResult is what one sync did, for health checks and metrics.
 type SyncResult struct {
 	Snapshot *endpoints.Snapshot
+	// Configs are the rules configurations the sync built each family's
+	// rules with (nil when it failed before building): with Snapshot, what
+	// the kernel's rules should be, for explanations (/debug/trace).
+	Configs map[iptables.Family]rules.Config
 	// Results has one entry per apply of a family, in order: one per family,
 	// or more when the kernel refused an apply and the rest was applied
 	// again without the refused Services.
@@ -400,6 +404,7 @@ func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) 
 		}
 		cfgs[fam] = cfg
 		p.cfgs = cfgs
+		res.Configs = cfgs
 		if cfg.LocalhostNodePorts {
 			if err := p.ensureRouteLocalnet(); err != nil {
 				return nil, nil, err
