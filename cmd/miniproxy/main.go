@@ -175,7 +175,7 @@ func serve(opts *options, runner dataplane.Runner, log *slog.Logger) error {
 	m := metrics.New(metrics.Options{Log: log, Build: buildInfo(), Families: families})
 	m.TrackChanges(tracker)
 	proxier.OnChange(m.ChangeQueued)
-	servers, err := startHealth(ctx, newHealthOptions(cfg, popts.NodePortAddresses, localAddresses), m, tracker.OldestPending, events.recorder, log)
+	servers, err := startHealth(ctx, newHealthOptions(cfg, popts.NodePortAddresses, localAddresses, runner), m, tracker.OldestPending, events.recorder, log)
 	if err != nil {
 		if hf := (*hardFailure)(nil); errors.As(err, &hf) {
 			events.nodeWarningNow(ctx, hf.reason, hf.err.Error())

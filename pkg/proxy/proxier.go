@@ -593,21 +593,28 @@ func (p *Proxier) withoutUnsupported(snap *endpoints.Snapshot) (*endpoints.Snaps
 }
 
 func (p *Proxier) rulesConfig(fam iptables.Family) (rules.Config, error) {
-	cfg := rules.Config{
-		Family:        fam,
-		MasqueradeAll: p.opts.MasqueradeAll,
-		MasqueradeBit: p.opts.MasqueradeBit,
-		RandomFully:   p.opts.RandomFully,
-	}
-	cfg.DetectLocal = p.opts.DetectLocal
-	cfg.LocalhostNodePorts = rules.LocalhostNodePorts(p.opts.LocalhostNodePorts, fam, p.opts.NodePortAddresses)
 	local, err := p.addrs(fam)
 	if err != nil {
-		return cfg, fmt.Errorf("list local addresses: %w", err)
+		return rules.Config{Family: fam}, fmt.Errorf("list local addresses: %w", err)
 	}
-	cfg.NodeIPs = local
-	cfg.NodePortAddresses = rules.NodePortAddresses(local, p.opts.NodePortAddresses, cfg.LocalhostNodePorts)
-	return cfg, nil
+	return p.opts.RulesConfig(fam, local), nil
+}
+
+// RulesConfig is the configuration of fam's rules under these options on
+// a node with the local addresses local (of fam): what every sync builds
+// with, and what `miniproxy explain` rebuilds from the API server.
+func (o Options) RulesConfig(fam iptables.Family, local []netip.Addr) rules.Config {
+	cfg := rules.Config{
+		Family:        fam,
+		DetectLocal:   o.DetectLocal,
+		MasqueradeAll: o.MasqueradeAll,
+		MasqueradeBit: o.MasqueradeBit,
+		RandomFully:   o.RandomFully,
+		NodeIPs:       local,
+	}
+	cfg.LocalhostNodePorts = rules.LocalhostNodePorts(o.LocalhostNodePorts, fam, o.NodePortAddresses)
+	cfg.NodePortAddresses = rules.NodePortAddresses(local, o.NodePortAddresses, cfg.LocalhostNodePorts)
+	return cfg
 }
 
 // ensureRouteLocalnet sets route_localnet=1 once: without it the kernel
