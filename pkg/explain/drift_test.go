@@ -9,6 +9,15 @@ import (
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
 
+// sendElsewhere plays another program: the last rule of the load balancer
+// IP's leaf (its DNAT for a client outside) now sends to 10.244.9.9:8080.
+func sendElsewhere(st iptables.State) {
+	c := st[iptables.NAT]["MP-VIP-8C"]
+	last := append(iptables.Rule{}, c.Rules[len(c.Rules)-1]...)
+	last[len(last)-1] = "10.244.9.9:8080"
+	c.Rules = append(append([]iptables.Rule{}, c.Rules[:len(c.Rules)-1]...), last)
+}
+
 func TestDriftNamesTheChainChangedBehindOurBack(t *testing.T) {
 	view := nodeView(sourceIPApp(withLoadBalancer, localPolicy), onNode1, onNode2)
 	tests := []struct {
@@ -17,16 +26,7 @@ func TestDriftNamesTheChainChangedBehindOurBack(t *testing.T) {
 		want   []string
 	}{
 		{"nothing changed", func(iptables.State) {}, nil},
-		{
-			"a DNAT rule sent elsewhere",
-			func(st iptables.State) {
-				c := st[iptables.NAT]["MP-VIP-8C"]
-				last := append(iptables.Rule{}, c.Rules[len(c.Rules)-1]...)
-				last[len(last)-1] = "10.244.9.9:8080"
-				c.Rules = append(append([]iptables.Rule{}, c.Rules[:len(c.Rules)-1]...), last)
-			},
-			[]string{"IPv4 nat MP-VIP-8C (different)"},
-		},
+		{"a DNAT rule sent elsewhere", sendElsewhere, []string{"IPv4 nat MP-VIP-8C (different)"}},
 		{
 			"a chain flushed",
 			func(st iptables.State) { st[iptables.Filter]["MP-FORWARD"].Rules = nil },
@@ -101,10 +101,7 @@ func TestAKernelThatSendsElsewhereIsReported(t *testing.T) {
 	view := nodeView(sourceIPApp(withLoadBalancer, localPolicy), onNode1, onNode2)
 	k := kernelOf(t, view)
 	st := k[iptables.IPv4].Clone()
-	c := st[iptables.NAT]["MP-VIP-8C"]
-	last := append(iptables.Rule{}, c.Rules[len(c.Rules)-1]...)
-	last[len(last)-1] = "10.244.9.9:8080"
-	c.Rules = append(append([]iptables.Rule{}, c.Rules[:len(c.Rules)-1]...), last)
+	sendElsewhere(st)
 	k[iptables.IPv4] = st
 	e, err := Explain(view, k, tcpTo(client, lbIP, 80))
 	if err != nil {

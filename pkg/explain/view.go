@@ -120,10 +120,8 @@ type ServicePort struct {
 // NewServices gives v in the form /debug/services serves.
 func NewServices(v View) Services {
 	out := Services{LocalAddresses: v.LocalAddrs, Services: []ServicePort{}}
-	for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
-		if cfg, ok := v.Configs[fam]; ok {
-			out.Configs = append(out.Configs, cfg)
-		}
+	for _, fam := range families(v) {
+		out.Configs = append(out.Configs, v.Configs[fam])
 	}
 	if v.Snapshot == nil {
 		return out
