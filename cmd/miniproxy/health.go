@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/miniproxy/miniproxy/pkg/config"
+	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/healthcheck"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/metrics"
@@ -52,12 +53,15 @@ type healthOptions struct {
 	// bindAddressHardFail is --bind-address-hard-fail: a server port that
 	// cannot be opened is fatal instead of retried.
 	bindAddressHardFail bool
+	// runner reads the kernel's rules for the /debug/ endpoints of the
+	// metrics server; nil serves none.
+	runner dataplane.Runner
 }
 
 // newHealthOptions takes the servers' settings from the effective
 // configuration; nodePortAddresses and localAddresses are the node's, as
 // in healthOptions.
-func newHealthOptions(c *config.Config, nodePortAddresses []netip.Prefix, localAddresses proxy.AddrLister) healthOptions {
+func newHealthOptions(c *config.Config, nodePortAddresses []netip.Prefix, localAddresses proxy.AddrLister, runner dataplane.Runner) healthOptions {
 	return healthOptions{
 		healthzBindAddress:  c.HealthzBindAddress,
 		metricsBindAddress:  c.MetricsBindAddress,
@@ -67,6 +71,7 @@ func newHealthOptions(c *config.Config, nodePortAddresses []netip.Prefix, localA
 		nodePortAddresses:   nodePortAddresses,
 		localAddresses:      localAddresses,
 		bindAddressHardFail: c.BindAddressHardFail,
+		runner:              runner,
 	}
 }
 
@@ -76,6 +81,7 @@ type healthServers struct {
 	proxier  *healthcheck.ProxierHealth
 	services *healthcheck.ServiceHealth
 	metrics  *metrics.Metrics
+	debug    *debugServer // nil without a runner
 }
 
 // onSync hands res to the proxier's health first, so that the Service
@@ -85,6 +91,9 @@ func (s *healthServers) onSync(res proxy.SyncResult) {
 	s.proxier.OnSync(res)
 	s.services.OnSync(res)
 	s.metrics.OnSync(res)
+	if s.debug != nil {
+		s.debug.onSync(res)
+	}
 }
 
 // startHealth starts the healthz server, the metrics server (serving m)
@@ -150,7 +159,12 @@ func startHealth(ctx context.Context, o healthOptions, m *metrics.Metrics, pendi
 	if err := listen("healthz", healthzAddr, s.proxier.Handler()); err != nil {
 		return nil, err
 	}
-	if err := listen("metrics", metricsAddr, withConfigz(withProfiling(m.Handler(), o.profiling), o.config)); err != nil {
+	metricsHandler := withConfigz(withProfiling(m.Handler(), o.profiling), o.config)
+	if o.runner != nil {
+		s.debug = &debugServer{runner: o.runner, addrs: bothFamilies(o.localAddresses)}
+		metricsHandler = s.debug.handler(metricsHandler)
+	}
+	if err := listen("metrics", metricsAddr, metricsHandler); err != nil {
 		return nil, err
 	}
 	go func() {

@@ -117,11 +117,11 @@ func webSlice(node string) *discoveryv1.EndpointSlice {
 	}
 }
 
-// TestStartHealthFollowsTheSyncs wires everything as the daemon does, with
-// the fake dataplane, and checks the three servers after real syncs. Every
-// listener is on 127.0.0.1.
-func TestStartHealthFollowsTheSyncs(t *testing.T) {
-	healthzPort, metricsPort, hcPort := freeLoopbackPort(t), freeLoopbackPort(t), freeLoopbackPort(t)
+// wireAsServe starts, as serve does, the proxy on a fake dataplane (node
+// 127.0.0.1, cluster CIDR 10.244.0.0/16) with the healthz and metrics
+// servers on 127.0.0.1 following its syncs, until ctx ends.
+func wireAsServe(t *testing.T, ctx context.Context, healthzPort, metricsPort int) (*dataplane.Fake, *endpoints.Tracker, *proxy.Proxier) {
+	t.Helper()
 	var o options
 	if err := newFlagSet(&o).Parse([]string{
 		fmt.Sprintf("--healthz-bind-address=127.0.0.1:%d", healthzPort),
@@ -135,9 +135,8 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 		}
 		return nil, nil
 	}
-	ho := newHealthOptions(o.cfg, []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, addrs)
-
 	fake := dataplane.NewFake()
+	ho := newHealthOptions(o.cfg, []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, addrs, fake)
 	dp, err := dataplane.New(fake, iptables.IPv4, rules.Prefix)
 	if err != nil {
 		t.Fatal(err)
@@ -147,8 +146,6 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 	tracker := endpoints.NewTracker("node1", log, nil)
 	p := proxy.New(proxy.Options{SyncPeriod: 30 * time.Second, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}},
 		tracker, planes, addrs, log)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	// As serve wires them.
 	tracker.SetOnChange(p.Changed)
 	m := metrics.New(metrics.Options{Log: log, Families: []iptables.Family{iptables.IPv4}})
@@ -159,6 +156,17 @@ func TestStartHealthFollowsTheSyncs(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.OnSync(servers.onSync)
+	return fake, tracker, p
+}
+
+// TestStartHealthFollowsTheSyncs wires everything as the daemon does, with
+// the fake dataplane, and checks the three servers after real syncs. Every
+// listener is on 127.0.0.1.
+func TestStartHealthFollowsTheSyncs(t *testing.T) {
+	healthzPort, metricsPort, hcPort := freeLoopbackPort(t), freeLoopbackPort(t), freeLoopbackPort(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	fake, tracker, p := wireAsServe(t, ctx, healthzPort, metricsPort)
 	base := func(port int) string { return fmt.Sprintf("http://127.0.0.1:%d", port) }
 
 	if code, body := httpGet(t, base(metricsPort)+"/proxyMode"); code != 200 || body != "iptables" {
@@ -314,7 +322,7 @@ func TestBindAddressHardFailMakesATakenPortFatal(t *testing.T) {
 			if len(notes) != 0 {
 				t.Errorf("--bind-address-hard-fail is acted on now, yet: %q", notes)
 			}
-			ho := newHealthOptions(o.cfg, nil, nil)
+			ho := newHealthOptions(o.cfg, nil, nil, nil)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			start := time.Now()

@@ -87,8 +87,13 @@ func commandLine(args []string, out io.Writer) (opts *options, notes []string, e
 
 // run is miniproxy: --help and --version write to out and return nil; the
 // one-shot modes (--write-config-to, --cleanup, --cleanup-kube-proxy,
-// --init-only) do their one thing; otherwise it serves until signalled.
+// --init-only) do their one thing; `miniproxy explain ...` explains one
+// packet (its own flags, none added to the daemon's); otherwise it serves
+// until signalled.
 func run(args []string, out io.Writer) error {
+	if len(args) > 0 && args[0] == explainCommand {
+		return runExplain(args[1:], out)
+	}
 	opts, notes, err := commandLine(args, out)
 	if err != nil || opts.done {
 		return err
@@ -162,7 +167,7 @@ func serve(opts *options, runner dataplane.Runner, log *slog.Logger) error {
 	}
 
 	events := newEventSink(ctx, client, nodeName, log)
-	tracker := newTracker(cfg, nodeName, events, log)
+	tracker := newTracker(cfg, nodeName, events.invalidObject, log)
 	proxier := proxy.New(popts, tracker, planes, localAddresses, log)
 	tracker.SetOnChange(proxier.Changed)
 	proxier.OnSync(events.refusedServices)
@@ -175,7 +180,7 @@ func serve(opts *options, runner dataplane.Runner, log *slog.Logger) error {
 	m := metrics.New(metrics.Options{Log: log, Build: buildInfo(), Families: families})
 	m.TrackChanges(tracker)
 	proxier.OnChange(m.ChangeQueued)
-	servers, err := startHealth(ctx, newHealthOptions(cfg, popts.NodePortAddresses, localAddresses), m, tracker.OldestPending, events.recorder, log)
+	servers, err := startHealth(ctx, newHealthOptions(cfg, popts.NodePortAddresses, localAddresses, runner), m, tracker.OldestPending, events.recorder, log)
 	if err != nil {
 		if hf := (*hardFailure)(nil); errors.As(err, &hf) {
 			events.nodeWarningNow(ctx, hf.reason, hf.err.Error())
@@ -236,23 +241,35 @@ func connect(cfg *config.Config, master string) (kubernetes.Interface, error) {
 }
 
 // proxySettings gives the proxy's settings once the Node has told what
-// they need of it (its pod CIDRs in NodeCIDR mode, its addresses for
-// --nodeport-addresses primary), and watches the Node so that a change of
+// they need of it (nodeSettings), and watches the Node so that a change of
 // either ends ctx through fail.
 func proxySettings(ctx context.Context, opts *options, client kubernetes.Interface, nodeName string, fail func(error), log *slog.Logger) (proxy.Options, error) {
+	popts, facts, err := nodeSettings(ctx, opts, client, nodeName, log)
+	if err != nil {
+		return proxy.Options{}, err
+	}
+	cfg := opts.cfg
+	watchNode(ctx, client, nodeName, facts, cfg.DetectLocalMode == config.LocalModeNodeCIDR, slices.Contains(cfg.NodePortAddresses, config.NodePortsPrimary), fail)
+	return popts, nil
+}
+
+// nodeSettings gives the proxy's settings from the options and what they
+// need of the Node (its pod CIDRs in NodeCIDR mode, its addresses for
+// --nodeport-addresses primary), waiting for them as kube-proxy does.
+func nodeSettings(ctx context.Context, opts *options, client kubernetes.Interface, nodeName string, log *slog.Logger) (proxy.Options, nodeFacts, error) {
 	cfg := opts.cfg
 	needPodCIDRs := cfg.DetectLocalMode == config.LocalModeNodeCIDR
 	usesPrimary := slices.Contains(cfg.NodePortAddresses, config.NodePortsPrimary)
 	facts, err := readNode(ctx, client, nodeName, needPodCIDRs, usesPrimary, kubeProxyNodeWaits, log)
 	if err != nil {
-		return proxy.Options{}, err
+		return proxy.Options{}, facts, err
 	}
-	watchNode(ctx, client, nodeName, facts, needPodCIDRs, usesPrimary, fail)
 	nodePorts, err := config.NodePortRanges(cfg.NodePortAddresses, primaryNodeIPs(facts, cfg, nodeName, log))
 	if err != nil {
-		return proxy.Options{}, err
+		return proxy.Options{}, facts, err
 	}
-	return opts.proxyOptions(nodePorts, facts.podCIDRs)
+	popts, err := opts.proxyOptions(nodePorts, facts.podCIDRs)
+	return popts, facts, err
 }
 
 // setUpDataplanes gives the IP families this node programs and a dataplane
@@ -285,10 +302,11 @@ func openConntrack(log *slog.Logger) *conntrack.Kernel {
 }
 
 // newTracker makes the tracker of the API server's Services and
-// EndpointSlices, with Warning events on invalid objects, and without
-// spec.externalIPs when the feature gate AllowServiceExternalIPs is off.
-func newTracker(cfg *config.Config, nodeName string, events *eventSink, log *slog.Logger) *endpoints.Tracker {
-	tracker := endpoints.NewTracker(nodeName, log, events.invalidObject)
+// EndpointSlices, telling onInvalid (the daemon's Warning events; nil for
+// none) of invalid objects, and without spec.externalIPs when the feature
+// gate AllowServiceExternalIPs is off.
+func newTracker(cfg *config.Config, nodeName string, onInvalid endpoints.InvalidFunc, log *slog.Logger) *endpoints.Tracker {
+	tracker := endpoints.NewTracker(nodeName, log, onInvalid)
 	if !features.Effective(cfg.FeatureGates).Enabled(features.AllowServiceExternalIPs) {
 		tracker.DropExternalIPs()
 		log.Info("spec.externalIPs of Services are ignored: the feature gate AllowServiceExternalIPs is off")

@@ -425,7 +425,7 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 	if err != nil {
 		return fmt.Errorf("list %s rules: %w", d.family, err)
 	}
-	saved := parseSave(string(out))
+	saved := iptables.ParseSave(string(out))
 	sums := d.chainSums(want)
 
 	// Rules elsewhere that jump to our chains and are not wanted jumps are
@@ -438,14 +438,14 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 	for _, j := range jumps {
 		wantJump[jumpKey{j.Table, j.Chain, j.Rule.Target()}] = true
 	}
-	for _, t := range sortedTables(saved) {
+	for _, t := range saved.Tables() {
 		st := saved[t]
-		for _, c := range st.chains {
+		for _, c := range st.Chains {
 			if d.owns(c) {
 				continue
 			}
 			var kept []iptables.Rule
-			for _, r := range st.rules[c] {
+			for _, r := range st.Rules[c] {
 				if !d.owns(r.Target()) || wantJump[jumpKey{t, c, r.Target()}] {
 					kept = append(kept, r)
 					continue
@@ -455,13 +455,13 @@ func (d *Dataplane) applyFull(want *iptables.Ruleset, jumps []iptables.Jump, res
 				}
 				res.JumpsDeleted++
 			}
-			st.rules[c] = kept
+			st.Rules[c] = kept
 		}
 	}
 
 	remove := map[iptables.Table][]string{}
 	for t, st := range saved {
-		for _, c := range st.chains {
+		for _, c := range st.Chains {
 			if _, ok := sums[t][c]; d.owns(c) && !ok {
 				remove[t] = append(remove[t], c)
 			}
@@ -514,7 +514,7 @@ func (d *Dataplane) restore(want *iptables.Ruleset, write func(table iptables.Ta
 // restore does not touch chains we do not own). A chain that is already
 // right costs one check per jump; otherwise our rules in it are deleted and
 // the jumps inserted again.
-func (d *Dataplane) ensureJumps(saved map[iptables.Table]*savedTable, jumps []iptables.Jump, res *Result) error {
+func (d *Dataplane) ensureJumps(saved iptables.Saved, jumps []iptables.Jump, res *Result) error {
 	type group struct {
 		table iptables.Table
 		chain string
@@ -532,7 +532,7 @@ func (d *Dataplane) ensureJumps(saved map[iptables.Table]*savedTable, jumps []ip
 		want := byGroup[g]
 		var rules []iptables.Rule
 		if st, ok := saved[g.table]; ok {
-			rules = st.rules[g.chain]
+			rules = st.Rules[g.chain]
 		}
 		var ours []iptables.Rule
 		inPlace := true

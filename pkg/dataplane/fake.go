@@ -171,6 +171,20 @@ func (f *Fake) Save(family iptables.Family, table iptables.Table) ([]byte, error
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("save %s %s", family, table)
+	return f.save(family, table, "")
+}
+
+// SaveCounters renders every table as Save does, each rule with zero
+// counters: the Fake sees no packets.
+func (f *Fake) SaveCounters(family iptables.Family) ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("save-counters %s", family)
+	return f.save(family, "", "[0:0] ")
+}
+
+// save renders table (every table when "") with prefix before each rule.
+func (f *Fake) save(family iptables.Family, table iptables.Table, prefix string) ([]byte, error) {
 	s := f.state(family)
 	var names []iptables.Table
 	if table != "" {
@@ -195,7 +209,11 @@ func (f *Fake) Save(family iptables.Family, table iptables.Table) ([]byte, error
 			}
 		}
 		for _, c := range fakeChainOrder(t, s[t]) {
-			b.WriteString(iptables.ChainText(s[t][c]))
+			for _, l := range strings.SplitAfter(iptables.ChainText(s[t][c]), "\n") {
+				if l != "" {
+					b.WriteString(prefix + l)
+				}
+			}
 		}
 		b.WriteString("COMMIT\n")
 	}

@@ -28,6 +28,10 @@ type Runner interface {
 	// Save returns iptables-save output (without counters) for table, or for
 	// every table that exists when table is "".
 	Save(family iptables.Family, table iptables.Table) ([]byte, error)
+	// SaveCounters returns iptables-save -c output of every table: each
+	// rule with its packet and byte counters ("[p:b] -A ..."), which
+	// show whether traffic takes it (/debug/rules).
+	SaveCounters(family iptables.Family) ([]byte, error)
 	// ChainExists says whether chain exists in table; a missing table is
 	// reported as a missing chain, not as an error.
 	ChainExists(family iptables.Family, table iptables.Table, chain string) (bool, error)

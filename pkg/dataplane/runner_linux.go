@@ -210,6 +210,10 @@ func (r *execRunner) Save(family iptables.Family, table iptables.Table) ([]byte,
 	return r.exec(family, toolSave, args, nil, nil)
 }
 
+func (r *execRunner) SaveCounters(family iptables.Family) ([]byte, error) {
+	return r.exec(family, toolSave, []string{"-c"}, nil, nil)
+}
+
 // ruleCommand runs one iptables (ip6tables) command on table, with --wait
 // where supported.
 func (r *execRunner) ruleCommand(family iptables.Family, table iptables.Table, args ...string) error {

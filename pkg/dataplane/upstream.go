@@ -123,7 +123,7 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 	if err != nil {
 		return nil, fmt.Errorf("list rules: %w", err)
 	}
-	saved := parseSave(string(out))
+	saved := iptables.ParseSave(string(out))
 	var errs []error
 	owned := map[iptables.Table][]string{}
 	counts := map[iptables.Table]*Removal{}
@@ -133,16 +133,16 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 		}
 		return counts[t]
 	}
-	for _, t := range sortedTables(saved) {
+	for _, t := range saved.Tables() {
 		st := saved[t]
-		for _, c := range st.chains {
+		for _, c := range st.Chains {
 			if owns(c) {
 				owned[t] = append(owned[t], c)
 				count(t).Chains++
-				count(t).Rules += len(st.rules[c])
+				count(t).Rules += len(st.Rules[c])
 				continue
 			}
-			for _, rule := range st.rules[c] {
+			for _, rule := range st.Rules[c] {
 				if !owns(rule.Target()) {
 					continue
 				}
@@ -155,7 +155,7 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 		}
 	}
 	var removed Removed
-	for _, t := range sortedTables(saved) {
+	for _, t := range saved.Tables() {
 		if c := counts[t]; c != nil {
 			removed = append(removed, *c)
 		}
@@ -172,7 +172,7 @@ func cleanupOwned(r Runner, family iptables.Family, owns func(chain string) bool
 	// delete still jumps to it) must not keep the others: flush them all,
 	// so that they no longer refer to each other, then delete them one by
 	// one.
-	for _, t := range sortedTables(saved) {
+	for _, t := range saved.Tables() {
 		if len(owned[t]) == 0 {
 			continue
 		}

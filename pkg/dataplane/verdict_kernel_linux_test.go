@@ -2,7 +2,6 @@ package dataplane
 
 import (
 	"math/rand/v2"
-	"net/netip"
 	"regexp"
 	"strings"
 	"testing"
@@ -69,18 +68,7 @@ func everyShapeInput(t *testing.T) []shapeInput {
 	var out []shapeInput
 	for _, set := range rulestest.EverySetting("cni0", "veth") {
 		for _, fam := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
-			a := rulestest.Addrs{
-				ServiceBase: netip.MustParseAddr("10.96.10.1"), LoadBalancerBase: netip.MustParseAddr("203.0.113.10"),
-				ExternalBase: netip.MustParseAddr("203.0.113.100"), NodePortBase: 30100,
-				LocalPod: netip.MustParseAddr("10.244.1.5"), RemotePod: netip.MustParseAddr("10.244.2.6"),
-				TCPPort: 8080, UDPPort: 8081, Admitted: netip.MustParsePrefix("198.51.100.0/24"), Zone: "zone-a",
-			}
-			cfg := rules.Config{Family: fam, DetectLocal: rules.DetectLocal{Mode: rules.DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:244::/32")}}, NodeIPs: []netip.Addr{netip.MustParseAddr("10.240.0.3")}, RandomFully: true}
-			if fam == iptables.IPv6 {
-				a.ServiceBase, a.LoadBalancerBase, a.ExternalBase = netip.MustParseAddr("fd00:96::10:1"), netip.MustParseAddr("fd00:203::10"), netip.MustParseAddr("fd00:203::100")
-				a.LocalPod, a.RemotePod, a.Admitted = netip.MustParseAddr("fd00:244:1::5"), netip.MustParseAddr("fd00:244:2::6"), netip.MustParsePrefix("fd00:198::/64")
-				cfg.NodeIPs = []netip.Addr{netip.MustParseAddr("fd00:240::3")}
-			}
+			a, cfg := rulestest.Example(fam)
 			set.Apply(&cfg)
 			rs := rules.Build(rulestest.Snapshot("zone-a", rulestest.EveryShape(a)...), cfg)
 			out = append(out, shapeInput{setting: set.Name, fam: fam, text: iptables.RenderComplete(rs)})

@@ -344,6 +344,7 @@ type sliceEndpoint struct {
 	serving     bool
 	terminating bool
 	nodeName    string
+	zone        string
 	zoneHints   []string
 	nodeHints   []string
 }
@@ -362,7 +363,7 @@ func (c *convertedSlice) equal(o *convertedSlice) bool {
 		slices.Equal(c.ports, o.ports) &&
 		slices.EqualFunc(c.endpoints, o.endpoints, func(a, b sliceEndpoint) bool {
 			return a.ip == b.ip && a.ready == b.ready && a.serving == b.serving &&
-				a.terminating == b.terminating && a.nodeName == b.nodeName &&
+				a.terminating == b.terminating && a.nodeName == b.nodeName && a.zone == b.zone &&
 				slices.Equal(a.zoneHints, b.zoneHints) && slices.Equal(a.nodeHints, b.nodeHints)
 		})
 }
@@ -446,6 +447,9 @@ func convertSliceParts(s *discoveryv1.EndpointSlice) (c *convertedSlice, skipped
 		}
 		if e.NodeName != nil {
 			ep.nodeName = *e.NodeName
+		}
+		if e.Zone != nil {
+			ep.zone = *e.Zone
 		}
 		if e.Hints != nil {
 			for _, z := range e.Hints.ForZones {
@@ -578,7 +582,7 @@ func servicePortsEqual(a, b []*ServicePort) bool {
 func endpointsEqual(a, b []Endpoint) bool {
 	return slices.EqualFunc(a, b, func(x, y Endpoint) bool {
 		return x.IP == y.IP && x.Port == y.Port && x.Ready == y.Ready && x.Serving == y.Serving &&
-			x.Terminating == y.Terminating && x.NodeName == y.NodeName && x.Local == y.Local &&
+			x.Terminating == y.Terminating && x.NodeName == y.NodeName && x.Zone == y.Zone && x.Local == y.Local &&
 			slices.Equal(x.ZoneHints, y.ZoneHints) && slices.Equal(x.NodeHints, y.NodeHints)
 	})
 }

@@ -22,10 +22,10 @@ const (
 // ServicePortName identifies one port of one Service; rules, health checks and
 // logs all refer to service ports by it.
 type ServicePortName struct {
-	Namespace string
-	Name      string
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
 	// Port is the port's name in the Service spec ("" for a single unnamed port).
-	Port string
+	Port string `json:"port,omitempty"`
 }
 
 // String gives the kube-proxy spelling "ns/name:port" (":port" omitted when unnamed),
@@ -46,29 +46,29 @@ func (n ServicePortName) ServiceName() ServicePortName {
 // ServicePort is everything the rules need to know about one port of one
 // Service, already validated: every address parses and every port is in range.
 type ServicePort struct {
-	Name     ServicePortName
-	Protocol Protocol
-	Port     int32
-	NodePort int32 // 0 when the Service has none
+	Name     ServicePortName `json:"name"`
+	Protocol Protocol        `json:"protocol"`
+	Port     int32           `json:"port"`
+	NodePort int32           `json:"nodePort,omitempty"` // 0 when the Service has none
 
 	// ClusterIPs holds at most one address per family.
-	ClusterIPs []netip.Addr
+	ClusterIPs []netip.Addr `json:"clusterIPs"`
 	// ExternalIPs are spec.externalIPs.
-	ExternalIPs []netip.Addr
+	ExternalIPs []netip.Addr `json:"externalIPs,omitempty"`
 	// LoadBalancerIPs are the IPs of status.loadBalancer.ingress (hostnames are
 	// skipped, as upstream does; ingress with ipMode Proxy is skipped too).
-	LoadBalancerIPs []netip.Addr
+	LoadBalancerIPs []netip.Addr `json:"loadBalancerIPs,omitempty"`
 	// LoadBalancerSourceRanges restricts who may reach LoadBalancerIPs; empty means everyone.
-	LoadBalancerSourceRanges []netip.Prefix
+	LoadBalancerSourceRanges []netip.Prefix `json:"loadBalancerSourceRanges,omitempty"`
 
 	// ExternalPolicyLocal is externalTrafficPolicy: Local on an externally reachable Service.
-	ExternalPolicyLocal bool
+	ExternalPolicyLocal bool `json:"externalPolicyLocal,omitempty"`
 	// InternalPolicyLocal is internalTrafficPolicy: Local.
-	InternalPolicyLocal bool
+	InternalPolicyLocal bool `json:"internalPolicyLocal,omitempty"`
 	// HealthCheckNodePort is spec.healthCheckNodePort (0 when unset).
-	HealthCheckNodePort int32
+	HealthCheckNodePort int32 `json:"healthCheckNodePort,omitempty"`
 	// AffinityTimeoutSeconds is the ClientIP session affinity timeout; 0 means no affinity.
-	AffinityTimeoutSeconds int32
+	AffinityTimeoutSeconds int32 `json:"affinityTimeoutSeconds,omitempty"`
 }
 
 // ExternallyAccessible says whether traffic from outside the cluster can reach
@@ -97,23 +97,26 @@ func (s *ServicePort) UsesLocalEndpoints() bool {
 // Endpoint is one backend address of a service port, merged from whichever
 // EndpointSlice carried it.
 type Endpoint struct {
-	IP   netip.Addr
-	Port int32
+	IP   netip.Addr `json:"ip"`
+	Port int32      `json:"port"`
 	// Ready, Serving and Terminating are the EndpointSlice conditions, with
 	// the API's and upstream's defaults applied (nil ready means true, nil
 	// serving means true, nil terminating means false).
-	Ready       bool
-	Serving     bool
-	Terminating bool
+	Ready       bool `json:"ready"`
+	Serving     bool `json:"serving"`
+	Terminating bool `json:"terminating"`
 	// NodeName is the endpoint's node ("" when unknown).
-	NodeName string
+	NodeName string `json:"nodeName,omitempty"`
+	// Zone is the endpoint's zone in its EndpointSlice ("" when unset);
+	// the rules do not use it, explanations show it.
+	Zone string `json:"zone,omitempty"`
 	// Local says the endpoint runs on this node.
-	Local bool
+	Local bool `json:"local"`
 	// ZoneHints are hints.forZones; empty when the slice carries no hints.
-	ZoneHints []string
+	ZoneHints []string `json:"zoneHints,omitempty"`
 	// NodeHints are hints.forNodes (trafficDistribution: PreferSameNode);
 	// empty when the slice carries none.
-	NodeHints []string
+	NodeHints []string `json:"nodeHints,omitempty"`
 }
 
 // Fallback says whether the endpoint is terminating but still serving: by
@@ -132,12 +135,12 @@ func (e Endpoint) String() string {
 
 // Node is what the rules need to know about the node miniproxy runs on.
 type Node struct {
-	Name string
+	Name string `json:"name"`
 	// Zone is the topology.kubernetes.io/zone label ("" when unset).
-	Zone string
+	Zone string `json:"zone,omitempty"`
 	// Eligible is false once the Node is being deleted or is tainted
 	// ToBeDeletedByClusterAutoscaler.
-	Eligible bool
+	Eligible bool `json:"eligible"`
 }
 
 // Snapshot is the cluster state at one moment. It is never modified after it

@@ -503,6 +503,7 @@ func (t *Tracker) endpointsLocked(key objectKey, ports []*ServicePort) map[Servi
 					Serving:     e.serving,
 					Terminating: e.terminating,
 					NodeName:    e.nodeName,
+					Zone:        e.zone,
 					Local:       e.nodeName != "" && e.nodeName == t.nodeName,
 					ZoneHints:   e.zoneHints,
 					NodeHints:   e.nodeHints,

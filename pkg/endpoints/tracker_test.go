@@ -121,6 +121,17 @@ func TestEndpoints(t *testing.T) {
 			}}},
 		},
 		{
+			name:     "the endpoint's zone is kept, for explanations",
+			services: []*v1.Service{makeService("ns", "svc")},
+			slices: []*discoveryv1.EndpointSlice{makeSlice("ns", "s", "svc", withEndpoints(discoveryv1.Endpoint{
+				Addresses: []string{"10.1.0.1"},
+				Zone:      ptr("zone-c"),
+			}))},
+			want: map[ServicePortName][]Endpoint{svcName: {{
+				IP: ip("10.1.0.1"), Port: 8080, Ready: true, Serving: true, Zone: "zone-c",
+			}}},
+		},
+		{
 			name:     "node hints (PreferSameNode) are copied, sorted and deduplicated",
 			services: []*v1.Service{makeService("ns", "svc")},
 			slices: []*discoveryv1.EndpointSlice{makeSlice("ns", "s", "svc", withEndpoints(discoveryv1.Endpoint{

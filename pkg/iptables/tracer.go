@@ -39,6 +39,20 @@ type Outcome struct {
 	Probability float64
 	// RecentSet names the affinity lists this connection adds its source to.
 	RecentSet []string
+	// Path lists the rules whose target the packet took on its way, in
+	// order (jumps, marks, translations, the verdict), so that an
+	// explanation can quote the rule that decided. Outcomes merged into
+	// one keep the first path.
+	Path []Hop
+}
+
+// Hop is one rule a traced packet took: where it is and what it says.
+type Hop struct {
+	Table Table
+	Chain string
+	// Index is the rule's 0-based position in its chain.
+	Index int
+	Rule  Rule
 }
 
 // String is a short readable form for test failures.
@@ -83,6 +97,7 @@ type pstate struct {
 	masq   bool
 	prob   float64
 	recent []string
+	path   []Hop
 }
 
 type result struct {
@@ -141,7 +156,7 @@ func merge(rs []result) []Outcome {
 		if r.s.prob == 0 {
 			continue
 		}
-		o := Outcome{Verdict: r.verdict, Dst: r.s.dst, DNAT: r.s.dnat, Masquerade: r.s.masq, RecentSet: r.s.recent}
+		o := Outcome{Verdict: r.verdict, Dst: r.s.dst, DNAT: r.s.dnat, Masquerade: r.s.masq, RecentSet: r.s.recent, Path: r.s.path}
 		k := fmt.Sprintf("%s|%s|%v|%v|%v", o.Verdict, o.Dst, o.DNAT, o.Masquerade, o.RecentSet)
 		if prev, ok := byKey[k]; ok {
 			prev.Probability += r.s.prob
@@ -188,9 +203,11 @@ func (t *Tracer) walk(table Table, chain string, i int, s pstate, depth int) []r
 // target applies a matched rule's target and continues where iptables would.
 func (t *Tracer) target(table Table, chain string, i int, r Rule, s pstate, depth int) []result {
 	tgt := r.Target()
-	switch tgt {
-	case "":
+	if tgt == "" {
 		return t.walk(table, chain, i+1, s, depth)
+	}
+	s.path = append(s.path[:len(s.path):len(s.path)], Hop{Table: table, Chain: chain, Index: i, Rule: r})
+	switch tgt {
 	case "RETURN":
 		return []result{{s: s}}
 	case "ACCEPT", "DROP", "REJECT":
@@ -210,6 +227,16 @@ func (t *Tracer) target(table Table, chain string, i int, r Rule, s pstate, dept
 		}
 		if v := argAfter(r, "--xor-mark"); v != "" {
 			s.mark ^= parseUint(v)
+		}
+		// The kernel prints every MARK as --set-xmark value/mask:
+		// clear the mask's bits, then flip the value's.
+		if v := argAfter(r, "--set-xmark"); v != "" {
+			val, mask, found := strings.Cut(v, "/")
+			m := uint32(0xffffffff)
+			if found {
+				m = parseUint(mask)
+			}
+			s.mark = s.mark&^m ^ parseUint(val)
 		}
 		return t.walk(table, chain, i+1, s, depth)
 	}

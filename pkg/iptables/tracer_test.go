@@ -200,3 +200,36 @@ func TestNewTracerLoadsAsTheDataplaneWould(t *testing.T) {
 		t.Error("a --dport without a protocol was loaded; iptables-restore refuses it")
 	}
 }
+
+func TestTracerReadsTheKernelsSpellingAndGivesThePath(t *testing.T) {
+	// tracerRules as iptables-save prints them back: MARK as --set-xmark,
+	// recent with its defaults.
+	saved := strings.NewReplacer(
+		"-j MARK --or-mark 0x4000", "-j MARK --set-xmark 0x4000/0x4000",
+		"--name MP-AFF --set", "--set --name MP-AFF --mask 255.255.255.255 --rsource",
+	).Replace(tracerRules)
+	tr := &Tracer{State: mustApply(t, NewState(), saved, true), LocalAddrs: []netip.Addr{tracerNode}}
+	out, err := tr.Trace(Packet{Src: tracerClient, Dst: netip.MustParseAddr("10.96.0.7"), Proto: "tcp", DPort: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, o := range out {
+		got = append(got, o.String())
+	}
+	if want := []string{"ACCEPT 10.244.1.5:8080 masqueraded (p=0.250)", "ACCEPT 10.244.2.7:8080 masqueraded (p=0.750)"}; !cmp.Equal(got, want) {
+		t.Errorf("outcomes %v, want %v", got, want)
+	}
+	var path []string
+	for _, h := range out[0].Path {
+		path = append(path, string(h.Table)+" "+h.Chain+" "+h.Rule.Target())
+	}
+	want := []string{
+		"nat PREROUTING MP-SERVICES", "nat MP-SERVICES MP-X7", "nat MP-X7 MP-SVC", "nat MP-SVC MP-MARK", "nat MP-MARK MARK", "nat MP-SVC DNAT",
+		"filter FORWARD MP-FILTER",
+		"nat POSTROUTING MP-POSTROUTING", "nat MP-POSTROUTING MASQUERADE",
+	}
+	if !cmp.Equal(path, want) {
+		t.Errorf("path of the first outcome:\n%s\nwant\n%s", strings.Join(path, "\n"), strings.Join(want, "\n"))
+	}
+}

@@ -105,6 +105,10 @@ type AddrLister func(iptables.Family) ([]netip.Addr, error)
 // SyncResult is what one sync did, for health checks and metrics.
 type SyncResult struct {
 	Snapshot *endpoints.Snapshot
+	// Configs are the rules configurations the sync built each family's
+	// rules with (nil when it failed before building): with Snapshot, what
+	// the kernel's rules should be, for explanations (/debug/trace).
+	Configs map[iptables.Family]rules.Config
 	// Results has one entry per apply of a family, in order: one per family,
 	// or more when the kernel refused an apply and the rest was applied
 	// again without the refused Services.
@@ -401,6 +405,7 @@ func (p *Proxier) program(want *endpoints.Snapshot, full bool, res *SyncResult) 
 		}
 		cfgs[fam] = cfg
 		p.cfgs = cfgs
+		res.Configs = cfgs
 		if cfg.LocalhostNodePorts {
 			if err := p.ensureRouteLocalnet(); err != nil {
 				return nil, nil, err
@@ -537,7 +542,7 @@ func (p *Proxier) reconcileConntrack(snap, prev *endpoints.Snapshot, rulesMissin
 	}
 	nodePorts := map[iptables.Family][]netip.Addr{}
 	for fam, cfg := range p.cfgs {
-		nodePorts[fam] = nodePortAddrs(cfg)
+		nodePorts[fam] = cfg.NodePortAddrs()
 	}
 	cur := conntrack.NewFrontends(snap, nodePorts)
 	var newTCP []endpoints.ServicePortName
@@ -575,22 +580,6 @@ func (p *Proxier) reconcileConntrack(snap, prev *endpoints.Snapshot, rulesMissin
 	return out
 }
 
-// nodePortAddrs are the node's addresses on which cfg's rules translate
-// NodePorts: --nodeport-addresses' choice, or every local address, loopback
-// only with localhost NodePorts (as nodePortJumps in pkg/rules).
-func nodePortAddrs(cfg rules.Config) []netip.Addr {
-	if cfg.NodePortAddresses != nil {
-		return cfg.NodePortAddresses
-	}
-	var out []netip.Addr
-	for _, a := range cfg.NodeIPs {
-		if !a.IsLoopback() || (cfg.LocalhostNodePorts && a.Unmap().Is4()) {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
 // withoutUnsupported drops service ports whose protocol this node cannot
 // match, so that one such Service never makes the whole restore fail.
 func (p *Proxier) withoutUnsupported(snap *endpoints.Snapshot) (*endpoints.Snapshot, int) {
@@ -614,21 +603,28 @@ func (p *Proxier) withoutUnsupported(snap *endpoints.Snapshot) (*endpoints.Snaps
 }
 
 func (p *Proxier) rulesConfig(fam iptables.Family) (rules.Config, error) {
-	cfg := rules.Config{
-		Family:        fam,
-		MasqueradeAll: p.opts.MasqueradeAll,
-		MasqueradeBit: p.opts.MasqueradeBit,
-		RandomFully:   p.opts.RandomFully,
-	}
-	cfg.DetectLocal = p.opts.DetectLocal
-	cfg.LocalhostNodePorts = rules.LocalhostNodePorts(p.opts.LocalhostNodePorts, fam, p.opts.NodePortAddresses)
 	local, err := p.addrs(fam)
 	if err != nil {
-		return cfg, fmt.Errorf("list local addresses: %w", err)
+		return rules.Config{Family: fam}, fmt.Errorf("list local addresses: %w", err)
 	}
-	cfg.NodeIPs = local
-	cfg.NodePortAddresses = rules.NodePortAddresses(local, p.opts.NodePortAddresses, cfg.LocalhostNodePorts)
-	return cfg, nil
+	return p.opts.RulesConfig(fam, local), nil
+}
+
+// RulesConfig is the configuration of fam's rules under these options on
+// a node with the local addresses local (of fam): what every sync builds
+// with, and what `miniproxy explain` rebuilds from the API server.
+func (o Options) RulesConfig(fam iptables.Family, local []netip.Addr) rules.Config {
+	cfg := rules.Config{
+		Family:        fam,
+		DetectLocal:   o.DetectLocal,
+		MasqueradeAll: o.MasqueradeAll,
+		MasqueradeBit: o.MasqueradeBit,
+		RandomFully:   o.RandomFully,
+		NodeIPs:       local,
+	}
+	cfg.LocalhostNodePorts = rules.LocalhostNodePorts(o.LocalhostNodePorts, fam, o.NodePortAddresses)
+	cfg.NodePortAddresses = rules.NodePortAddresses(local, o.NodePortAddresses, cfg.LocalhostNodePorts)
+	return cfg
 }
 
 // ensureRouteLocalnet sets route_localnet=1 once: without it the kernel

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
+	"github.com/miniproxy/miniproxy/pkg/explain"
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 	"github.com/miniproxy/miniproxy/pkg/rules"
 )
@@ -299,5 +301,25 @@ func TestLocalhostNodePortsSetRouteLocalnetOnceAndServeLoopback(t *testing.T) {
 				t.Errorf("localhost to the NodePort: %s, want %s", got, tc.want)
 			}
 		})
+	}
+}
+
+// A sync result says what the kernel holds: its snapshot and configs
+// rebuild the rules exactly, so an explanation can be made from it alone.
+func TestASyncResultRebuildsTheKernelsRules(t *testing.T) {
+	l := newLab(t, Options{})
+	l.tracker.OnServiceAdd(service("web", "10.0.0.10", v1.ProtocolTCP))
+	l.tracker.OnEndpointSliceAdd(slice("web", "10.244.2.6", "node2", v1.ProtocolTCP))
+	res := l.proxier.Sync(false)
+	if res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	cfg, ok := res.Configs[iptables.IPv4]
+	if !ok || len(res.Configs) != 1 || !slices.Contains(cfg.NodeIPs, nodeIP) {
+		t.Fatalf("configs %+v: want the IPv4 one, with the node's addresses", res.Configs)
+	}
+	view := explain.View{Snapshot: res.Snapshot, Configs: res.Configs, LocalAddrs: []netip.Addr{nodeIP}}
+	if d := explain.Drift(view, explain.Kernel{iptables.IPv4: l.fake.State(iptables.IPv4)}); len(d) > 0 {
+		t.Errorf("the result's snapshot and configs build other rules than the kernel holds: %v", d)
 	}
 }

@@ -50,32 +50,49 @@ const DefaultMasqueradeBit = 14
 
 // Config is what the rules depend on besides the cluster state.
 type Config struct {
-	Family iptables.Family
+	Family iptables.Family `json:"family"`
 	// DetectLocal tells this node's pods' traffic from other traffic:
 	// traffic to a ClusterIP that is not local is masqueraded, and local
 	// traffic to an external address of an externalTrafficPolicy: Local
 	// Service may use any endpoint.
-	DetectLocal DetectLocal
+	DetectLocal DetectLocal `json:"detectLocal"`
 	// MasqueradeAll masquerades all traffic to service IPs.
-	MasqueradeAll bool
+	MasqueradeAll bool `json:"masqueradeAll"`
 	// MasqueradeBit is the packet mark bit used to request masquerade.
-	MasqueradeBit int
+	MasqueradeBit int `json:"masqueradeBit"`
 	// NodePortAddresses restricts NodePorts to these local addresses; nil
 	// means every local address (loopback only with LocalhostNodePorts).
-	NodePortAddresses []netip.Addr
+	NodePortAddresses []netip.Addr `json:"nodePortAddresses"`
 	// LocalhostNodePorts serves NodePorts on 127.0.0.0/8 to the node's own
 	// traffic (IPv4 only; ignored in IPv6), masqueraded, and adds
 	// upstream's guard against CVE-2020-8558: a packet to 127.0.0.0/8 from
 	// a source outside it that is not part of a connection or translated is
 	// dropped (filter INPUT and OUTPUT, MP-LOCALNET). It needs the sysctl
 	// net.ipv4.conf.all.route_localnet=1, which pkg/proxy sets.
-	LocalhostNodePorts bool
+	LocalhostNodePorts bool `json:"localhostNodePorts"`
 	// NodeIPs are the node's own addresses of this family; a load balancer
 	// source range containing one also admits the node's own traffic to the
 	// load balancer IP, as upstream does.
-	NodeIPs []netip.Addr
+	NodeIPs []netip.Addr `json:"nodeIPs"`
 	// RandomFully adds --random-fully to MASQUERADE where iptables supports it.
-	RandomFully bool
+	RandomFully bool `json:"randomFully"`
+}
+
+// NodePortAddrs are the node's addresses on which the rules translate
+// NodePorts: --nodeport-addresses' choice, or every local address, loopback
+// only with localhost NodePorts (as nodePortJumps writes them). The
+// conntrack reconciler and explanations ask it.
+func (c Config) NodePortAddrs() []netip.Addr {
+	if c.NodePortAddresses != nil {
+		return c.NodePortAddresses
+	}
+	var out []netip.Addr
+	for _, a := range c.NodeIPs {
+		if !a.IsLoopback() || c.localhostNodePorts() {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // localhostNodePorts says whether loopback addresses serve NodePorts.
@@ -164,7 +181,7 @@ func (c *Builder) Build(snap *endpoints.Snapshot, cfg Config) *iptables.Ruleset 
 		svc, eps := snap.Services[name], snap.Endpoints[name]
 		cf, ok := c.frags[name]
 		if !ok || cf.svc != svc || !endpoints.SameList(cf.eps, eps) {
-			cf = cachedFragment{svc: svc, eps: eps, frag: b.servicePort(svc, ofFamily(eps, cfg.Family), snap.Node)}
+			cf = cachedFragment{svc: svc, eps: eps, frag: b.servicePort(svc, OfFamily(eps, cfg.Family), snap.Node)}
 		}
 		next[name] = cf
 		b.assemble(cf.frag)
@@ -223,10 +240,6 @@ type builder struct {
 	healthChecks      []iptables.Rule
 }
 
-func ofFamily(eps []endpoints.Endpoint, fam iptables.Family) []endpoints.Endpoint {
-	return filter(eps, func(ep endpoints.Endpoint) bool { return familyOf(ep.IP) == fam })
-}
-
 func familyOf(a netip.Addr) iptables.Family { return iptables.FamilyOf(a) }
 
 func (b *builder) addrsOfFamily(addrs []netip.Addr) []netip.Addr {
@@ -247,7 +260,7 @@ func (b *builder) hostPrefix(a netip.Addr) string {
 // servicePortRules is everything needed to write one service port's rules.
 type servicePortRules struct {
 	svc      *endpoints.ServicePort
-	sets     endpointSets
+	sets     EndpointSets
 	internal []endpoints.Endpoint // where ClusterIP traffic goes
 	external []endpoints.Endpoint // where outside traffic goes
 	proto    string
@@ -268,24 +281,18 @@ func (b *builder) servicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoi
 	if len(b.addrsOfFamily(svc.ClusterIPs)) == 0 {
 		return f
 	}
-	sets := categorize(svc, eps, node)
+	sets := Categorize(svc, eps, node)
 	s := &servicePortRules{
 		frag:     f,
 		svc:      svc,
 		sets:     sets,
-		internal: sets.cluster,
-		external: sets.cluster,
+		internal: sets.Internal(svc),
+		external: sets.External(svc),
 		proto:    strings.ToLower(string(svc.Protocol)),
 		comment:  svc.Name.String(),
 		key:      svc.Name.String() + "/" + string(svc.Protocol),
 	}
-	if svc.InternalPolicyLocal {
-		s.internal = sets.local
-	}
-	if svc.ExternalPolicyLocal {
-		s.external = sets.local
-	}
-	for _, set := range [][]endpoints.Endpoint{sets.cluster, sets.local} {
+	for _, set := range [][]endpoints.Endpoint{sets.Cluster, sets.Local} {
 		for _, ep := range set {
 			if ep.Local {
 				f.hairpin = append(f.hairpin, ep.IP.Unmap())
@@ -323,7 +330,7 @@ func (b *builder) servicePort(svc *endpoints.ServicePort, eps []endpoints.Endpoi
 // opening connections to a Service without endpoints would see most of them
 // hang for a SYN retransmit (a second or more) instead of being refused.
 func rejectOrDrop(s *servicePortRules, what string) (target []string, comment string) {
-	if s.sets.any {
+	if s.sets.Any {
 		return []string{"-j", "DROP"}, fmt.Sprintf("%s %s has no local endpoints", s.comment, what)
 	}
 	comment = fmt.Sprintf("%s %s has no endpoints", s.comment, what)
@@ -358,7 +365,7 @@ func (b *builder) addClusterIP(s *servicePortRules, ip netip.Addr) {
 // through addNat and, when this traffic has nowhere to go, the filter verdict
 // through addFilter.
 func (b *builder) addExternal(s *servicePortRules, match []string, what string, addNat func([]iptables.Rule), addFilter func(iptables.Rule)) {
-	if s.sets.any {
+	if s.sets.Any {
 		addNat(b.externalRules(s, s.comment+" "+what, match))
 	}
 	if len(s.external) == 0 {
@@ -380,9 +387,9 @@ func (b *builder) externalRules(s *servicePortRules, comment string, match []str
 		out := []iptables.Rule{rule(comment, match, nil, "-j", ChainMarkMasq)}
 		return append(out, b.pick(s, comment, match, nil, s.external)...)
 	}
-	podSet := s.sets.cluster
+	podSet := s.sets.Cluster
 	if len(podSet) == 0 {
-		podSet = s.sets.local
+		podSet = s.sets.Local
 	}
 	var out []iptables.Rule
 	if len(podSet) > 0 {
@@ -431,7 +438,7 @@ func (b *builder) addLoadBalancerIPs(s *servicePortRules) {
 	}
 	fw := hashedName("FW-", s.key)
 	ext := hashedName("EXT-", s.key)
-	if s.sets.any {
+	if s.sets.Any {
 		fwChain := iptables.Chain{Name: fw}
 		for _, src := range allowed {
 			fwChain.Rules = append(fwChain.Rules, rule(s.comment+" loadbalancer IP", nil, []string{"-s", src}, "-j", ext))
@@ -440,7 +447,7 @@ func (b *builder) addLoadBalancerIPs(s *servicePortRules) {
 	}
 	for _, ip := range lbIPs {
 		match := append([]string{"-d", b.hostPrefix(ip)}, s.portMatch(s.svc.Port)...)
-		if s.sets.any {
+		if s.sets.Any {
 			s.frag.natVIP = append(s.frag.natVIP, addrRules{ip, []iptables.Rule{rule(s.comment+" loadbalancer IP", match, nil, "-j", fw)}})
 			s.frag.filterVIP = append(s.frag.filterVIP, addrRules{ip, []iptables.Rule{rule(s.comment+" traffic not accepted by loadBalancerSourceRanges", match, nil, "-j", "DROP")}})
 		}

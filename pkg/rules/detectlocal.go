@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/miniproxy/miniproxy/pkg/iptables"
 )
@@ -32,17 +33,17 @@ const maxIfName = 15
 type DetectLocal struct {
 	// Mode is one of the Detect* values; any other (also "") detects
 	// nothing: no rule depends on where the traffic comes from.
-	Mode string
+	Mode string `json:"mode"`
 	// CIDRs are the pods' ranges, at most one per family: the cluster's
 	// (ClusterCIDR) or this node's spec.podCIDRs (NodeCIDR). A family
 	// without one detects nothing.
-	CIDRs []netip.Prefix
+	CIDRs []netip.Prefix `json:"cidrs,omitempty"`
 	// BridgeInterface is the bridge the node's pods are attached to
 	// (BridgeInterface mode).
-	BridgeInterface string
+	BridgeInterface string `json:"bridgeInterface,omitempty"`
 	// InterfaceNamePrefix starts the name of every pod interface on the
 	// node (InterfaceNamePrefix mode).
-	InterfaceNamePrefix string
+	InterfaceNamePrefix string `json:"interfaceNamePrefix,omitempty"`
 }
 
 // IfLocal gives the match arguments for "from a pod of this node" in fam,
@@ -65,6 +66,41 @@ func (d DetectLocal) IfLocal(fam iptables.Family) []string {
 		}
 	}
 	return nil
+}
+
+// IsLocal says whether a packet from src arriving on inIface ("" for the
+// node's own packets) is what IfLocal matches in fam: from this node's
+// pods. detected is false when nothing is detected in fam (IfLocal is
+// nil), and then local is false too.
+func (d DetectLocal) IsLocal(fam iptables.Family, src netip.Addr, inIface string) (local, detected bool) {
+	m := d.IfLocal(fam)
+	if m == nil {
+		return false, false
+	}
+	switch m[0] {
+	case "-s":
+		p, err := netip.ParsePrefix(m[1])
+		return err == nil && p.Contains(src.Unmap()), true
+	}
+	if prefix, ok := strings.CutSuffix(m[1], "+"); ok {
+		return inIface != "" && strings.HasPrefix(inIface, prefix), true
+	}
+	return inIface != "" && inIface == m[1], true
+}
+
+// Describe says in words what counts as local traffic in fam, for
+// explanations ("source in 10.244.0.0/16 (--detect-local-mode
+// ClusterCIDR)"); "" when nothing is detected.
+func (d DetectLocal) Describe(fam iptables.Family) string {
+	m := d.IfLocal(fam)
+	if m == nil {
+		return ""
+	}
+	what := "source in " + m[1]
+	if m[0] == "-i" {
+		what = "arriving on interface " + m[1]
+	}
+	return fmt.Sprintf("%s (--detect-local-mode %s)", what, d.Mode)
 }
 
 // IfNotLocal gives the match arguments for "not from a pod of this node"

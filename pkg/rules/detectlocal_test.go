@@ -248,3 +248,35 @@ func TestNodePortAddressesAndLoopback(t *testing.T) {
 		})
 	}
 }
+
+func TestIsLocalAgreesWithTheMatch(t *testing.T) {
+	cidr := DetectLocal{Mode: DetectClusterCIDR, CIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}
+	bridge := DetectLocal{Mode: DetectBridgeInterface, BridgeInterface: "cni0"}
+	prefix := DetectLocal{Mode: DetectInterfaceNamePrefix, InterfaceNamePrefix: "veth"}
+	pod, client := netip.MustParseAddr("10.244.1.5"), netip.MustParseAddr("198.51.100.79")
+	tests := []struct {
+		name            string
+		d               DetectLocal
+		fam             iptables.Family
+		src             netip.Addr
+		iface           string
+		local, detected bool
+	}{
+		{"cluster CIDR, a pod", cidr, iptables.IPv4, pod, "", true, true},
+		{"cluster CIDR, a client outside", cidr, iptables.IPv4, client, "eth0", false, true},
+		{"cluster CIDR, no IPv6 range: nothing detected", cidr, iptables.IPv6, netip.MustParseAddr("fd00::1"), "", false, false},
+		{"bridge, on the bridge", bridge, iptables.IPv4, client, "cni0", true, true},
+		{"bridge, the node's own packet has no interface", bridge, iptables.IPv4, pod, "", false, true},
+		{"prefix, a pod's veth", prefix, iptables.IPv4, pod, "veth12ab", true, true},
+		{"prefix, another interface", prefix, iptables.IPv4, pod, "eth0", false, true},
+		{"no detection", DetectLocal{}, iptables.IPv4, pod, "", false, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			local, detected := tc.d.IsLocal(tc.fam, tc.src, tc.iface)
+			if local != tc.local || detected != tc.detected {
+				t.Errorf("IsLocal = %v, %v; want %v, %v", local, detected, tc.local, tc.detected)
+			}
+		})
+	}
+}
