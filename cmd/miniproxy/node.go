@@ -8,7 +8,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -51,32 +50,6 @@ func newClient(c *config.Config, master string) (kubernetes.Interface, error) {
 		return nil, fmt.Errorf("create API client: %w", err)
 	}
 	return client, nil
-}
-
-// localAddresses lists the node's addresses of a family, leaving out IPv6
-// link-local ones (they are never a Service's or NodePort's address).
-func localAddresses(fam iptables.Family) ([]netip.Addr, error) {
-	nf := netlink.FAMILY_V4
-	if fam == iptables.IPv6 {
-		nf = netlink.FAMILY_V6
-	}
-	list, err := netlink.AddrList(nil, nf)
-	if err != nil {
-		return nil, fmt.Errorf("list %s addresses: %w", fam, err)
-	}
-	var out []netip.Addr
-	for _, a := range list {
-		ip, ok := netip.AddrFromSlice(a.IP)
-		if !ok {
-			continue
-		}
-		ip = ip.Unmap()
-		if ip.IsLinkLocalUnicast() || (fam == iptables.IPv6 && ip.IsLoopback()) {
-			continue
-		}
-		out = append(out, ip)
-	}
-	return out, nil
 }
 
 // hasRandomFully says whether MASQUERADE takes --random-fully here, which
