@@ -48,7 +48,7 @@ func TestDriftNamesTheChainChangedBehindOurBack(t *testing.T) {
 				}
 			},
 			[]string{"IPv4 nat MP-SERVICES (different)", "IPv4 nat MP-NODEPORTS (different)", "IPv4 nat MP-MARK-MASQ (different)",
-				"IPv4 nat MP-POSTROUTING (different)", "IPv4 nat MP-HAIRPIN (different)", "IPv4 nat MP-VIP-XC (different)", "IPv4 nat MP-VIP-5C (different)",
+				"IPv4 nat MP-POSTROUTING (different)", "IPv4 nat MP-HAIRPIN (different)", "IPv4 nat MP-HAIRPIN-X5 (different)", "IPv4 nat MP-HAIRPIN-05 (different)", "IPv4 nat MP-VIP-XC (different)", "IPv4 nat MP-VIP-5C (different)",
 				"IPv4 nat MP-VIP-8C (different)", "IPv4 nat MP-NP-tcp-30080 (different)", "IPv4 nat MP-CANARY (different)",
 				"IPv4 nat PREROUTING (its jumps to MP- chains) (different)", "IPv4 nat OUTPUT (its jumps to MP- chains) (different)",
 				"IPv4 nat POSTROUTING (its jumps to MP- chains) (different)"},

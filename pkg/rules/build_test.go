@@ -632,3 +632,59 @@ func TestOneChangedServiceRewritesOneSmallChain(t *testing.T) {
 		t.Errorf("10,000 Services gave %d chains; the layout should stay in the hundreds", chains)
 	}
 }
+
+// A node with many local endpoints: a new one adds its hairpin rule to one
+// leaf of the hairpin dispatch; every other hairpin chain stays as it was,
+// so the restore input of one change does not grow with the number of
+// local endpoints, and a packet walks a leaf instead of every address.
+func TestHairpinRulesAreSpreadSoThatOneChangeRewritesOneLeaf(t *testing.T) {
+	snap := &endpoints.Snapshot{
+		Node:      endpoints.Node{Name: "node1", Zone: "zone-a", Eligible: true},
+		Services:  map[endpoints.ServicePortName]*endpoints.ServicePort{},
+		Endpoints: map[endpoints.ServicePortName][]endpoints.Endpoint{},
+	}
+	for i := range 2000 {
+		svc := sourceIPApp(func(s *endpoints.ServicePort) {
+			s.Name.Name = fmt.Sprintf("app-%d", i)
+			s.ClusterIPs = []netip.Addr{netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)})}
+		})
+		snap.Services[svc.Name] = svc
+		snap.Endpoints[svc.Name] = []endpoints.Endpoint{ready(netip.AddrFrom4([4]byte{10, 244, 1 + byte(i>>8), byte(i)}), true)}
+	}
+	hairpinChains := func(rs *iptables.Ruleset) map[string]string {
+		out := map[string]string{}
+		for _, tr := range rs.Tables {
+			for _, c := range tr.Chains {
+				if strings.HasPrefix(c.Name, ChainHairpin) {
+					out[c.Name] = iptables.ChainText(&c)
+				}
+			}
+		}
+		return out
+	}
+	before := hairpinChains(Build(snap, testConfig()))
+	longest := 0
+	for _, text := range before {
+		longest = max(longest, strings.Count(text, "\n"))
+	}
+	if longest > 40 {
+		t.Errorf("a hairpin chain holds %d rules for 2,000 local endpoints; want them spread over leaves", longest)
+	}
+
+	added := sourceIPApp(func(s *endpoints.ServicePort) {
+		s.Name.Name = "app-new"
+		s.ClusterIPs = []netip.Addr{netip.MustParseAddr("10.96.200.1")}
+	})
+	snap.Services[added.Name] = added
+	snap.Endpoints[added.Name] = []endpoints.Endpoint{ready(netip.MustParseAddr("10.244.200.7"), true)}
+	after := hairpinChains(Build(snap, testConfig()))
+	var changed []string
+	for name, text := range after {
+		if before[name] != text {
+			changed = append(changed, name)
+		}
+	}
+	if len(changed) != 1 || changed[0] != ChainHairpin+"-07" {
+		t.Errorf("a new local endpoint changed the hairpin chains %v; want only its leaf %s-07", changed, ChainHairpin)
+	}
+}
