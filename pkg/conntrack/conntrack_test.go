@@ -391,3 +391,24 @@ func TestNewTCPFrontends(t *testing.T) {
 		})
 	}
 }
+
+// Like the kernel, the fake passes a TCP sweep only the entries that never
+// saw a reply: an untranslated entry that was answered (a SYN to a NodePort
+// delivered to the node and reset) is not an untranslated SYN waiting.
+func TestFakeSweepsOnlyUnrepliedTCP(t *testing.T) {
+	web := &endpoints.ServicePort{Name: endpoints.ServicePortName{Namespace: "default", Name: "web"}, Protocol: endpoints.TCP, Port: 80,
+		ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.80")}}
+	snap := state(web, ready(podB))
+	syn := Entry{Proto: ProtoTCP, OrigSrc: client, OrigDst: ap("10.96.0.80:80"), ReplySrc: ap("10.96.0.80:80"), ReplyDst: client}
+	answered := syn
+	answered.OrigSrc, answered.Replied = ap("10.244.3.7:40054"), true
+	table := &Fake{}
+	table.Add(syn, answered)
+	r := Reconcile(table, iptables.IPv4, NewFrontends(snap, nil).WithTCP(snap, nil), discard)
+	if r.Err != nil || r.Seen != 1 || r.Deleted != 1 {
+		t.Errorf("Reconcile = %+v, want the unreplied SYN seen and deleted, the answered entry not seen", r)
+	}
+	if got := table.Entries(); len(got) != 1 || got[0] != answered {
+		t.Errorf("table holds %v, want only %v", got, answered)
+	}
+}

@@ -49,6 +49,10 @@ type Entry struct {
 	// ReplySrc and ReplyDst are the tuple a reply carries: ReplySrc is the
 	// DNAT target (an endpoint), or OrigDst for an untranslated entry.
 	ReplySrc, ReplyDst netip.AddrPort
+	// Replied says the reply direction has been seen (IPS_SEEN_REPLY). A
+	// Table passes TCP entries only while they have not been: an
+	// untranslated SYN is never answered.
+	Replied bool
 }
 
 // Verdict is what Judge decided about one entry, and why.

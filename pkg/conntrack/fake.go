@@ -8,7 +8,8 @@ import (
 )
 
 // Fake is a Table in memory with the kernel's semantics: Sweep passes only
-// the entries of the family and protocols asked for, in insertion order,
+// the entries of the family and protocols asked for (TCP ones only while
+// unreplied), in insertion order,
 // and deletes those judged stale; other entries are kept and never shown.
 type Fake struct {
 	mu      sync.Mutex
@@ -45,7 +46,7 @@ func (f *Fake) Sweep(fam iptables.Family, protos []uint8, stale func(*Entry) boo
 	f.Sweeps[fam]++
 	keep := f.entries[:0:0]
 	for i, e := range f.entries {
-		if err != nil || !slices.Contains(protos, e.Proto) || e.OrigDst.Addr().Unmap().Is4() != (fam == iptables.IPv4) {
+		if err != nil || !slices.Contains(protos, e.Proto) || e.OrigDst.Addr().Unmap().Is4() != (fam == iptables.IPv4) || (e.Proto == ProtoTCP && e.Replied) {
 			keep = append(keep, e)
 			continue
 		}

@@ -51,6 +51,9 @@ func (k *Kernel) KernelFilters() bool { return !k.noFilter.Load() }
 func (k *Kernel) Close() error { return k.ns.Close() }
 
 const (
+	ctaStatus           = 3      // CTA_STATUS
+	ctaStatusMask       = 26     // CTA_STATUS_MASK (Linux 5.19+; older kernels ignore it)
+	ipsSeenReply        = 1 << 1 // IPS_SEEN_REPLY
 	ctaFilter           = 25     // CTA_FILTER
 	ctaFilterOrigFlags  = 1      // CTA_FILTER_ORIG_FLAGS
 	ctaFilterReplyFlags = 2      // CTA_FILTER_REPLY_FLAGS
@@ -225,6 +228,12 @@ func (s *sweep) run(proto uint8) error {
 			s.attr(ctaFilterReplyFlags, native.AppendUint32(nil, 0))
 		})
 	}
+	if proto == ProtoTCP {
+		// Only the entries that never saw a reply: on a busy node nearly
+		// every TCP entry did, and none of those is judged stale.
+		s.attr(ctaStatus, binary.BigEndian.AppendUint32(nil, 0))
+		s.attr(ctaStatusMask, binary.BigEndian.AppendUint32(nil, ipsSeenReply))
+	}
 	if err := s.send(s.dump); err != nil {
 		return fmt.Errorf("conntrack: ask for the table: %w", err)
 	}
@@ -263,8 +272,8 @@ func (s *sweep) run(proto uint8) error {
 				continue
 			}
 			orig, zone, id, ok := s.parse(body[4:])
-			if !ok || !slices.Contains(s.protos, s.entry.Proto) {
-				continue
+			if !ok || !slices.Contains(s.protos, s.entry.Proto) || (s.entry.Proto == ProtoTCP && s.entry.Replied) {
+				continue // a kernel without the filters sends them all
 			}
 			s.seen++
 			if s.stale(&s.entry) {
@@ -326,6 +335,10 @@ func (s *sweep) parse(attrs []byte) (orig, zone, id []byte, ok bool) {
 		case nl.CTA_TUPLE_REPLY:
 			var p uint8
 			haveReply = parseTuple(it.val, &p, &s.entry.ReplySrc, &s.entry.ReplyDst)
+		case ctaStatus:
+			if len(it.val) == 4 {
+				s.entry.Replied = binary.BigEndian.Uint32(it.val)&ipsSeenReply != 0
+			}
 		case nl.CTA_ZONE:
 			zone = it.raw
 		case nl.CTA_ID:

@@ -11,7 +11,8 @@ import (
 // Table is the kernel's conntrack table as the reconciler uses it.
 type Table interface {
 	// Sweep passes every entry of the family whose protocol is one of
-	// protos (ProtoTCP, ProtoUDP, ProtoSCTP) to stale, one at a time, and deletes each entry for which stale returns true before it
+	// protos (ProtoTCP, ProtoUDP, ProtoSCTP; TCP entries only while
+	// unreplied, the only TCP entries ever judged stale) to stale, one at a time, and deletes each entry for which stale returns true before it
 	// reads much further. The *Entry is only valid during the call. Sweep
 	// says how many entries it passed and how many it deleted (an entry
 	// gone before its deletion is not counted, and is no error); on an
