@@ -431,7 +431,15 @@ func (a *agreement) writeTranscript(t *testing.T, sc scenario, path string) {
 			t.Fatal(err)
 		}
 		fmt.Fprintf(&b, "%s# miniproxy explain %s\n%s", n.Name, strings.Join(explainArgs(src, q, fromNode), " "), out)
-		fmt.Fprintf(&b, "# what %s saw in %d new connections: %s\n\n", src, tries, strings.Join(seen, " | "))
+		said := make([]string, len(seen))
+		for i, answer := range seen {
+			pod, client, ok := strings.Cut(answer, "<-")
+			said[i] = map[string]string{refused: "refused", dropped: "no answer (dropped)"}[answer]
+			if ok {
+				said[i] = fmt.Sprintf("answered by %s, which saw client_address=%s", pod, client)
+			}
+		}
+		fmt.Fprintf(&b, "# %d new connections from %s: %s\n\n", tries, src, strings.Join(said, "; "))
 	}
 	doc, err := os.ReadFile(path)
 	if err != nil {
@@ -440,7 +448,7 @@ func (a *agreement) writeTranscript(t *testing.T, sc scenario, path string) {
 	if !transcriptRE.Match(doc) {
 		t.Fatalf("%s has no <!-- transcript --> markers", path)
 	}
-	block := fmt.Sprintf("<!-- transcript -->\n```\n%s```\n<!-- /transcript -->", b.String())
+	block := fmt.Sprintf("<!-- transcript -->\n```\n%s\n```\n<!-- /transcript -->", strings.TrimSpace(b.String()))
 	if err := os.WriteFile(path, transcriptRE.ReplaceAllLiteral(doc, []byte(block)), 0o644); err != nil {
 		t.Fatal(err)
 	}
