@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"os"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -49,12 +48,7 @@ const agreeTries = 6
 // Explain must give no warning: nothing changed the rules behind
 // miniproxy's back. Then a rule changed behind its back must be named.
 func TestExplainAgreesWithTraffic(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to build network namespaces")
-	}
-	if _, err := netns.K8sBinaries(); err != nil {
-		t.Fatalf("kube-apiserver and kube-controller-manager are needed (make k8s-binaries): %v", err)
-	}
+	labBinaries(t)
 	ctx := context.Background()
 	bin, err := netns.Build("github.com/miniproxy/miniproxy/cmd/miniproxy")
 	if err != nil {
@@ -132,53 +126,46 @@ func (a *agreement) scenario(t *testing.T, name string, sc scenario, ps []probe,
 // on each disagreement that asking the lab confirmTries times confirms.
 func (a *agreement) compare(t *testing.T, sc scenario, ps []probe) {
 	ctx := context.Background()
-	sem := make(chan struct{}, 6)
-	var wg sync.WaitGroup
-	for _, p := range ps {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			n, src, fromNode := a.s.handler(p)
-			out, err := a.explain(ctx, n, src, p, fromNode, "json")
-			if err != nil {
-				t.Errorf("%s: %v", p, err)
-				return
-			}
-			var e explain.Explanation
-			if err := json.Unmarshal([]byte(out), &e); err != nil {
-				t.Errorf("%s: explain -o json: %v\n%s", p, err, out)
-				return
-			}
-			seen, bad, err := a.judge(ctx, &e, p, n, src, agreeTries)
-			if err == nil && len(bad) > 0 {
-				seen, bad, err = a.judge(ctx, &e, p, n, src, confirmTries)
-			}
-			if err != nil {
-				t.Errorf("%s: %v", p, err)
-				return
-			}
-			kind := e.Outcome.Verdict
-			switch {
-			case kind != explain.VerdictDNAT:
-			case e.Masquerade.Partly:
-				kind += " partly masqueraded"
-			case e.Masquerade.Masqueraded:
-				kind += " masqueraded"
-			default:
-				kind += " not masqueraded"
-			}
-			a.mu.Lock()
-			a.asked[kind]++
-			a.mu.Unlock()
-			if len(bad) > 0 {
-				text, _ := a.explain(ctx, n, src, p, fromNode, "text")
-				t.Errorf("explain disagrees with the traffic: %s\n  %s\n  the client saw: %s\n  explain on %s:\n%s\n%s",
-					p, strings.Join(bad, "\n  "), strings.Join(seen, " | "), n.Name, indent(text), sc.describe(p.Service))
-			}
-		}()
-	}
-	wg.Wait()
+	// explain is a process each time: fewer at once than probes alone.
+	atOnce(ps, 6, func(_ int, p probe) {
+		n, src, fromNode := a.s.handler(p)
+		out, err := a.explain(ctx, n, src, p, fromNode, "json")
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			return
+		}
+		var e explain.Explanation
+		if err := json.Unmarshal([]byte(out), &e); err != nil {
+			t.Errorf("%s: explain -o json: %v\n%s", p, err, out)
+			return
+		}
+		seen, bad, err := a.judge(ctx, &e, p, n, src, agreeTries)
+		if err == nil && len(bad) > 0 {
+			seen, bad, err = a.judge(ctx, &e, p, n, src, confirmTries)
+		}
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			return
+		}
+		kind := e.Outcome.Verdict
+		switch {
+		case kind != explain.VerdictDNAT:
+		case e.Masquerade.Partly:
+			kind += " partly masqueraded"
+		case e.Masquerade.Masqueraded:
+			kind += " masqueraded"
+		default:
+			kind += " not masqueraded"
+		}
+		a.mu.Lock()
+		a.asked[kind]++
+		a.mu.Unlock()
+		if len(bad) > 0 {
+			text, _ := a.explain(ctx, n, src, p, fromNode, "text")
+			t.Errorf("explain disagrees with the traffic: %s\n  %s\n  the client saw: %s\n  explain on %s:\n%s\n%s",
+				p, strings.Join(bad, "\n  "), strings.Join(seen, " | "), n.Name, indent(text), sc.describe(p.Service))
+		}
+	})
 }
 
 // judge asks the lab a probe tries times and says how the answers
@@ -441,17 +428,7 @@ func (a *agreement) writeTranscript(t *testing.T, sc scenario, path string) {
 		}
 		fmt.Fprintf(&b, "# %d new connections from %s: %s\n\n", tries, src, strings.Join(said, "; "))
 	}
-	doc, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !transcriptRE.Match(doc) {
-		t.Fatalf("%s has no <!-- transcript --> markers", path)
-	}
-	block := fmt.Sprintf("<!-- transcript -->\n```\n%s\n```\n<!-- /transcript -->", strings.TrimSpace(b.String()))
-	if err := os.WriteFile(path, transcriptRE.ReplaceAllLiteral(doc, []byte(block)), 0o644); err != nil {
+	if err := rewriteMarked(path, "transcript", strings.TrimSpace(b.String())); err != nil {
 		t.Fatal(err)
 	}
 }
-
-var transcriptRE = regexp.MustCompile(`(?s)<!-- transcript -->.*<!-- /transcript -->`)

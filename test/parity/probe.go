@@ -283,16 +283,22 @@ func (s *side) whose(source string, from *netns.Namespace) string {
 func (s *side) outcomes(ctx context.Context, ps []probe, tries int) ([]string, error) {
 	out := make([]string, len(ps))
 	errs := make([]error, len(ps))
-	sem := make(chan struct{}, 12)
+	atOnce(ps, 12, func(i int, p probe) { out[i], errs[i] = s.outcome(ctx, p, tries) })
+	return out, errors.Join(errs...)
+}
+
+// atOnce calls f for every probe, at most n at a time, and returns when
+// all calls have.
+func atOnce(ps []probe, n int, f func(i int, p probe)) {
+	sem := make(chan struct{}, n)
 	var wg sync.WaitGroup
 	for i, p := range ps {
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			out[i], errs[i] = s.outcome(ctx, p, tries)
+			f(i, p)
 		}()
 	}
 	wg.Wait()
-	return out, errors.Join(errs...)
 }
