@@ -209,7 +209,7 @@ func (x *Explainer) Explain(q Query) (*Explanation, error) {
 		e.Policies = sit.policies
 	}
 	e.Candidates = candidates(kernel, m, v.Snapshot)
-	e.Outcome = outcome(kernel, e.Candidates)
+	e.Outcome = outcome(kernel, e.Candidates, q)
 	e.Masquerade = masquerade(kernel, e.Candidates, sit, q, e.Outcome)
 
 	if len(e.Drift) > 0 {

@@ -411,6 +411,32 @@ func TestTheOutcomeQuotesTheKernelsRule(t *testing.T) {
 	}
 }
 
+// A datagram the node itself sends and its rules drop never leaves: the
+// kernel fails the send at once, where a client elsewhere (or the node's
+// TCP connection) waits for an answer that never comes.
+func TestTheNodesOwnDroppedDatagramFailsAtOnce(t *testing.T) {
+	udp := func(s *endpoints.ServicePort) { s.Protocol = endpoints.UDP }
+	v := nodeView(sourceIPApp(udp, internalLocal), onNode2)
+	for _, tc := range []struct {
+		name string
+		q    Query
+		want string
+	}{
+		{"UDP from the node", fromNode(Query{Src: node1IP, Dst: netip.AddrPortFrom(vip, 80), Protocol: endpoints.UDP}), "the sending program's send fails at once (EPERM)"},
+		{"UDP from a pod", Query{Src: otherPod, Dst: netip.AddrPortFrom(vip, 80), Protocol: endpoints.UDP}, "the client gets no answer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, err := Explain(v, kernelOf(t, v), tc.q)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e.Outcome.Verdict != VerdictDrop || !strings.Contains(e.Outcome.Summary, tc.want) {
+				t.Errorf("outcome %+v, want DROP saying %q", e.Outcome, tc.want)
+			}
+		})
+	}
+}
+
 func TestJSONCarriesTheSameAnswer(t *testing.T) {
 	v := nodeView(sourceIPApp(withLoadBalancer, localPolicy), onNode1, onNode2)
 	e, err := Explain(v, kernelOf(t, v), tcpTo(client, lbIP, 80))

@@ -44,8 +44,10 @@ func kind(o iptables.Outcome) string {
 }
 
 // outcome sums the kernel's outcomes up: one verdict (MIXED when the
-// packet may meet several), a sentence, and the rules that decided.
-func outcome(kernel []iptables.Outcome, cands []Candidate) Outcome {
+// packet may meet several), a sentence, and the rules that decided. A
+// UDP datagram the node itself sends is dropped on its way out, so the
+// kernel fails the send at once (EPERM); a TCP connection just waits.
+func outcome(kernel []iptables.Outcome, cands []Candidate, q Query) Outcome {
 	out := Outcome{Rules: []string{}}
 	for _, o := range kernel {
 		k := kind(o)
@@ -71,6 +73,9 @@ func outcome(kernel []iptables.Outcome, cands []Candidate) Outcome {
 		out.Summary = "rejected: the client is refused at once"
 	case VerdictDrop:
 		out.Summary = "dropped: the client gets no answer"
+		if q.FromNode && q.Protocol == endpoints.UDP {
+			out.Summary = "dropped on its way out of the node: the sending program's send fails at once (EPERM)"
+		}
 	case VerdictAccept, "":
 		out.Verdict = VerdictAccept
 		out.Summary = "accepted unchanged: no rule translates it"

@@ -48,6 +48,12 @@ var (
 	}
 )
 
+// outsideVia names the node an outside client (outsideAddr's key) sends
+// through.
+func outsideVia(client string) string {
+	return strings.TrimPrefix(strings.TrimPrefix(client, "in-"), "out-")
+}
+
 // side is one lab with one kind of proxy on its nodes.
 type side struct {
 	proxy    string
@@ -121,7 +127,7 @@ func startSide(ctx context.Context, proxy string, logf func(string, ...any)) (s 
 		if err := c.Lab.LinkBridge(ns, c.Router, "lan", netip.PrefixFrom(outsideAddr[name], 24)); err != nil {
 			return nil, err
 		}
-		via := c.Node(strings.TrimPrefix(strings.TrimPrefix(name, "in-"), "out-")).IP
+		via := c.Node(outsideVia(name)).IP
 		if err := ns.AddRoute(netip.MustParsePrefix("0.0.0.0/0"), via); err != nil {
 			return nil, err
 		}

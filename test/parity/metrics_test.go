@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 	"net"
-	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -50,13 +49,7 @@ const hcPort = 32555
 // someone else holds, and what --bind-address-hard-fail does with a taken
 // healthz port.
 func TestMetricsFamiliesMatchKubeProxy(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to build network namespaces")
-	}
-	bins, err := netns.K8sBinaries()
-	if err != nil {
-		t.Fatalf("kube-apiserver, kube-controller-manager and kube-proxy are needed (make k8s-binaries): %v", err)
-	}
+	bins := labBinaries(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	c, err := cluster.Start(ctx, cluster.Options{

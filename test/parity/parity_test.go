@@ -46,16 +46,25 @@ func both(sides [2]*side, f func(s *side) error) error {
 	return errors.Join(errs[0], errs[1])
 }
 
+// labBinaries skips t without root (the labs are network namespaces) and
+// fails it without the Kubernetes binaries they run.
+func labBinaries(t *testing.T) netns.K8sBinaryPaths {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to build network namespaces")
+	}
+	bins, err := netns.K8sBinaries()
+	if err != nil {
+		t.Fatalf("kube-apiserver, kube-controller-manager and kube-proxy are needed (make k8s-binaries): %v", err)
+	}
+	return bins
+}
+
 // TestParity runs the scenarios of the seed on miniproxy and on upstream
 // kube-proxy and fails on every difference in what a client saw that
 // docs/parity.md does not explain.
 func TestParity(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to build network namespaces")
-	}
-	if _, err := netns.K8sBinaries(); err != nil {
-		t.Fatalf("kube-apiserver, kube-controller-manager and kube-proxy are needed (make k8s-binaries): %v", err)
-	}
+	labBinaries(t)
 	ctx := context.Background()
 	start := time.Now()
 	sides, err := startBoth(ctx, t.Logf)
@@ -179,18 +188,23 @@ func summarize(seed uint64, n, probes, attempts int, diffs []difference, elapsed
 	return b.String()
 }
 
-var lastRunRE = regexp.MustCompile(`(?s)<!-- last run -->.*<!-- /last run -->`)
-
 // writeReport puts the summary between the last-run markers of path.
 func writeReport(path, summary string) error {
+	stamp := time.Now().UTC().Format("2006-01-02 15:04 UTC")
+	return rewriteMarked(path, "last run", fmt.Sprintf("%s (run %s)", summary, stamp))
+}
+
+// rewriteMarked puts text, as a code block, between the markers <!-- name
+// --> and <!-- /name --> of the Markdown file at path.
+func rewriteMarked(path, name, text string) error {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return fmt.Errorf("read report %s: %w", path, err)
+		return fmt.Errorf("read %s: %w", path, err)
 	}
-	if !lastRunRE.Match(b) {
-		return fmt.Errorf("report %s has no <!-- last run --> markers", path)
+	re := regexp.MustCompile(`(?s)<!-- ` + name + ` -->.*<!-- /` + name + ` -->`)
+	if !re.Match(b) {
+		return fmt.Errorf("%s has no <!-- %s --> markers", path, name)
 	}
-	stamp := time.Now().UTC().Format("2006-01-02 15:04 UTC")
-	block := fmt.Sprintf("<!-- last run -->\n```\n%s (run %s)\n```\n<!-- /last run -->", summary, stamp)
-	return os.WriteFile(path, lastRunRE.ReplaceAll(b, []byte(block)), 0o644)
+	block := fmt.Sprintf("<!-- %s -->\n```\n%s\n```\n<!-- /%s -->", name, text, name)
+	return os.WriteFile(path, re.ReplaceAllLiteral(b, []byte(block)), 0o644)
 }

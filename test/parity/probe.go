@@ -105,18 +105,24 @@ func (s *side) source(from string) (*netns.Namespace, error) {
 	case strings.HasPrefix(from, podOn):
 		return s.clients[strings.TrimPrefix(from, podOn)].NS, nil
 	case strings.HasPrefix(from, "outside via "):
-		var node, kind string
-		fmt.Sscanf(from, "outside via %s (%s", &node, &kind)
-		if strings.HasPrefix(kind, "admitted") {
-			return s.outside["in-"+node], nil
-		}
-		return s.outside["out-"+node], nil
+		return s.outside[outsideClient(from)], nil
 	default:
 		if n := s.c.Node(from); n != nil {
 			return n.NS, nil
 		}
 	}
 	return nil, fmt.Errorf("no source %q", from)
+}
+
+// outsideClient names the outside client of a source "outside via ...",
+// as outsideAddr does ("in-node1").
+func outsideClient(from string) string {
+	var node, kind string
+	fmt.Sscanf(from, "outside via %s (%s", &node, &kind)
+	if strings.HasPrefix(kind, "admitted") {
+		return "in-" + node
+	}
+	return "out-" + node
 }
 
 // Outcomes of one attempt besides an answer ("pod<-source").
@@ -193,21 +199,20 @@ func classify(err error) (string, error) {
 	return "", err
 }
 
-// outcome asks a probe tries times (a silence is confirmed twice, not
-// asked tries times) and returns the set of what came back, sorted; a
-// Service with session affinity must always give the same answer, so its
-// answer is reduced to the source the endpoint saw.
-func (s *side) outcome(ctx context.Context, p probe, tries int) (string, error) {
+// answers asks a probe tries times (a silence is confirmed twice, not
+// asked tries times) and returns the set of what came back, sorted, and the
+// namespace it was asked from.
+func (s *side) answers(ctx context.Context, p probe, tries int) ([]string, *netns.Namespace, error) {
 	ns, err := s.source(p.From)
 	if err != nil {
-		return "", err
+		return nil, nil, err
 	}
 	seen := map[string]int{}
 	n := 0
 	for ; n < tries; n++ {
 		got, err := attempt(ctx, ns, p.Proto, p.Addr)
 		if err != nil {
-			return "", fmt.Errorf("%s: %s: %w", s.proxy, p, err)
+			return nil, nil, fmt.Errorf("%s: %s: %w", s.proxy, p, err)
 		}
 		seen[got]++
 		if got == dropped && n == 2 && len(seen) == 1 {
@@ -228,6 +233,17 @@ func (s *side) outcome(ctx context.Context, p probe, tries int) (string, error) 
 		set = append(set, k)
 	}
 	sort.Strings(set)
+	return set, ns, nil
+}
+
+// outcome is a probe's answers as the proxies are compared on them: a
+// Service with session affinity must always give the same answer, so its
+// answer is reduced to the source the endpoint saw.
+func (s *side) outcome(ctx context.Context, p probe, tries int) (string, error) {
+	set, ns, err := s.answers(ctx, p, tries)
+	if err != nil {
+		return "", err
+	}
 	if p.Affinity && len(set) == 1 && set[0] != dropped && set[0] != refused {
 		// Which endpoint a client sticks to is chance, and so is the node
 		// address a masqueraded packet leaves with (the LAN's or the pod
@@ -267,16 +283,22 @@ func (s *side) whose(source string, from *netns.Namespace) string {
 func (s *side) outcomes(ctx context.Context, ps []probe, tries int) ([]string, error) {
 	out := make([]string, len(ps))
 	errs := make([]error, len(ps))
-	sem := make(chan struct{}, 12)
+	atOnce(ps, 12, func(i int, p probe) { out[i], errs[i] = s.outcome(ctx, p, tries) })
+	return out, errors.Join(errs...)
+}
+
+// atOnce calls f for every probe, at most n at a time, and returns when
+// all calls have.
+func atOnce(ps []probe, n int, f func(i int, p probe)) {
+	sem := make(chan struct{}, n)
 	var wg sync.WaitGroup
 	for i, p := range ps {
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			out[i], errs[i] = s.outcome(ctx, p, tries)
+			f(i, p)
 		}()
 	}
 	wg.Wait()
-	return out, errors.Join(errs...)
 }
