@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/miniproxy/miniproxy/pkg/dataplane"
 	"github.com/miniproxy/miniproxy/pkg/endpoints"
@@ -105,16 +106,22 @@ func (d *debugServer) trace(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	query.InIface = q.Get("iface")
-	v, ok := d.current(w)
-	if !ok {
+	if _, ok := d.current(w); !ok {
 		return
 	}
-	k, err := readKernel(d.runner, v)
+	x, err := settledExplainer(func() (explain.View, explain.Kernel, error) {
+		v, _, err := d.view()
+		if err != nil {
+			return v, nil, err
+		}
+		k, err := readKernel(d.runner, v)
+		return v, k, err
+	})
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	e, err := explain.Explain(v, k, query)
+	e, err := x.Explain(query)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusUnprocessableEntity)
 		return
@@ -172,6 +179,32 @@ func readKernel(r dataplane.Runner, v explain.View) (explain.Kernel, error) {
 		k[fam] = iptables.ParseSave(string(out)).State()
 	}
 	return k, nil
+}
+
+// settleAttempts and settleInterval bound how long an explanation against
+// the daemon's view waits for a drift to go away: about a second.
+var (
+	settleAttempts = 5
+	settleInterval = 200 * time.Millisecond
+)
+
+// settledExplainer reads the daemon's view and the kernel's rules with read
+// until they agree, or the drift stays: a sync writes the kernel's rules a
+// moment before the daemon's view follows (its listeners run once the sync
+// is done), so a drift seen once is read again, every settleInterval, and
+// only one still there after settleAttempts readings is reported.
+func settledExplainer(read func() (explain.View, explain.Kernel, error)) (*explain.Explainer, error) {
+	for attempt := 1; ; attempt++ {
+		v, k, err := read()
+		if err != nil {
+			return nil, err
+		}
+		x, err := explain.New(v, k)
+		if err != nil || len(x.Drift()) == 0 || attempt >= settleAttempts {
+			return x, err
+		}
+		time.Sleep(settleInterval)
+	}
 }
 
 // wantsJSON says whether the client asked for JSON (?o=json or Accept).

@@ -105,3 +105,57 @@ func TestDebugEndpointsExplainFromTheLastSync(t *testing.T) {
 		}
 	}
 }
+
+// A sync writes the kernel's rules a moment before the daemon's view
+// follows: an explanation that reads the two in that moment sees a drift
+// that is gone on the next reading, and does not report it; a drift that
+// stays is reported after about a second.
+func TestAnExplanationWaitsOutASyncInProgress(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	metricsPort := freeLoopbackPort(t)
+	fake, tracker, p := wireAsServe(t, ctx, freeLoopbackPort(t), metricsPort)
+	viewNow := func() explain.View {
+		t.Helper()
+		_, body := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/debug/services", metricsPort))
+		var s explain.Services
+		if err := json.Unmarshal([]byte(body), &s); err != nil {
+			t.Fatalf("/debug/services: %v\n%s", err, body)
+		}
+		return s.View()
+	}
+	tracker.OnServiceAdd(lbService(freeLoopbackPort(t)))
+	tracker.OnEndpointSliceAdd(webSlice("node1"))
+	if res := p.Sync(false); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	before := viewNow()
+	tracker.OnEndpointSliceUpdate(nil, webSlice("node2"))
+	if res := p.Sync(false); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	after, kernel := viewNow(), explain.Kernel{iptables.IPv4: fake.State(iptables.IPv4)}
+
+	// The first reading pairs the new rules with the old view.
+	readings := 0
+	x, err := settledExplainer(func() (explain.View, explain.Kernel, error) {
+		readings++
+		if readings == 1 {
+			return before, kernel, nil
+		}
+		return after, kernel, nil
+	})
+	if err != nil || len(x.Drift()) != 0 || readings != 2 {
+		t.Errorf("with the view catching up: %d readings, drift %v, err %v; want no drift after 2", readings, x.Drift(), err)
+	}
+
+	// The old view never catches up: the drift is reported.
+	readings = 0
+	x, err = settledExplainer(func() (explain.View, explain.Kernel, error) {
+		readings++
+		return before, kernel, nil
+	})
+	if err != nil || len(x.Drift()) == 0 || readings != settleAttempts {
+		t.Errorf("with a drift that stays: %d readings, drift %v, err %v; want it reported after %d", readings, x.Drift(), err, settleAttempts)
+	}
+}

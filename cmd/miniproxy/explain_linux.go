@@ -60,20 +60,35 @@ func runExplain(args []string, out io.Writer) error {
 		}
 	}
 	runner := dataplane.NewRunner()
-	var view explain.View
+	var x *explain.Explainer
 	if fs.Changed("kubeconfig") || fs.Changed("master") || fs.Changed("config") {
-		view, err = apiServerView(opts, fs, runner)
+		// The API server's view is ahead of the rules until the next
+		// sync; that drift is the answer, not something to wait out.
+		view, err := apiServerView(opts, fs, runner)
+		if err != nil {
+			return err
+		}
+		k, err := readKernel(runner, view)
+		if err != nil {
+			return err
+		}
+		if x, err = explain.New(view, k); err != nil {
+			return err
+		}
 	} else {
-		view, err = daemonView(eo.daemon)
+		x, err = settledExplainer(func() (explain.View, explain.Kernel, error) {
+			view, err := daemonView(eo.daemon)
+			if err != nil {
+				return view, nil, err
+			}
+			k, err := readKernel(runner, view)
+			return view, k, err
+		})
+		if err != nil {
+			return err
+		}
 	}
-	if err != nil {
-		return err
-	}
-	k, err := readKernel(runner, view)
-	if err != nil {
-		return err
-	}
-	e, err := explain.Explain(view, k, q)
+	e, err := x.Explain(q)
 	if err != nil {
 		return err
 	}
