@@ -67,7 +67,7 @@ func main() {
 	var o options
 	sizes := flag.String("sizes", "100,1000,10000,30000", "numbers of Services (each with 2 endpoints) to measure at, ascending; 100 is the first-packet baseline")
 	proxies := flag.String("proxies", kubeProxy+","+miniproxy, "proxies to run at each size, in this order")
-	flag.IntVar(&o.changes, "changes", 5, "EndpointSlice changes measured per proxy and size (the median is reported)")
+	flag.IntVar(&o.changes, "changes", 20, "EndpointSlice changes measured per proxy and size (p50 and p99 are reported)")
 	flag.IntVar(&o.connects, "connects", 1000, "TCP connections per first-packet measurement, in 5 rounds (the median is reported)")
 	flag.DurationVar(&o.startupTimeout, "startup-timeout", 20*time.Minute, "give up on a proxy that has not programmed every Service by then (reported as did not finish)")
 	flag.DurationVar(&o.changeTimeout, "change-timeout", 5*time.Minute, "give up on one change after this long")
