@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -66,7 +67,7 @@ type bench struct {
 func main() {
 	var o options
 	sizes := flag.String("sizes", "100,1000,10000,30000", "numbers of Services (each with 2 endpoints) to measure at, ascending; 100 is the first-packet baseline")
-	proxies := flag.String("proxies", kubeProxy+","+miniproxy, "proxies to run at each size, in this order")
+	proxies := flag.String("proxies", strings.Join(allProxies, ","), "proxies to run at each size, in this order ("+strings.Join(allProxies, ", ")+")")
 	flag.IntVar(&o.changes, "changes", 20, "EndpointSlice changes measured per proxy and size (p50 and p99 are reported)")
 	flag.IntVar(&o.connects, "connects", 1000, "TCP connections per first-packet measurement, in 5 rounds (the median is reported)")
 	flag.DurationVar(&o.startupTimeout, "startup-timeout", 20*time.Minute, "give up on a proxy that has not programmed every Service by then (reported as did not finish)")
@@ -90,8 +91,8 @@ func main() {
 	sort.Ints(o.sizes)
 	for _, p := range strings.Split(*proxies, ",") {
 		p = strings.TrimSpace(p)
-		if p != kubeProxy && p != miniproxy {
-			fmt.Fprintf(os.Stderr, "bench: unknown proxy %q (%s or %s)\n", p, kubeProxy, miniproxy)
+		if !slices.Contains(allProxies, p) {
+			fmt.Fprintf(os.Stderr, "bench: unknown proxy %q (one of %s)\n", p, strings.Join(allProxies, ", "))
 			os.Exit(2)
 		}
 		o.proxies = append(o.proxies, p)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -111,43 +112,74 @@ func (b *bench) report() string {
 	} else {
 		p("**Incomplete**: the run was still going (or was interrupted) when this was written, %s after it started.\n\n", b.duration.Round(time.Second))
 	}
-	p("Both proxies ran one after the other, each on a fresh node namespace (empty tables), against the same API server\n")
-	p("state: N ClusterIP Services (one TCP port each) with 2 ready endpoints each, on the iptables **%s** backend.\n", backend(m.Iptables))
-	p("Ratios are miniproxy / kube-proxy. How each figure was measured is below the tables.\n\n")
-	if b.opts.profileDir != "" {
-		p("**Diagnosis run**: both proxies ran with `--profiling` and their heap profiles were fetched after settling.\n\n")
+	var labels []string
+	for _, k := range b.opts.proxies {
+		labels = append(labels, proxyLabel(k))
 	}
-
+	p("The proxies (%s) ran one after the other, each on a fresh node namespace (empty tables), against the same API\n", strings.Join(labels, ", "))
+	p("server state: N ClusterIP Services (one TCP port each) with 2 ready endpoints each, on the iptables **%s** backend\n", backend(m.Iptables))
+	p("(%s, Linux %s, %d CPUs; details at the end). Ratios are miniproxy / each upstream mode. How each figure was measured\n", m.OS, m.Kernel, m.CPUs)
+	p("is below the tables.\n\n")
+	if b.opts.profileDir != "" {
+		p("**Diagnosis run**: the proxies ran with `--profiling` and their heap profiles were fetched after settling.\n\n")
+	}
 	b.targets(&w)
 
 	p("![start-up and one change against N](%s)\n\n", filepath.Base(b.opts.svg))
 
 	p("## Results\n\n")
 	for _, n := range b.opts.sizes {
-		kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
-		if kp == nil && mp == nil {
+		var runs []*RunResult
+		ran := false
+		for _, k := range b.opts.proxies {
+			r := b.get(k, n)
+			runs = append(runs, r)
+			ran = ran || r != nil
+		}
+		if !ran {
 			continue
 		}
 		p("### %s Services x 2 endpoints\n\n", fmtN(n))
-		p("| | kube-proxy | miniproxy | miniproxy / kube-proxy |\n|---|---|---|---|\n")
-		// row prints a metric; the ratio needs both runs complete, except
-		// for start-up, where a kube-proxy that did not finish bounds it.
+		p("|")
+		for _, k := range b.opts.proxies {
+			p(" | %s", proxyLabel(k))
+		}
+		cmp := b.comparisons()
+		for _, u := range cmp {
+			p(" | miniproxy / %s", strings.TrimPrefix(proxyLabel(u), "kube-proxy "))
+		}
+		p(" |\n|---|%s\n", strings.Repeat("---|", len(runs)+len(cmp)))
+		mp := b.get(miniproxy, n)
+		// row prints a metric; a ratio needs both runs complete, except
+		// for start-up, where an upstream mode that did not finish bounds it.
 		row := func(name string, f func(r *RunResult) (string, float64)) {
-			ks, kv := cell(kp, f)
-			ms, mv := cell(mp, f)
-			ratio := "-"
-			switch {
-			case usable(kp) && usable(mp):
-				ratio = fmtRatio(mv / kv)
-			case kp != nil && kp.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
-				ratio = "< " + fmtRatio(mp.StartupS/kp.StartupS)
+			p("| %s |", name)
+			for _, r := range runs {
+				s, _ := cell(r, f)
+				p(" %s |", s)
 			}
-			p("| %s | %s | %s | %s |\n", name, ks, ms, ratio)
+			for _, u := range cmp {
+				up := b.get(u, n)
+				ratio := "-"
+				_, uv := cell(up, f)
+				_, mv := cell(mp, f)
+				switch {
+				case usable(up) && usable(mp):
+					ratio = fmtRatio(mv / uv)
+				case up != nil && up.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
+					ratio = "< " + fmtRatio(mp.StartupS/up.StartupS)
+				}
+				p(" %s |", ratio)
+			}
+			p("\n")
 		}
 		rowNoRatio := func(name string, f func(r *RunResult) (string, float64)) {
-			ks, _ := cell(kp, f)
-			ms, _ := cell(mp, f)
-			p("| %s | %s | %s | |\n", name, ks, ms)
+			p("| %s |", name)
+			for _, r := range runs {
+				s, _ := cell(r, f)
+				p(" %s |", s)
+			}
+			p("%s\n", strings.Repeat(" |", len(cmp)))
 		}
 		row("start-up: process start until every Service answers", func(r *RunResult) (string, float64) {
 			if r.StartupDNF {
@@ -200,14 +232,14 @@ func (b *bench) report() string {
 			if l.N == 0 {
 				return "-", math.NaN()
 			}
-			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, fmtN(l.Depth)), l.Median
+			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
 		})
 		rowNoRatio(fmt.Sprintf("the same, through the %s-Service node's deepest Service, measured in turn with the above", fmtN(b.opts.sizes[0])), func(r *RunResult) (string, float64) {
 			l := r.Baseline
 			if l.N == 0 {
 				return "-", math.NaN()
 			}
-			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, fmtN(l.Depth)), l.Median
+			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
 		})
 		row("restore input of the first sync: lines / bytes", func(r *RunResult) (string, float64) {
 			if r.FirstSync.Count == 0 {
@@ -222,7 +254,7 @@ func (b *bench) report() string {
 			}
 			return fmt.Sprintf("%s / %s", fmtN(int(cs.Lines)), fmtBytes(cs.Bytes)), cs.Lines
 		})
-		row("nat rules / chains after the first sync (iptables-save)", func(r *RunResult) (string, float64) {
+		row("nat rules / chains after the first sync (iptables-save; nftables mode: rules / chains of its ip table)", func(r *RunResult) (string, float64) {
 			if r.NATRules == 0 {
 				return "-", math.NaN()
 			}
@@ -240,6 +272,9 @@ func (b *bench) report() string {
 	p("| memory | %s GiB |\n", m.MemGiB)
 	p("| OS, kernel | %s, Linux %s |\n", m.OS, m.Kernel)
 	p("| iptables | %s |\n", m.Iptables)
+	if m.NFT != "" {
+		p("| nft | %s |\n", m.NFT)
+	}
 	p("| miniproxy | %s; benchmark built with %s |\n", m.Commit, m.Go)
 	p("| kube-proxy | %s (`%s`, built from the `k8s.io/kubernetes` module by `scripts/build-k8s.sh`) |\n", m.KubeProxy, m.KubeProxyP)
 	p("| API server | %s, %s |\n", m.APIServer, m.Etcd)
@@ -263,6 +298,29 @@ func fpRatio(r, base *RunResult) (float64, string) {
 	}
 	x := r.FirstPacket.Median / base.FirstPacket.Median
 	return x, fmtRatio(x) + " (separate runs)"
+}
+
+// comparisons are the upstream modes of this run that miniproxy is
+// compared with, when miniproxy ran.
+func (b *bench) comparisons() []string {
+	if !slices.Contains(b.opts.proxies, miniproxy) {
+		return nil
+	}
+	var out []string
+	for _, u := range upstreamModes {
+		if slices.Contains(b.opts.proxies, u) {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// depthText is the walk of a first packet: nat rules, or a map lookup.
+func depthText(l Latency) string {
+	if l.Map {
+		return "map lookup"
+	}
+	return fmtN(l.Depth)
 }
 
 func cell(r *RunResult, f func(*RunResult) (string, float64)) (string, float64) {
@@ -408,18 +466,20 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   address in them, so any Service can carry real traffic. Changed slices are put back before the next proxy runs,
   so both proxies start from the same state. The last Service is written after all others.
 - **The proxies.** miniproxy: `+"`%s`"+`. kube-proxy:
-  `+"`%s`"+`. Everything else is left at its default for both,
-  among them `+"`--iptables-min-sync-period`"+` 1 s and `+"`--iptables-sync-period`"+` 30 s. Both use the identity `+"`system:kube-proxy`"+`. kube-proxy also
+  `+"`%s`"+`, in iptables mode, and the same binary with `+"`--proxy-mode=nftables`"+` for its nftables mode. Everything else is left at
+  its default for all, among them `+"`--iptables-min-sync-period`"+` 1 s and `+"`--iptables-sync-period`"+` 30 s (nftables mode reads the
+  same two flags). All use the identity `+"`system:kube-proxy`"+`. kube-proxy also
   programs an IPv6 table (the node namespace has IPv6), which holds no Service; miniproxy programs IPv4 only
-  because the node has no IPv6 address. Both run as children of the benchmark, with the same environment.
+  because the node has no IPv6 address. All run as children of the benchmark, with the same environment.
 - **Start-up** is from just before the process is started until a TCP connection from the client pod through the
   ClusterIP of the **last-written** Service succeeds. Attempts start every 10 ms (later every 0.5%% of the elapsed
   time, at most every 200 ms), each with a 300 ms time-out; the send time of the first successful attempt counts.
   An attempt sent before the rule is in cannot succeed later (its conntrack entry was made without NAT), so the
   figure is when the rule was there, within the polling interval. Then 20 Services spread over the whole list must
   answer too (if one does not at once, start-up is when the last one did), and after the proxy settled,
-  `+"`iptables-save -t nat`"+` must hold a DNAT to every one of the 2N endpoints (shown as "endpoints in rules" below).
-  Both proxies write all rules of a sync in one `+"`iptables-restore`"+`, which the kernel commits atomically. A proxy
+  `+"`iptables-save -t nat`"+` (nftables mode: `+"`nft list table ip kube-proxy`"+`) must hold a DNAT to every one of the 2N endpoints
+  (shown as "endpoints in rules" below). Every proxy writes all rules of a sync in one `+"`iptables-restore`"+` or `+"`nft -f`"+`
+  transaction, which the kernel commits atomically. A proxy
   that has not made it after %s is stopped and reported as "did not finish" with the time waited.
 - **Memory** is VmRSS of the proxy process (iptables-restore children not included) once it has **settled**: the
   first moment after start-up at which it used at most 20 ms of CPU in one second. VmHWM is its peak so far. The
@@ -440,7 +500,10 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   packet passes the most nat rules before its DNAT, computed by walking the saved nat table as the kernel would.
   For kube-proxy that is the last Service of its linear `+"`KUBE-SERVICES`"+` chain (whose order is a Go map order,
   drawn again at every sync: the pick is checked again after measuring and measured again if a sync moved it); for
-  miniproxy it is the last entry of its fullest leaf behind the last dispatch rules. %d connections in 5 rounds,
+  miniproxy it is the last entry of its fullest leaf behind the last dispatch rules. Upstream's nftables mode has no
+  deepest Service: a ClusterIP is found by one lookup in its `+"`service-ips`"+` verdict map (a hash keyed by address,
+  protocol and port), whatever the number of Services, so it is measured through the last-written Service, and its
+  depth is shown as "map lookup"; the details also give it through another proxy's deepest pick. %d connections in 5 rounds,
   each round started once the machine was calm (at most 20%% busy over a second) and preceded by 20 warm-up
   connections; the connections of a round follow each other without a pause (a pause lets the CPU idle, and waking
   it costs these virtual machines more, and more erratically, than a 30,000-rule walk), from one thread pinned to
@@ -458,14 +521,18 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   the details: for start-up over the start-up, for a change from the update until traffic
   moved, for the first packet over its five rounds. Start-up, every change and every first-packet round begin only
   once the whole machine is calm (at most 20%% busy over a second, waiting up to a minute or two).
-- **Restore input**: `+"`iptables-restore`"+` and `+"`ip6tables-restore`"+` on each proxy's PATH are a small shim
+- **Restore input**: `+"`iptables-restore`"+`, `+"`ip6tables-restore`"+` and `+"`nft`"+` on each proxy's PATH are a small shim
   (`+"`test/bench/restoreshim`"+`) that reads the input, runs the real command with it, and logs its size in bytes and
-  lines (and rules, chains, DNAT rules) after the real command exited. The same shim is used for both proxies; it
-  costs each restore one process start and one copy of the input. The first sync counts every restore started
+  lines (and rules, chains, DNAT rules) after the real command exited. The same shim is used for every proxy; it
+  costs each restore one process start and one copy of the input. For nftables mode it is the `+"`nft -f -`"+` of each
+  transaction (one line per command: `+"`add rule`"+`, `+"`add element`"+`, `+"`flush chain`"+`...); its `+"`nft --check`"+` dry runs,
+  listings of its own table and `+"`--version`"+` calls are not counted (nor seen at all when it lists over netlink).
+  A line of nft input is not a line of iptables-restore input (one map element replaces one dispatch rule), so
+  compare sizes within a mode, and bytes rather than lines across modes. The first sync counts every restore started
   before the start-up point; one change counts the restores started between the update and the end of the first
   restore after it.
 `, "miniproxy "+strings.Join(miniproxyArgs("<kube-proxy kubeconfig>"), " "),
-		"kube-proxy "+strings.Join(kubeProxyArgs("<kube-proxy kubeconfig>"), " "),
+		"kube-proxy "+strings.Join(kubeProxyArgs("iptables", "<kube-proxy kubeconfig>"), " "),
 		o.startupTimeout, o.changes, o.connects)
 	fmt.Fprintln(w)
 }
@@ -474,7 +541,7 @@ root namespace: API calls start inside the control-plane namespace, measured tra
 func (b *bench) details(w *strings.Builder) {
 	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
 	p("## Details per run\n\n")
-	p("| N | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via the other proxy's deepest Service [depth] | changes: ms (restore lines, CPU s) | outside load: start-up / first packet / changes (highest) |\n")
+	p("| N | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via another proxy's deepest Service [depth] | changes: ms (restore lines, CPU s) | outside load: start-up / first packet / changes (highest) |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, n := range b.opts.sizes {
 		for _, proxy := range b.opts.proxies {
@@ -483,7 +550,7 @@ func (b *bench) details(w *strings.Builder) {
 				continue
 			}
 			if r.Err != "" && r.StartupS == 0 {
-				p("| %s | %s | failed: %s | | | | | | | |\n", fmtN(n), proxy, oneLine(r.Err))
+				p("| %s | %s | failed: %s | | | | | | | |\n", fmtN(n), proxyLabel(proxy), oneLine(r.Err))
 				continue
 			}
 			var ch []string
@@ -496,9 +563,13 @@ func (b *bench) details(w *strings.Builder) {
 				}
 				ch = append(ch, fmt.Sprintf("%s (%d, %.3f)", fmtMS(c.LatencyMS), c.Restore.Lines, c.CPUS))
 			}
-			conn := fmt.Sprintf("%.0f / %.0f µs [%d]", r.NoProxy.Median, r.Direct.Median, r.Direct.Depth)
+			conn := fmt.Sprintf("%.0f / %.0f µs [%s]", r.NoProxy.Median, r.Direct.Median, depthText(r.Direct))
 			if r.OtherTarget.N > 0 {
-				conn += fmt.Sprintf(" / %.0f µs [%d]", r.OtherTarget.Median, r.OtherTarget.Depth)
+				conn += fmt.Sprintf(" / %.0f µs [%s]", r.OtherTarget.Median, depthText(r.OtherTarget))
+			}
+			mean := fmt.Sprintf("%.0f", r.MeanDepth)
+			if r.FirstPacket.Map {
+				mean = "map lookup"
 			}
 			load := fmt.Sprintf("%.0f%% / %.0f%% / %.0f%%", 100*r.OutsideStartup, 100*r.FirstPacket.Outside, 100*chLoad)
 			if r.StartupDNF {
@@ -507,12 +578,12 @@ func (b *bench) details(w *strings.Builder) {
 					state += ", one still running"
 				}
 				p("| %s | %s | did not finish after %s | | | %s | | | | %.0f%% |\n",
-					fmtN(n), proxy, fmtS(r.StartupS), state, 100*r.OutsideStartup)
+					fmtN(n), proxyLabel(proxy), fmtS(r.StartupS), state, 100*r.OutsideStartup)
 				continue
 			}
-			p("| %s | %s | %s of %s | %d of %d | %.1f s | %d (%.2f s) | %.0f | %s | %s | %s |\n",
-				fmtN(n), proxy, fmtN(r.EndpointsInRules), fmtN(r.EndpointsExpected), r.SampleFirst, r.SampleTotal,
-				r.SettleS, r.FirstSync.Count, r.FirstSync.Seconds, r.MeanDepth, conn, strings.Join(ch, "; "), load)
+			p("| %s | %s | %s of %s | %d of %d | %.1f s | %d (%.2f s) | %s | %s | %s | %s |\n",
+				fmtN(n), proxyLabel(proxy), fmtN(r.EndpointsInRules), fmtN(r.EndpointsExpected), r.SampleFirst, r.SampleTotal,
+				r.SettleS, r.FirstSync.Count, r.FirstSync.Seconds, mean, conn, strings.Join(ch, "; "), load)
 			if r.Err != "" {
 				p("| | | error: %s | | | | | | | |\n", oneLine(r.Err))
 			}
@@ -543,38 +614,46 @@ func oneLine(s string) string {
 // plotSVG draws start-up and one-change time against N, both axes
 // logarithmic, by hand.
 func plotSVG(results []*RunResult, sizes []int) string {
-	const W, H = 760, 460
-	const left, right, top, bottom = 80, 200, 40, 60
+	const W, H = 880, 460
+	const left, right, top, bottom = 80, 310, 40, 60
 	pw, ph := float64(W-left-right), float64(H-top-bottom)
 	type pt struct {
 		n   int
 		v   float64 // seconds
 		dnf bool
 	}
-	series := []struct {
+	type serie struct {
 		name, color, dash, marker string
+		above                     bool // labels above the points, else below
 		pts                       []pt
-	}{
-		{"kube-proxy start-up", "#c0392b", "", "circle", nil},
-		{"miniproxy start-up", "#2471a3", "", "circle", nil},
-		{"kube-proxy one change", "#c0392b", "6,4", "square", nil},
-		{"miniproxy one change", "#2471a3", "6,4", "square", nil},
 	}
-	for _, r := range results {
-		if r.N < 1000 && len(sizes) > 1 && sizes[len(sizes)-1] >= 1000 {
-			continue // the plot shows the sizes of the targets
-		}
-		base := 0
-		if r.Proxy == miniproxy {
-			base = 1
-		}
-		if r.StartupDNF {
-			series[base].pts = append(series[base].pts, pt{r.N, r.StartupS, true})
-		} else if r.StartupS > 0 {
-			series[base].pts = append(series[base].pts, pt{r.N, r.StartupS, false})
-		}
-		if cs := changeStats(r); cs.OK > 0 {
-			series[base+2].pts = append(series[base+2].pts, pt{r.N, cs.P50MS / 1000, false})
+	colors := map[string]string{kubeProxy: "#c0392b", kubeProxyNFT: "#b9770e", miniproxy: "#2471a3"}
+	var series []serie
+	// Start-up series first, then one change, each in column order.
+	for _, what := range []string{"start-up", "one change (p50)"} {
+		for _, k := range allProxies {
+			s := serie{name: proxyLabel(k) + " " + what, color: colors[k], marker: "circle", above: k != miniproxy}
+			if what != "start-up" {
+				s.dash, s.marker = "6,4", "square"
+			}
+			for _, r := range results {
+				if r.Proxy != k || (r.N < 1000 && len(sizes) > 1 && sizes[len(sizes)-1] >= 1000) {
+					continue // the plot shows the sizes of the targets
+				}
+				switch {
+				case what != "start-up":
+					if cs := changeStats(r); cs.OK > 0 {
+						s.pts = append(s.pts, pt{r.N, cs.P50MS / 1000, false})
+					}
+				case r.StartupDNF:
+					s.pts = append(s.pts, pt{r.N, r.StartupS, true})
+				case r.StartupS > 0:
+					s.pts = append(s.pts, pt{r.N, r.StartupS, false})
+				}
+			}
+			if len(s.pts) > 0 {
+				series = append(series, s)
+			}
 		}
 	}
 	xmin, xmax := math.Inf(1), math.Inf(-1)
@@ -635,7 +714,7 @@ func plotSVG(results []*RunResult, sizes []int) string {
 	p(`<text x="%.1f" y="%d" text-anchor="middle">Services (log scale)</text>`+"\n", float64(left)+pw/2, H-18)
 	p(`<text transform="translate(20 %.1f) rotate(-90)" text-anchor="middle">time (log scale)</text>`+"\n", float64(top)+ph/2)
 	// Series.
-	for i, s := range series {
+	for _, s := range series {
 		sort.Slice(s.pts, func(a, b int) bool { return s.pts[a].n < s.pts[b].n })
 		if len(s.pts) > 1 {
 			var pts []string
@@ -668,15 +747,12 @@ func plotSVG(results []*RunResult, sizes []int) string {
 			// Start-up labels right of their points, one-change labels
 			// left; kube-proxy's above, miniproxy's below.
 			anchor, dx := "start", 8.0
-			if i >= 2 {
+			if s.dash != "" || q.dnf {
 				anchor, dx = "end", -8
 			}
-			if q.dnf {
-				anchor, dx = "end", -8
-			}
-			dy := -9.0
-			if i%2 == 1 {
-				dy = 17
+			dy := 17.0
+			if s.above {
+				dy = -9
 			}
 			p(`<text x="%.1f" y="%.1f" text-anchor="%s" fill="%s" font-size="11">%s</text>`+"\n", x+dx, y+dy, anchor, s.color, label)
 		}
@@ -697,7 +773,7 @@ func plotSVG(results []*RunResult, sizes []int) string {
 		}
 		p(`<text x="%.1f" y="%.1f" dominant-baseline="middle">%s</text>`+"\n", lx+38, y, s.name)
 	}
-	p(`<text x="%.1f" y="%.1f" font-size="11" fill="#555">hollow marker: did not finish</text>`+"\n", lx, float64(top)+14+4*24)
+	p(`<text x="%.1f" y="%.1f" font-size="11" fill="#555">hollow marker: did not finish</text>`+"\n", lx, float64(top)+14+float64(len(series))*24)
 	p("</svg>\n")
 	return w.String()
 }

@@ -1,0 +1,88 @@
+package main
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeRun is a complete run whose one change took ms milliseconds.
+func fakeRun(proxy string, n int, startup float64, ms ...float64) *RunResult {
+	r := &RunResult{Proxy: proxy, N: n, StartupS: startup, RSSMB: 50, HWMMB: 60, CPUStartupS: 1,
+		FirstPacket: Latency{N: 1000, Median: 30, P10: 20, P90: 40, Depth: 12, Target: "svc-00001"},
+		FirstSync:   RestoreSize{Count: 1, Lines: 100, Bytes: 1000}}
+	for _, x := range ms {
+		r.Changes = append(r.Changes, ChangeResult{LatencyMS: x, CPUS: 0.01, Restore: RestoreSize{Lines: 10, Bytes: 100}})
+	}
+	return r
+}
+
+func fakeBench(results ...*RunResult) *bench {
+	return &bench{
+		opts:    options{sizes: []int{100, 1000}, proxies: allProxies, changes: 20, connects: 1000, startupTimeout: 20 * time.Minute, svg: "/tmp/x/performance.svg"},
+		machine: machineInfo{CPUs: 2, OS: "Debian GNU/Linux 12 (bookworm)", Kernel: "6.1.0", Iptables: "iptables v1.8.9 (nf_tables)", NFT: "nftables v1.0.6"},
+		results: results, started: time.Date(2026, 1, 2, 3, 4, 0, 0, time.UTC), done: true,
+	}
+}
+
+// rowOf returns the report's table row starting with name, in the section
+// for n Services.
+func rowOf(t *testing.T, report string, n, name string) []string {
+	t.Helper()
+	_, sec, ok := strings.Cut(report, "### "+n+" Services")
+	if !ok {
+		t.Fatalf("no section for %s Services in\n%s", n, report)
+	}
+	sec, _, _ = strings.Cut(sec, "\n\n## ")
+	for _, l := range strings.Split(sec, "\n") {
+		if strings.HasPrefix(l, "| "+name) {
+			cells := strings.Split(strings.Trim(l, "|"), "|")
+			for i := range cells {
+				cells[i] = strings.TrimSpace(cells[i])
+			}
+			return cells
+		}
+	}
+	t.Fatalf("no row %q for %s Services in\n%s", name, n, sec)
+	return nil
+}
+
+func TestReportShowsATimedOutAndAMissingUpstreamMode(t *testing.T) {
+	dnf := &RunResult{Proxy: kubeProxy, N: 1000, StartupS: 1200, StartupDNF: true, RestoreRunning: true, RSSMB: 286, HWMMB: 404, CPUStartupS: 1198}
+	b := fakeBench(
+		fakeRun(kubeProxy, 100, 0.5, 40, 60), fakeRun(kubeProxyNFT, 100, 0.4, 30, 50), fakeRun(miniproxy, 100, 0.2, 10, 20),
+		dnf, fakeRun(miniproxy, 1000, 0.3, 20, 30, 40),
+		// kube-proxy nftables did not run at 1,000 (an interrupted run).
+	)
+	rep := b.report()
+
+	head := rowOf(t, rep, "1,000", "|")
+	want := []string{"", "kube-proxy iptables", "kube-proxy nftables", "miniproxy", "miniproxy / iptables", "miniproxy / nftables"}
+	if strings.Join(head, ",") != strings.Join(want, ",") {
+		t.Errorf("header = %q, want %q", head, want)
+	}
+	start := rowOf(t, rep, "1,000", "start-up")
+	if start[1] != "≥ 1200 s (did not finish)" || start[2] != "not run" || start[3] != "0.30 s" || start[4] != "< 0.0003×" || start[5] != "-" {
+		t.Errorf("start-up row = %q", start)
+	}
+	change := rowOf(t, rep, "1,000", "one EndpointSlice change")
+	if change[1] != "-" || change[2] != "not run" || change[3] != "30 ms (40 ms; 3 of 3)" {
+		t.Errorf("change row = %q", change)
+	}
+	change100 := rowOf(t, rep, "100", "one EndpointSlice change")
+	if change100[2] != "30 ms (50 ms; 2 of 2)" || change100[4] != "0.25×" || change100[5] != "0.33×" {
+		t.Errorf("change row at 100 = %q", change100)
+	}
+	if !strings.Contains(rep, "| 1,000 | kube-proxy iptables | did not finish after 1200 s | | | 0 restores finished, one still running |") {
+		t.Errorf("details do not report the time-out:\n%s", rep)
+	}
+	for _, s := range []string{"Linux 6.1.0", "iptables v1.8.9 (nf_tables)", "nftables v1.0.6", "**nf_tables** backend"} {
+		if !strings.Contains(rep, s) {
+			t.Errorf("report does not say %q", s)
+		}
+	}
+	svg := plotSVG(b.results, b.opts.sizes)
+	if !strings.Contains(svg, "did not finish") || !strings.Contains(svg, "kube-proxy iptables start-up") {
+		t.Errorf("plot does not show the time-out:\n%s", svg)
+	}
+}
