@@ -11,7 +11,8 @@ import (
 
 // nftTable is upstream's nftables-mode table as `nft list table` prints
 // it, read just enough to count its chains and rules and to see which
-// endpoints have a DNAT. A first packet does not walk a list here: a
+// endpoints have a DNAT: "dnat to A:P" for a Service with one endpoint,
+// "dnat ip to numgen random mod N map { 0 : A . P, ... }" for several. A first packet does not walk a list here: a
 // ClusterIP is one lookup in the service-ips verdict map, so there is no
 // depth to compute.
 type nftTable struct {
@@ -19,7 +20,10 @@ type nftTable struct {
 	dnats         map[string]bool // every "dnat to" address:port
 }
 
-var nftDNAT = regexp.MustCompile(`\bdnat (?:ip |ip6 )?to (\S+)`)
+var (
+	nftDNAT    = regexp.MustCompile(`\bdnat (?:ip |ip6 )?to ([0-9.]+:[0-9]+)`)
+	nftDNATMap = regexp.MustCompile(`([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+) \. ([0-9]+)`)
+)
 
 func parseNFT(list string) *nftTable {
 	t := &nftTable{dnats: map[string]bool{}}
@@ -37,8 +41,14 @@ func parseNFT(list string) *nftTable {
 			// a base chain's hook, or a chain's comment: not a rule
 		default:
 			t.rules++
+			if !strings.Contains(l, "dnat ") {
+				continue
+			}
 			if m := nftDNAT.FindStringSubmatch(l); m != nil {
-				t.dnats[strings.TrimSuffix(m[1], ",")] = true
+				t.dnats[m[1]] = true
+			}
+			for _, m := range nftDNATMap.FindAllStringSubmatch(l, -1) {
+				t.dnats[m[1]+":"+m[2]] = true
 			}
 		}
 	}
