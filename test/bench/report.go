@@ -10,9 +10,9 @@ import (
 	"time"
 )
 
-func (b *bench) get(proxy string, n int) *RunResult {
+func (b *bench) get(proxy string, n int, placement string) *RunResult {
 	for _, r := range b.results {
-		if r.Proxy == proxy && r.N == n {
+		if r.Proxy == proxy && r.N == n && r.placement() == placement {
 			return r
 		}
 	}
@@ -129,143 +129,167 @@ func (b *bench) report() string {
 
 	p("## Results\n\n")
 	for _, n := range b.opts.sizes {
-		var runs []*RunResult
-		ran := false
-		for _, k := range b.opts.proxies {
-			r := b.get(k, n)
-			runs = append(runs, r)
-			ran = ran || r != nil
+		for _, pl := range b.opts.placements {
+			b.results1(&w, n, pl)
 		}
-		if !ran {
-			continue
-		}
-		p("### %s Services x 2 endpoints\n\n", fmtN(n))
-		p("|")
-		for _, k := range b.opts.proxies {
-			p(" | %s", proxyLabel(k))
-		}
-		cmp := b.comparisons()
-		for _, u := range cmp {
-			p(" | miniproxy / %s", strings.TrimPrefix(proxyLabel(u), "kube-proxy "))
-		}
-		p(" |\n|---|%s\n", strings.Repeat("---|", len(runs)+len(cmp)))
-		mp := b.get(miniproxy, n)
-		// row prints a metric; a ratio needs both runs complete, except
-		// for start-up, where an upstream mode that did not finish bounds it.
-		row := func(name string, f func(r *RunResult) (string, float64)) {
-			p("| %s |", name)
-			for _, r := range runs {
-				s, _ := cell(r, f)
-				p(" %s |", s)
-			}
-			for _, u := range cmp {
-				up := b.get(u, n)
-				ratio := "-"
-				_, uv := cell(up, f)
-				_, mv := cell(mp, f)
-				switch {
-				case usable(up) && usable(mp):
-					ratio = fmtRatio(mv / uv)
-				case up != nil && up.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
-					ratio = "< " + fmtRatio(mp.StartupS/up.StartupS)
-				}
-				p(" %s |", ratio)
-			}
-			p("\n")
-		}
-		rowNoRatio := func(name string, f func(r *RunResult) (string, float64)) {
-			p("| %s |", name)
-			for _, r := range runs {
-				s, _ := cell(r, f)
-				p(" %s |", s)
-			}
-			p("%s\n", strings.Repeat(" |", len(cmp)))
-		}
-		row("start-up: process start until every Service answers", func(r *RunResult) (string, float64) {
-			if r.StartupDNF {
-				return startup(r), math.NaN()
-			}
-			return startup(r), r.StartupS
-		})
-		row("one EndpointSlice change until traffic reaches the new endpoints: p50 (p99)", func(r *RunResult) (string, float64) {
-			cs := changeStats(r)
-			if cs.Of == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s (%s; %d of %d)", fmtMS(cs.P50MS), fmtMS(cs.P99MS), cs.OK, cs.Of), cs.P50MS
-		})
-		row("resident memory after the first sync (VmRSS; peak VmHWM)", func(r *RunResult) (string, float64) {
-			if r.RSSMB == 0 {
-				return "-", math.NaN()
-			}
-			s := fmt.Sprintf("%.0f MiB (peak %.0f)", r.RSSMB, r.HWMMB)
-			if r.StartupDNF {
-				s += " at the time-out"
-			}
-			return s, r.RSSMB
-		})
-		row("Go heap then: allocated / heap goal (≈ 2 × live) / idle, not returned to the OS", func(r *RunResult) (string, float64) {
-			g := r.GoHeap
-			if g.SysMB == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.0f / %.0f / %.0f MiB", g.AllocMB, g.NextGCMB, g.IdleMB-g.ReleasedMB), g.AllocMB
-		})
-		row("CPU from start until settled (of which iptables-restore)", func(r *RunResult) (string, float64) {
-			if r.CPUStartupS == 0 {
-				return "-", math.NaN()
-			}
-			if r.StartupDNF {
-				return fmt.Sprintf("%.0f s at the time-out", r.CPUStartupS), math.NaN()
-			}
-			return fmt.Sprintf("%.2f s (%.2f s)", r.CPUStartupS, r.CPUStartupChildS), r.CPUStartupS
-		})
-		row("CPU per change (median)", func(r *RunResult) (string, float64) {
-			cs := changeStats(r)
-			if cs.OK == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.3f s", cs.CPUS), cs.CPUS
-		})
-		row("first packet: TCP connect via the deepest Service, median (p10-p90) [nat rules walked]", func(r *RunResult) (string, float64) {
-			l := r.FirstPacket
-			if l.N == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
-		})
-		rowNoRatio(fmt.Sprintf("the same, through the %s-Service node's deepest Service, measured in turn with the above", fmtN(b.opts.sizes[0])), func(r *RunResult) (string, float64) {
-			l := r.Baseline
-			if l.N == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
-		})
-		row("restore input of the first sync: lines / bytes", func(r *RunResult) (string, float64) {
-			if r.FirstSync.Count == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s / %s", fmtN(r.FirstSync.Lines), fmtBytes(float64(r.FirstSync.Bytes))), float64(r.FirstSync.Lines)
-		})
-		row("restore input of one change (median): lines / bytes", func(r *RunResult) (string, float64) {
-			cs := changeStats(r)
-			if cs.OK == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s / %s", fmtN(int(cs.Lines)), fmtBytes(cs.Bytes)), cs.Lines
-		})
-		row("nat rules / chains after the first sync (iptables-save; nftables mode: rules / chains of its ip table)", func(r *RunResult) (string, float64) {
-			if r.NATRules == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s / %s", fmtN(r.NATRules), fmtN(r.NATChains)), float64(r.NATRules)
-		})
-		p("\n")
 	}
-
 	b.method(&w)
 	b.details(&w)
+	b.machineTable(&w)
+	return w.String()
+}
 
+// results1 writes the table of one size and placement.
+func (b *bench) results1(w *strings.Builder, n int, pl string) {
+	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
+	var runs []*RunResult
+	ran := false
+	for _, k := range b.opts.proxies {
+		r := b.get(k, n, pl)
+		runs = append(runs, r)
+		ran = ran || r != nil
+	}
+	if !ran {
+		return
+	}
+	p("### %s Services x 2 endpoints, %s\n\n", fmtN(n), placementText(pl))
+	p("|")
+	for _, k := range b.opts.proxies {
+		p(" | %s", proxyLabel(k))
+	}
+	cmp := b.comparisons()
+	for _, u := range cmp {
+		p(" | miniproxy / %s", strings.TrimPrefix(proxyLabel(u), "kube-proxy "))
+	}
+	p(" |\n|---|%s\n", strings.Repeat("---|", len(runs)+len(cmp)))
+	mp := b.get(miniproxy, n, pl)
+	// row prints a metric; a ratio needs both runs complete, except
+	// for start-up, where an upstream mode that did not finish bounds it.
+	row := func(name string, f func(r *RunResult) (string, float64)) {
+		p("| %s |", name)
+		for _, r := range runs {
+			s, _ := cell(r, f)
+			p(" %s |", s)
+		}
+		for _, u := range cmp {
+			up := b.get(u, n, pl)
+			ratio := "-"
+			_, uv := cell(up, f)
+			_, mv := cell(mp, f)
+			switch {
+			case usable(up) && usable(mp):
+				ratio = fmtRatio(mv / uv)
+			case up != nil && up.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
+				ratio = "< " + fmtRatio(mp.StartupS/up.StartupS)
+			}
+			p(" %s |", ratio)
+		}
+		p("\n")
+	}
+	rowNoRatio := func(name string, f func(r *RunResult) (string, float64)) {
+		p("| %s |", name)
+		for _, r := range runs {
+			s, _ := cell(r, f)
+			p(" %s |", s)
+		}
+		p("%s\n", strings.Repeat(" |", len(cmp)))
+	}
+	row("start-up: process start until every Service answers", func(r *RunResult) (string, float64) {
+		if r.StartupDNF {
+			return startup(r), math.NaN()
+		}
+		return startup(r), r.StartupS
+	})
+	row("one EndpointSlice change until traffic reaches the new endpoints: p50 (p99)", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.Of == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s (%s; %d of %d)", fmtMS(cs.P50MS), fmtMS(cs.P99MS), cs.OK, cs.Of), cs.P50MS
+	})
+	rowNoRatio("the API server's part of it: Services + EndpointSlices through informers on the node, timed alone just before", func(r *RunResult) (string, float64) {
+		a := r.APIList
+		switch {
+		case a.Error != "":
+			return "failed: " + oneLine(a.Error), math.NaN()
+		case a.Seconds == 0:
+			return "-", math.NaN()
+		}
+		return fmtS(a.Seconds), a.Seconds
+	})
+	row("resident memory after the first sync (VmRSS; peak VmHWM)", func(r *RunResult) (string, float64) {
+		if r.RSSMB == 0 {
+			return "-", math.NaN()
+		}
+		s := fmt.Sprintf("%.0f MiB (peak %.0f)", r.RSSMB, r.HWMMB)
+		if r.StartupDNF {
+			s += " at the time-out"
+		}
+		return s, r.RSSMB
+	})
+	row("Go heap then: allocated / heap goal (≈ 2 × live) / idle, not returned to the OS", func(r *RunResult) (string, float64) {
+		g := r.GoHeap
+		if g.SysMB == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.0f / %.0f / %.0f MiB", g.AllocMB, g.NextGCMB, g.IdleMB-g.ReleasedMB), g.AllocMB
+	})
+	row("CPU from start until settled (of which iptables-restore)", func(r *RunResult) (string, float64) {
+		if r.CPUStartupS == 0 {
+			return "-", math.NaN()
+		}
+		if r.StartupDNF {
+			return fmt.Sprintf("%.0f s at the time-out", r.CPUStartupS), math.NaN()
+		}
+		return fmt.Sprintf("%.2f s (%.2f s)", r.CPUStartupS, r.CPUStartupChildS), r.CPUStartupS
+	})
+	row("CPU per change (median)", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.OK == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.3f s", cs.CPUS), cs.CPUS
+	})
+	row("first packet: TCP connect via the deepest Service, median (p10-p90) [nat rules walked]", func(r *RunResult) (string, float64) {
+		l := r.FirstPacket
+		if l.N == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
+	})
+	rowNoRatio(fmt.Sprintf("the same, through the %s-Service node's deepest Service, measured in turn with the above", fmtN(b.opts.sizes[0])), func(r *RunResult) (string, float64) {
+		l := r.Baseline
+		if l.N == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
+	})
+	row("restore input of the first sync: lines / bytes", func(r *RunResult) (string, float64) {
+		if r.FirstSync.Count == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s / %s", fmtN(r.FirstSync.Lines), fmtBytes(float64(r.FirstSync.Bytes))), float64(r.FirstSync.Lines)
+	})
+	row("restore input of one change (median): lines / bytes", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.OK == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s / %s", fmtN(int(cs.Lines)), fmtBytes(cs.Bytes)), cs.Lines
+	})
+	row("nat rules / chains after the first sync (iptables-save; nftables mode: rules / chains of its ip table)", func(r *RunResult) (string, float64) {
+		if r.NATRules == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s / %s", fmtN(r.NATRules), fmtN(r.NATChains)), float64(r.NATRules)
+	})
+	p("\n")
+}
+
+// machineTable says where the run was measured.
+func (b *bench) machineTable(w *strings.Builder) {
+	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
+	m := b.machine
 	p("## Machine and versions\n\n")
 	p("| | |\n|---|---|\n")
 	p("| CPU | %d × %s |\n", m.CPUs, m.CPUModel)
@@ -279,7 +303,6 @@ func (b *bench) report() string {
 	p("| kube-proxy | %s (`%s`, built from the `k8s.io/kubernetes` module by `scripts/build-k8s.sh`) |\n", m.KubeProxy, m.KubeProxyP)
 	p("| API server | %s, %s |\n", m.APIServer, m.Etcd)
 	p("\n")
-	return w.String()
 }
 
 // fpRatio compares a run's first packet with the baseline size's: with the
@@ -356,8 +379,10 @@ func (b *bench) targets(w *strings.Builder) {
 	if len(b.opts.sizes) > 0 && b.opts.sizes[0] < 1000 {
 		base = b.opts.sizes[0]
 	}
+	pl := b.opts.placements[0]
 	p("## Targets of issue 6\n\n")
-	p("The targets are set at 10,000 Services; the other sizes are shown for the trend.\n\n")
+	p("The targets are set at 10,000 Services, against kube-proxy's iptables mode, with %s; the other sizes are\n", placementText(pl))
+	p("shown for the trend.\n\n")
 	p("| target | required |")
 	for _, n := range sizes {
 		p(" %s |", fmtN(n))
@@ -375,7 +400,7 @@ func (b *bench) targets(w *strings.Builder) {
 	}
 	ts := []target{
 		{"start-up", "≤ 0.1× kube-proxy", func(n int) (float64, string) {
-			kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
+			kp, mp := b.get(kubeProxy, n, pl), b.get(miniproxy, n, pl)
 			if !usable(mp) || kp == nil {
 				return math.NaN(), "-"
 			}
@@ -390,7 +415,7 @@ func (b *bench) targets(w *strings.Builder) {
 			return x, fmtRatio(x)
 		}, 0.1},
 		{"one change", "≤ 0.2× kube-proxy", func(n int) (float64, string) {
-			kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
+			kp, mp := b.get(kubeProxy, n, pl), b.get(miniproxy, n, pl)
 			if !usable(kp) || !usable(mp) {
 				return math.NaN(), "-"
 			}
@@ -398,25 +423,25 @@ func (b *bench) targets(w *strings.Builder) {
 			return m / k, fmtRatio(m / k)
 		}, 0.2},
 		{"memory after the first sync", "≤ 0.5× kube-proxy", func(n int) (float64, string) {
-			kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
+			kp, mp := b.get(kubeProxy, n, pl), b.get(miniproxy, n, pl)
 			if !usable(kp) || !usable(mp) {
 				return math.NaN(), "-"
 			}
 			return mp.RSSMB / kp.RSSMB, fmtRatio(mp.RSSMB / kp.RSSMB)
 		}, 0.5},
 		{fmt.Sprintf("first packet, deepest Service, vs. %s Services", fmtN(base)), "≤ 1.3×", func(n int) (float64, string) {
-			mp, m0 := b.get(miniproxy, n), b.get(miniproxy, base)
+			mp, m0 := b.get(miniproxy, n, pl), b.get(miniproxy, base, pl)
 			x, s := fpRatio(mp, m0)
 			if math.IsNaN(x) {
 				return x, "-"
 			}
-			if kx, _ := fpRatio(b.get(kubeProxy, n), b.get(kubeProxy, base)); !math.IsNaN(kx) {
+			if kx, _ := fpRatio(b.get(kubeProxy, n, pl), b.get(kubeProxy, base, pl)); !math.IsNaN(kx) {
 				s += fmt.Sprintf(" (kube-proxy %s)", fmtRatio(kx))
 			}
 			return x, s
 		}, 1.3},
 		{"restore input of one change", fmt.Sprintf("a few hundred lines (we check ≤ %d)", maxRestoreLines), func(n int) (float64, string) {
-			mp := b.get(miniproxy, n)
+			mp := b.get(miniproxy, n, pl)
 			if !usable(mp) {
 				return math.NaN(), "-"
 			}
@@ -459,9 +484,13 @@ root namespace: API calls start inside the control-plane namespace, measured tra
 `+"`iptables-save`"+` and the metrics scrape run inside the node namespace.
 
 - **State.** The benchmark writes N Services (`+"`svc-00000`"+`...; ClusterIPs allocated by the API server, so spread at
-  random over 10.96.0.0/16) and one EndpointSlice per Service with 2 ready endpoints on other nodes, directly
-  through the API server (no controller runs). Sizes grow in place: the Services of a smaller size are kept. Each
-  endpoint has its own address, and every address answers: sink-a owns 10.248.0.0/16 and sink-b 10.249.0.0/16
+  random over `+serviceCIDR.String()+`) and one EndpointSlice per Service with 2 ready endpoints, directly
+  through the API server (no controller runs). The endpoints are either spread over 97 other nodes (`+"`-placement other`"+`,
+  what most Services of a large cluster look like from one node) or all on the measured node (`+"`-placement local`"+`:
+  every endpoint is then local to it, and miniproxy writes a hairpin masquerade rule for each); each
+  table says which, and with both every size is run with each (the slices rewritten in between, and the watch cache
+  waited for). Sizes grow in place: the Services of a smaller size are kept. Each
+  endpoint has its own address, and every address answers: sink-a owns 10.248.0.0/15 and sink-b 10.250.0.0/15
   through a local route (`+"`ip route add local ... dev lo`"+`), and their echo servers accept connections to any
   address in them, so any Service can carry real traffic. Changed slices are put back before the next proxy runs,
   so both proxies start from the same state. The last Service is written after all others.
@@ -481,6 +510,13 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   (shown as "endpoints in rules" below). Every proxy writes all rules of a sync in one `+"`iptables-restore`"+` or `+"`nft -f`"+`
   transaction, which the kernel commits atomically. A proxy
   that has not made it after %s is stopped and reported as "did not finish" with the time waited.
+- **The API server's part of start-up**: just before each proxy starts, on a calm machine, the benchmark syncs a
+  Service and an EndpointSlice informer (client-go, as both proxies use) from inside the fresh node namespace, with
+  the proxies' identity, content type (protobuf) and label selector, times it from start until both caches synced,
+  and throws them away. Every proxy has to receive this state before it can write a rule, so it is part of each
+  start-up; the rest is the proxy's own work (decoding into its own structures, building and loading the rules).
+  client-go streams the initial state as a watch (its WatchListClient gate, on by default since 1.35) when the API
+  server supports it, else it lists; either way the same for every proxy and for this timing.
 - **Memory** is VmRSS of the proxy process (iptables-restore children not included) once it has **settled**: the
   first moment after start-up at which it used at most 20 ms of CPU in one second. VmHWM is its peak so far. The
   Go heap figures are the proxy's own `+"`go_memstats_*`"+` metrics (both export them), scraped right after.
@@ -537,56 +573,61 @@ root namespace: API calls start inside the control-plane namespace, measured tra
 	fmt.Fprintln(w)
 }
 
-// details writes what explains the headline figures.
+// placementShort names a placement in a table cell.
+func placementShort(p string) string {
+	if p == placementLocal {
+		return "this node"
+	}
+	return "other nodes"
+}
+
+// details writes what explains the headline figures, run by run in the
+// order they were measured.
 func (b *bench) details(w *strings.Builder) {
 	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
 	p("## Details per run\n\n")
-	p("| N | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via another proxy's deepest Service [depth] | changes: ms (restore lines, CPU s) | outside load: start-up / first packet / changes (highest) |\n")
+	p("| N (endpoints on) | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via another proxy's deepest Service [depth] | changes: ms (restore lines, CPU s) | outside load: start-up / first packet / changes (highest) |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|\n")
-	for _, n := range b.opts.sizes {
-		for _, proxy := range b.opts.proxies {
-			r := b.get(proxy, n)
-			if r == nil {
+	for _, r := range b.results {
+		n, proxy := r.N, r.Proxy
+		size := fmt.Sprintf("%s (%s)", fmtN(n), placementShort(r.placement()))
+		if r.Err != "" && r.StartupS == 0 {
+			p("| %s | %s | failed: %s | | | | | | | |\n", size, proxyLabel(proxy), oneLine(r.Err))
+			continue
+		}
+		var ch []string
+		chLoad := 0.0
+		for _, c := range r.Changes {
+			chLoad = max(chLoad, c.Outside)
+			if c.Err != "" {
+				ch = append(ch, "failed: "+oneLine(c.Err))
 				continue
 			}
-			if r.Err != "" && r.StartupS == 0 {
-				p("| %s | %s | failed: %s | | | | | | | |\n", fmtN(n), proxyLabel(proxy), oneLine(r.Err))
-				continue
+			ch = append(ch, fmt.Sprintf("%s (%d, %.3f)", fmtMS(c.LatencyMS), c.Restore.Lines, c.CPUS))
+		}
+		conn := fmt.Sprintf("%.0f / %.0f µs [%s]", r.NoProxy.Median, r.Direct.Median, depthText(r.Direct))
+		if r.OtherTarget.N > 0 {
+			conn += fmt.Sprintf(" / %.0f µs [%s]", r.OtherTarget.Median, depthText(r.OtherTarget))
+		}
+		mean := fmt.Sprintf("%.0f", r.MeanDepth)
+		if r.FirstPacket.Map {
+			mean = "map lookup"
+		}
+		load := fmt.Sprintf("%.0f%% / %.0f%% / %.0f%%", 100*r.OutsideStartup, 100*r.FirstPacket.Outside, 100*chLoad)
+		if r.StartupDNF {
+			state := fmt.Sprintf("%d restores finished", r.FirstSync.Count)
+			if r.RestoreRunning {
+				state += ", one still running"
 			}
-			var ch []string
-			chLoad := 0.0
-			for _, c := range r.Changes {
-				chLoad = max(chLoad, c.Outside)
-				if c.Err != "" {
-					ch = append(ch, "failed: "+oneLine(c.Err))
-					continue
-				}
-				ch = append(ch, fmt.Sprintf("%s (%d, %.3f)", fmtMS(c.LatencyMS), c.Restore.Lines, c.CPUS))
-			}
-			conn := fmt.Sprintf("%.0f / %.0f µs [%s]", r.NoProxy.Median, r.Direct.Median, depthText(r.Direct))
-			if r.OtherTarget.N > 0 {
-				conn += fmt.Sprintf(" / %.0f µs [%s]", r.OtherTarget.Median, depthText(r.OtherTarget))
-			}
-			mean := fmt.Sprintf("%.0f", r.MeanDepth)
-			if r.FirstPacket.Map {
-				mean = "map lookup"
-			}
-			load := fmt.Sprintf("%.0f%% / %.0f%% / %.0f%%", 100*r.OutsideStartup, 100*r.FirstPacket.Outside, 100*chLoad)
-			if r.StartupDNF {
-				state := fmt.Sprintf("%d restores finished", r.FirstSync.Count)
-				if r.RestoreRunning {
-					state += ", one still running"
-				}
-				p("| %s | %s | did not finish after %s | | | %s | | | | %.0f%% |\n",
-					fmtN(n), proxyLabel(proxy), fmtS(r.StartupS), state, 100*r.OutsideStartup)
-				continue
-			}
-			p("| %s | %s | %s of %s | %d of %d | %.1f s | %d (%.2f s) | %s | %s | %s | %s |\n",
-				fmtN(n), proxyLabel(proxy), fmtN(r.EndpointsInRules), fmtN(r.EndpointsExpected), r.SampleFirst, r.SampleTotal,
-				r.SettleS, r.FirstSync.Count, r.FirstSync.Seconds, mean, conn, strings.Join(ch, "; "), load)
-			if r.Err != "" {
-				p("| | | error: %s | | | | | | | |\n", oneLine(r.Err))
-			}
+			p("| %s | %s | did not finish after %s | | | %s | | | | %.0f%% |\n",
+				size, proxyLabel(proxy), fmtS(r.StartupS), state, 100*r.OutsideStartup)
+			continue
+		}
+		p("| %s | %s | %s of %s | %d of %d | %.1f s | %d (%.2f s) | %s | %s | %s | %s |\n",
+			size, proxyLabel(proxy), fmtN(r.EndpointsInRules), fmtN(r.EndpointsExpected), r.SampleFirst, r.SampleTotal,
+			r.SettleS, r.FirstSync.Count, r.FirstSync.Seconds, mean, conn, strings.Join(ch, "; "), load)
+		if r.Err != "" {
+			p("| | | error: %s | | | | | | | |\n", oneLine(r.Err))
 		}
 	}
 	p("\n")
@@ -613,7 +654,13 @@ func oneLine(s string) string {
 
 // plotSVG draws start-up and one-change time against N, both axes
 // logarithmic, by hand.
-func plotSVG(results []*RunResult, sizes []int) string {
+func plotSVG(all []*RunResult, sizes []int, placement string) string {
+	var results []*RunResult
+	for _, r := range all {
+		if r.placement() == placement {
+			results = append(results, r)
+		}
+	}
 	const W, H = 880, 460
 	const left, right, top, bottom = 80, 310, 40, 60
 	pw, ph := float64(W-left-right), float64(H-top-bottom)
@@ -668,7 +715,7 @@ func plotSVG(results []*RunResult, sizes []int) string {
 	p := func(f string, a ...any) { fmt.Fprintf(&w, f, a...) }
 	p(`<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="12">`+"\n", W, H, W, H)
 	p(`<rect width="100%%" height="100%%" fill="white"/>` + "\n")
-	p(`<text x="%d" y="22" font-size="14" font-weight="bold">Start-up and one change against the number of Services (2 endpoints each)</text>`+"\n", left-40)
+	p(`<text x="%d" y="22" font-size="14" font-weight="bold">Start-up and one change against the number of Services (2 endpoints each, %s)</text>`+"\n", left-40, placementShort(placement))
 	if math.IsInf(xmin, 0) {
 		p(`<text x="%d" y="%d">no results yet</text></svg>`+"\n", W/2-40, H/2)
 		return w.String()

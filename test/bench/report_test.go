@@ -19,7 +19,7 @@ func fakeRun(proxy string, n int, startup float64, ms ...float64) *RunResult {
 
 func fakeBench(results ...*RunResult) *bench {
 	return &bench{
-		opts:    options{sizes: []int{100, 1000}, proxies: allProxies, changes: 20, connects: 1000, startupTimeout: 20 * time.Minute, svg: "/tmp/x/performance.svg"},
+		opts:    options{sizes: []int{100, 1000}, proxies: allProxies, placements: []string{placementOther}, changes: 20, connects: 1000, startupTimeout: 20 * time.Minute, svg: "/tmp/x/performance.svg"},
 		machine: machineInfo{CPUs: 2, OS: "Debian GNU/Linux 12 (bookworm)", Kernel: "6.1.0", Iptables: "iptables v1.8.9 (nf_tables)", NFT: "nftables v1.0.6"},
 		results: results, started: time.Date(2026, 1, 2, 3, 4, 0, 0, time.UTC), done: true,
 	}
@@ -73,7 +73,7 @@ func TestReportShowsATimedOutAndAMissingUpstreamMode(t *testing.T) {
 	if change100[2] != "30 ms (50 ms; 2 of 2)" || change100[4] != "0.25×" || change100[5] != "0.33×" {
 		t.Errorf("change row at 100 = %q", change100)
 	}
-	if !strings.Contains(rep, "| 1,000 | kube-proxy iptables | did not finish after 1200 s | | | 0 restores finished, one still running |") {
+	if !strings.Contains(rep, "| 1,000 (other nodes) | kube-proxy iptables | did not finish after 1200 s | | | 0 restores finished, one still running |") {
 		t.Errorf("details do not report the time-out:\n%s", rep)
 	}
 	for _, s := range []string{"Linux 6.1.0", "iptables v1.8.9 (nf_tables)", "nftables v1.0.6", "**nf_tables** backend"} {
@@ -81,8 +81,33 @@ func TestReportShowsATimedOutAndAMissingUpstreamMode(t *testing.T) {
 			t.Errorf("report does not say %q", s)
 		}
 	}
-	svg := plotSVG(b.results, b.opts.sizes)
+	svg := plotSVG(b.results, b.opts.sizes, placementOther)
 	if !strings.Contains(svg, "did not finish") || !strings.Contains(svg, "kube-proxy iptables start-up") {
 		t.Errorf("plot does not show the time-out:\n%s", svg)
+	}
+}
+
+func TestReportNamesThePlacementOfEveryTable(t *testing.T) {
+	local := fakeRun(miniproxy, 1000, 0.4, 25)
+	local.Placement = placementLocal
+	b := fakeBench(fakeRun(miniproxy, 1000, 0.3, 20), local)
+	b.opts.placements = []string{placementOther, placementLocal}
+	rep := b.report()
+	if rowOf(t, rep, "1,000", "start-up")[3] != "0.30 s" {
+		t.Errorf("the first table is not the spread placement's")
+	}
+	for _, s := range []string{
+		"### 1,000 Services x 2 endpoints, endpoints spread over 97 other nodes",
+		"### 1,000 Services x 2 endpoints, all endpoints on the measured node",
+		"| 1,000 (other nodes) | miniproxy |", "| 1,000 (this node) | miniproxy |",
+		"against kube-proxy's iptables mode, with endpoints spread over 97 other nodes",
+	} {
+		if !strings.Contains(rep, s) {
+			t.Errorf("report does not say %q:\n%s", s, rep)
+		}
+	}
+	_, local1000, _ := strings.Cut(rep, "all endpoints on the measured node\n")
+	if !strings.Contains(local1000, "| start-up: process start until every Service answers | not run | not run | 0.40 s |") {
+		t.Errorf("the local table does not hold the local run:\n%s", local1000)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"time"
 
@@ -45,7 +46,10 @@ func proxyLabel(kind string) string {
 type RunResult struct {
 	Proxy string `json:"proxy"`
 	N     int    `json:"n"`
-	Err   string `json:"error,omitempty"`
+	// Placement is where the endpoints were (placementOther when empty:
+	// saved before there was a choice).
+	Placement string `json:"placement,omitempty"`
+	Err       string `json:"error,omitempty"`
 
 	StartupS   float64 `json:"startup_s"`
 	StartupDNF bool    `json:"startup_dnf,omitempty"`
@@ -74,6 +78,9 @@ type RunResult struct {
 	MetricRulesWritten float64     `json:"metric_rules_written,omitempty"`
 
 	OutsideStartup float64 `json:"outside_load_startup"`
+	// APIList is the API server's initial state reaching the node,
+	// timed on the fresh node just before the proxy started.
+	APIList APIList `json:"api_list"`
 
 	NoProxy     Latency `json:"connect_no_proxy"`
 	Direct      Latency `json:"connect_direct_with_rules"`
@@ -82,6 +89,13 @@ type RunResult struct {
 	OtherTarget Latency `json:"first_packet_other_target"`
 
 	Changes []ChangeResult `json:"changes"`
+}
+
+func (r *RunResult) placement() string {
+	if r.Placement == "" {
+		return placementOther
+	}
+	return r.Placement
 }
 
 // GoHeap is the Go runtime's view of a proxy's memory once settled, from
@@ -108,8 +122,8 @@ type ChangeResult struct {
 
 // run starts one proxy on a fresh node against the current API state of n
 // Services and measures everything.
-func (b *bench) run(ctx context.Context, kind string, n int) *RunResult {
-	r := &RunResult{Proxy: kind, N: n}
+func (b *bench) run(ctx context.Context, kind string, n int, placement string) *RunResult {
+	r := &RunResult{Proxy: kind, N: n, Placement: placement}
 	if err := b.runInto(ctx, kind, n, r); err != nil {
 		r.Err = err.Error()
 		b.logf("  %s at %d: %v", kind, n, err)
@@ -139,6 +153,12 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 	} else {
 		return fmt.Errorf("the node does not reach its pods: %w", err)
 	}
+	// The part of start-up that is the API server's: its initial state
+	// through informers, from this node, on a calm machine.
+	waitQuiet(ctx, 2*time.Minute)
+	r.APIList = timeAPIList(ctx, b.bl.cp, nd.ns)
+	b.logf("  API list from %s: %d Services, %d slices in %.2fs %s", nd.short, r.APIList.Services, r.APIList.Slices, r.APIList.Seconds, r.APIList.Error)
+	runtime.GC()
 	// Start on a calm machine, and note how calm it stayed.
 	waitQuiet(ctx, 2*time.Minute)
 
@@ -282,10 +302,10 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 	// stay when the proxy stops (neither proxy removes them on exit), and
 	// its pods keep answering, so larger sizes can measure it again,
 	// interleaved with their own first packets.
-	if n == b.opts.sizes[0] && n < 1000 && r.FirstPacket.N > 0 {
+	if n == b.opts.sizes[0] && n < 1000 && r.FirstPacket.N > 0 && b.baseline[kind] == nil {
 		proc.Stop()
 		keep = true
-		b.baseline[kind] = &baselineRef{nd: nd, target: b.deepest[pick{kind, n}], depth: r.FirstPacket.Depth, n: n}
+		b.baseline[kind] = &baselineRef{nd: nd, target: b.deepest[pick{kind, n, r.placement()}], depth: r.FirstPacket.Depth, n: n}
 	}
 	return nil
 }
@@ -562,7 +582,7 @@ func (b *bench) firstPacket(ctx context.Context, nd *node, kind string, n int, n
 		if d2 != depth {
 			r.FirstPacket.Comment = fmt.Sprintf("depth %d after measuring", d2)
 		}
-		b.deepest[pick{kind, n}] = target
+		b.deepest[pick{kind, n, r.placement()}] = target
 		break
 	}
 	b.logf("  %s: first packet via %s (depth %d, mean %.0f): median %.0f µs (p10 %.0f, p90 %.0f; outside load %.0f%%)", kind,
@@ -570,7 +590,7 @@ func (b *bench) firstPacket(ctx context.Context, nd *node, kind string, n int, n
 	// The first other proxy (in column order) whose pick at this size is a
 	// different Service: does this proxy's time depend on where a Service is?
 	for _, other := range allProxies {
-		s, ok := b.deepest[pick{other, n}]
+		s, ok := b.deepest[pick{other, n, r.placement()}]
 		if other == kind || !ok || s.name == r.FirstPacket.Target {
 			continue
 		}
