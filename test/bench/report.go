@@ -116,10 +116,10 @@ func (b *bench) report() string {
 	for _, k := range b.opts.proxies {
 		labels = append(labels, proxyLabel(k))
 	}
-	p("The proxies (%s) ran one after the other, each on a fresh node namespace (empty tables), against the same API\n", strings.Join(labels, ", "))
-	p("server state: N ClusterIP Services (one TCP port each) with 2 ready endpoints each, on the iptables **%s** backend\n", backend(m.Iptables))
-	p("(%s, Linux %s, %d CPUs; details at the end). Ratios are miniproxy / each upstream mode. How each figure was measured\n", m.OS, m.Kernel, m.CPUs)
-	p("is below the tables.\n\n")
+	p("The proxies (%s) ran one after the other, each on a fresh node namespace (empty\n", strings.Join(labels, ", "))
+	p("tables), against the same API server state: N ClusterIP Services (one TCP port each) with 2 ready endpoints each,\n")
+	p("on %s, Linux %s, %d CPUs, iptables' **%s** backend (details at the end). Ratios are miniproxy / each upstream\n", m.OS, m.Kernel, m.CPUs, backend(m.Iptables))
+	p("mode. How each figure was measured is below the tables.\n\n")
 	if b.opts.profileDir != "" {
 		p("**Diagnosis run**: the proxies ran with `--profiling` and their heap profiles were fetched after settling.\n\n")
 	}
@@ -200,13 +200,6 @@ func (b *bench) results1(w *strings.Builder, n int, pl string) {
 		}
 		return startup(r), r.StartupS
 	})
-	row("one EndpointSlice change until traffic reaches the new endpoints: p50 (p99)", func(r *RunResult) (string, float64) {
-		cs := changeStats(r)
-		if cs.Of == 0 {
-			return "-", math.NaN()
-		}
-		return fmt.Sprintf("%s (%s; %d of %d)", fmtMS(cs.P50MS), fmtMS(cs.P99MS), cs.OK, cs.Of), cs.P50MS
-	})
 	rowNoRatio("the API server's part of it: Services + EndpointSlices through informers on the node, timed alone just before", func(r *RunResult) (string, float64) {
 		a := r.APIList
 		switch {
@@ -216,6 +209,13 @@ func (b *bench) results1(w *strings.Builder, n int, pl string) {
 			return "-", math.NaN()
 		}
 		return fmtS(a.Seconds), a.Seconds
+	})
+	row("one EndpointSlice change until traffic reaches the new endpoints: p50 (p99)", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.Of == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s (%s; %d of %d)", fmtMS(cs.P50MS), fmtMS(cs.P99MS), cs.OK, cs.Of), cs.P50MS
 	})
 	row("resident memory after the first sync (VmRSS; peak VmHWM)", func(r *RunResult) (string, float64) {
 		if r.RSSMB == 0 {
@@ -234,7 +234,7 @@ func (b *bench) results1(w *strings.Builder, n int, pl string) {
 		}
 		return fmt.Sprintf("%.0f / %.0f / %.0f MiB", g.AllocMB, g.NextGCMB, g.IdleMB-g.ReleasedMB), g.AllocMB
 	})
-	row("CPU from start until settled (of which iptables-restore)", func(r *RunResult) (string, float64) {
+	row("CPU from start until settled (of which iptables-restore or nft)", func(r *RunResult) (string, float64) {
 		if r.CPUStartupS == 0 {
 			return "-", math.NaN()
 		}
@@ -494,10 +494,10 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   through a local route (`+"`ip route add local ... dev lo`"+`), and their echo servers accept connections to any
   address in them, so any Service can carry real traffic. Changed slices are put back before the next proxy runs,
   so both proxies start from the same state. The last Service is written after all others.
-- **The proxies.** miniproxy: `+"`%s`"+`. kube-proxy:
-  `+"`%s`"+`, in iptables mode, and the same binary with `+"`--proxy-mode=nftables`"+` for its nftables mode. Everything else is left at
-  its default for all, among them `+"`--iptables-min-sync-period`"+` 1 s and `+"`--iptables-sync-period`"+` 30 s (nftables mode reads the
-  same two flags). All use the identity `+"`system:kube-proxy`"+`. kube-proxy also
+- **The proxies.** miniproxy: `+"`%s`"+`. kube-proxy in iptables mode:
+  `+"`%s`"+`; in nftables mode the same with `+"`--proxy-mode=nftables`"+`. Everything else is left at
+  its default for all, among them the minimum and the full sync period, 1 s and 30 s (`+"`--iptables-min-sync-period`"+`,
+  `+"`--iptables-sync-period`"+`; the same defaults in nftables mode). All use the identity `+"`system:kube-proxy`"+`. kube-proxy also
   programs an IPv6 table (the node namespace has IPv6), which holds no Service; miniproxy programs IPv4 only
   because the node has no IPv6 address. All run as children of the benchmark, with the same environment.
 - **Start-up** is from just before the process is started until a TCP connection from the client pod through the
