@@ -124,6 +124,7 @@ func (b *bench) report() string {
 		p("**Diagnosis run**: the proxies ran with `--profiling` and their heap profiles were fetched after settling.\n\n")
 	}
 	b.targets(&w)
+	b.targets17(&w)
 
 	p("![start-up and one change against N](%s)\n\n", filepath.Base(b.opts.svg))
 

@@ -111,3 +111,35 @@ func TestReportNamesThePlacementOfEveryTable(t *testing.T) {
 		t.Errorf("the local table does not hold the local run:\n%s", local1000)
 	}
 }
+
+func TestIssue17TargetsPerPlacement(t *testing.T) {
+	at := func(r *RunResult, pl string) *RunResult { r.Placement = pl; return r }
+	huge := fakeRun(miniproxy, 100000, 9.5, 40, 120)
+	huge.RSSMB = 280
+	mp10 := fakeRun(miniproxy, 10000, 1.0, 50, 60)
+	mp10.RSSMB = 40
+	b := fakeBench(
+		fakeRun(kubeProxy, 10000, 48, 900), fakeRun(kubeProxyNFT, 10000, 18, 550), mp10, huge,
+		// local: iptables mode timed out.
+		at(&RunResult{Proxy: kubeProxy, N: 10000, StartupS: 1200, StartupDNF: true}, placementLocal),
+		at(fakeRun(kubeProxyNFT, 10000, 100, 550), placementLocal),
+		at(fakeRun(miniproxy, 10000, 2.0, 50), placementLocal),
+	)
+	b.opts.sizes = []int{10000, 100000}
+	b.opts.placements = []string{placementOther, placementLocal}
+	rep := b.report()
+	_, sec, _ := strings.Cut(rep, "## Targets of issue 17\n")
+	sec, _, _ = strings.Cut(sec, "\n\n![")
+	for _, want := range []string{
+		"| start-up at 100,000 | ≤ 10 s | 9.50 s: **yes** | not measured |",
+		"| one change at 100,000, p99 of the changes | ≤ 100 ms | 120 ms (2 of 2): **no** | not measured |",
+		"| memory after the first sync at 100,000 | ≤ 300 MiB | 280 MiB: **yes** | not measured |",
+		"| start-up at 10,000 | ≤ 0.05× both upstream modes (20× faster) | 1.00 s (0.021× iptables, 0.056× nftables): **no** | 2.00 s (< 0.0017× iptables, 0.020× nftables): **yes** |",
+		"| one change at 10,000, p50 | faster than both upstream modes (< 1×) | 50 ms (0.056× iptables, 0.091× nftables): **yes** | kube-proxy iptables did not finish |",
+		"| memory after the first sync at 10,000 | ≤ 0.4× the lighter upstream mode | 40 MiB (0.80× iptables, 0.80× nftables): **no** |",
+	} {
+		if !strings.Contains(sec, want) {
+			t.Errorf("issue 17's targets lack %q:\n%s", want, sec)
+		}
+	}
+}
