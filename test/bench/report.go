@@ -513,7 +513,8 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   that has not made it after %s is stopped and reported as "did not finish" with the time waited.
 - **The API server's part of start-up**: just before each proxy starts, on a calm machine, the benchmark syncs a
   Service and an EndpointSlice informer (client-go, as both proxies use) from inside the fresh node namespace, with
-  the proxies' identity, content type (protobuf) and label selector, times it from start until both caches synced,
+  the proxies' identity, content type (protobuf) and label selector, times it from start until both caches synced
+  (polled every millisecond),
   and throws them away. Every proxy has to receive this state before it can write a rule, so it is part of each
   start-up; the rest is the proxy's own work (decoding into its own structures, building and loading the rules).
   client-go streams the initial state as a watch (its WatchListClient gate, on by default since 1.35) when the API
