@@ -162,7 +162,8 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 	// Start on a calm machine, and note how calm it stayed.
 	waitQuiet(ctx, 2*time.Minute)
 
-	logPath := filepath.Join(b.bl.tmp, fmt.Sprintf("restores-%s-%d.jsonl", kind, n))
+	// One log per run: a run reads every record in it.
+	logPath := filepath.Join(b.bl.tmp, fmt.Sprintf("restores-%s-%d-%s.jsonl", kind, n, r.placement()))
 	cmd, err := b.proxyCmd(kind, logPath)
 	if err != nil {
 		return err
