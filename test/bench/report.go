@@ -178,6 +178,8 @@ func (b *bench) results1(w *strings.Builder, n int, pl string) {
 			_, uv := cell(up, f)
 			_, mv := cell(mp, f)
 			switch {
+			case u == kubeProxyNFT && strings.HasPrefix(name, "nat rules"):
+				// nft rules and chains are not iptables rules and chains
 			case usable(up) && usable(mp):
 				ratio = fmtRatio(mv / uv)
 			case up != nil && up.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
@@ -265,18 +267,18 @@ func (b *bench) results1(w *strings.Builder, n int, pl string) {
 		}
 		return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
 	})
-	row("restore input of the first sync: lines / bytes", func(r *RunResult) (string, float64) {
+	row("restore input of the first sync: lines / bytes (ratio of bytes)", func(r *RunResult) (string, float64) {
 		if r.FirstSync.Count == 0 {
 			return "-", math.NaN()
 		}
-		return fmt.Sprintf("%s / %s", fmtN(r.FirstSync.Lines), fmtBytes(float64(r.FirstSync.Bytes))), float64(r.FirstSync.Lines)
+		return fmt.Sprintf("%s / %s", fmtN(r.FirstSync.Lines), fmtBytes(float64(r.FirstSync.Bytes))), float64(r.FirstSync.Bytes)
 	})
-	row("restore input of one change (median): lines / bytes", func(r *RunResult) (string, float64) {
+	row("restore input of one change (median): lines / bytes (ratio of bytes)", func(r *RunResult) (string, float64) {
 		cs := changeStats(r)
 		if cs.OK == 0 {
 			return "-", math.NaN()
 		}
-		return fmt.Sprintf("%s / %s", fmtN(int(cs.Lines)), fmtBytes(cs.Bytes)), cs.Lines
+		return fmt.Sprintf("%s / %s", fmtN(int(cs.Lines)), fmtBytes(cs.Bytes)), cs.Bytes
 	})
 	row("nat rules / chains after the first sync (iptables-save; nftables mode: rules / chains of its ip table)", func(r *RunResult) (string, float64) {
 		if r.NATRules == 0 {
@@ -575,6 +577,33 @@ root namespace: API calls start inside the control-plane namespace, measured tra
 	fmt.Fprintln(w)
 }
 
+// changeRange sums up a run's changes for the details: the fastest and the
+// slowest, the fewest and the most restore lines, and the failures with the
+// first one's reason (every change is in the JSON results).
+func changeRange(cs []ChangeResult) string {
+	var lat, lines []float64
+	failed, why := 0, ""
+	for _, c := range cs {
+		if c.Err != "" {
+			if failed == 0 {
+				why = oneLine(c.Err)
+			}
+			failed++
+			continue
+		}
+		lat = append(lat, c.LatencyMS)
+		lines = append(lines, float64(c.Restore.Lines))
+	}
+	out := "-"
+	if len(lat) > 0 {
+		out = fmt.Sprintf("%s-%s (%s-%s lines)", fmtMS(slices.Min(lat)), fmtMS(slices.Max(lat)), fmtN(int(slices.Min(lines))), fmtN(int(slices.Max(lines))))
+	}
+	if failed > 0 {
+		out += fmt.Sprintf("; %d failed: %s", failed, why)
+	}
+	return out
+}
+
 // placementShort names a placement in a table cell.
 func placementShort(p string) string {
 	if p == placementLocal {
@@ -588,7 +617,7 @@ func placementShort(p string) string {
 func (b *bench) details(w *strings.Builder) {
 	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
 	p("## Details per run\n\n")
-	p("| N (endpoints on) | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via another proxy's deepest Service [depth] | changes: ms (restore lines, CPU s) | outside load: start-up / first packet / changes (highest) |\n")
+	p("| N (endpoints on) | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via another proxy's deepest Service [depth] | changes: fastest-slowest (restore lines fewest-most), failures | outside load: start-up / first packet / changes (highest) |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range b.results {
 		n, proxy := r.N, r.Proxy
@@ -597,16 +626,11 @@ func (b *bench) details(w *strings.Builder) {
 			p("| %s | %s | failed: %s | | | | | | | |\n", size, proxyLabel(proxy), oneLine(r.Err))
 			continue
 		}
-		var ch []string
 		chLoad := 0.0
 		for _, c := range r.Changes {
 			chLoad = max(chLoad, c.Outside)
-			if c.Err != "" {
-				ch = append(ch, "failed: "+oneLine(c.Err))
-				continue
-			}
-			ch = append(ch, fmt.Sprintf("%s (%d, %.3f)", fmtMS(c.LatencyMS), c.Restore.Lines, c.CPUS))
 		}
+		ch := []string{changeRange(r.Changes)}
 		conn := fmt.Sprintf("%.0f / %.0f µs [%s]", r.NoProxy.Median, r.Direct.Median, depthText(r.Direct))
 		if r.OtherTarget.N > 0 {
 			conn += fmt.Sprintf(" / %.0f µs [%s]", r.OtherTarget.Median, depthText(r.OtherTarget))
@@ -636,7 +660,7 @@ func (b *bench) details(w *strings.Builder) {
 	var notes []string
 	for _, r := range b.results {
 		if r.Proxy == miniproxy && r.MetricRestoreBytes > 0 && r.FirstSync.Count > 0 {
-			notes = append(notes, fmt.Sprintf("%s: %s bytes", fmtN(r.N), fmtN(int(r.MetricRestoreBytes))))
+			notes = append(notes, fmt.Sprintf("%s (%s): %s bytes", fmtN(r.N), placementShort(r.placement()), fmtN(int(r.MetricRestoreBytes))))
 		}
 	}
 	if len(notes) > 0 {

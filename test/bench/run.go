@@ -612,6 +612,8 @@ func (b *bench) firstPacket(ctx context.Context, nd *node, kind string, n int, n
 		r.Direct.Target = ep.String()
 		if nat != nil {
 			r.Direct.Depth, _ = nat.depth(clientPodIP, ep.Addr(), int(ep.Port()))
+		} else {
+			r.Direct.Map = true
 		}
 	}
 	return nil

@@ -44,3 +44,19 @@ func TestChangeStatsLeavesFailedChangesOut(t *testing.T) {
 		t.Errorf("changeStats = %+v", s)
 	}
 }
+
+func TestChangeRangeSaysFastestSlowestAndFailures(t *testing.T) {
+	cs := []ChangeResult{
+		{LatencyMS: 48, Restore: RestoreSize{Lines: 3}},
+		{LatencyMS: 231, Restore: RestoreSize{Lines: 1066}},
+		{Err: "traffic still reaches the old endpoints after 5m0s\nmore"},
+		{LatencyMS: 9.5, Restore: RestoreSize{Lines: 1034}},
+	}
+	want := "9.5 ms-231 ms (3-1,066 lines); 1 failed: traffic still reaches the old endpoints after 5m0s"
+	if got := changeRange(cs); got != want {
+		t.Errorf("changeRange = %q, want %q", got, want)
+	}
+	if got := changeRange(nil); got != "-" {
+		t.Errorf("changeRange of none = %q", got)
+	}
+}
