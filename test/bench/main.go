@@ -24,6 +24,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"slices"
@@ -32,6 +33,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 type options struct {
@@ -131,6 +134,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench: run as root (it builds network namespaces)")
 		os.Exit(1)
 	}
+	// client-go logs through klog; the only thing it says here is that the
+	// informers timed in apilist.go were stopped, once per run.
+	klog.LogToStderr(false)
+	klog.SetOutput(io.Discard)
 	// The lab tears itself down on SIGINT/SIGTERM; this context stops the
 	// measurements meanwhile.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
