@@ -41,9 +41,12 @@ test: deps vet k8s-binaries gotestprogress
 unit: gotestprogress
 	MINIPROXY_UNIT_ONLY=1 GO=$(GO) bin/gotestprogress -count=1 ./pkg/... ./cmd/... ./deploy/... ./test/gotestprogress
 
-# miniproxy against upstream kube-proxy at 1k/10k/30k Services in the lab;
-# writes docs/performance.md and docs/performance.svg. Takes about 50 minutes.
-# Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS="-sizes 100,1000".
+# miniproxy against upstream kube-proxy (iptables and nftables modes) at
+# 1k/10k/30k Services in the lab; writes docs/performance.md and
+# docs/performance.svg. Took about 50 minutes with two proxies and 5 changes a
+# run; now three proxies and 20 changes. Flags via BENCH_ARGS, e.g.
+# make bench BENCH_ARGS="-sizes 100,1000", "-huge" (adds 100,000 Services),
+# "-placement other,local" (endpoints on other nodes and on the measured node).
 bench: deps k8s-binaries
 	$(GO) run ./test/bench $(BENCH_ARGS)
 

@@ -25,16 +25,18 @@ import (
 // a router, as in test/cluster; every proxy run gets a new node namespace
 // (clean tables) with a new address on that LAN.
 var (
-	routerLAN   = cluster.RouterLAN
-	controlIP   = cluster.ControlIP
-	serviceCIDR = cluster.ServiceCIDR
+	routerLAN = cluster.RouterLAN
+	controlIP = cluster.ControlIP
+	// serviceCIDR is the largest range the API server takes (a /12), so
+	// that 100,000 Services fit; the tutorial's /16 holds 65,534.
+	serviceCIDR = netip.MustParsePrefix("10.96.0.0/12")
 	clusterCIDR = cluster.ClusterCIDR
 	podGateway  = netip.MustParseAddr("10.244.1.1")
 	clientPodIP = netip.MustParseAddr("10.244.1.10")
 )
 
 // Every endpoint of every Service is a real, answering address: each sink
-// pod owns a whole /16 through a "local" route (the AnyIP trick), and its
+// pod owns a whole /15 through a "local" route (the AnyIP trick), and its
 // echo server, listening on the wildcard address, accepts connections to
 // any address in it. So the bulk Services have distinct endpoint IPs, as in
 // a real cluster, and yet any Service can carry traffic: the start-up check
@@ -43,14 +45,22 @@ var (
 // a one-change test moves a Service's endpoints to sink-c and sink-d.
 var sinks = []struct {
 	name  string
-	block byte // the second byte of the /16: 10.<block>.0.0/16
-}{{"sink-a", 248}, {"sink-b", 249}, {"sink-c", 250}, {"sink-d", 251}}
+	block byte // the second byte of the /15: 10.<block>.0.0/15
+}{{"sink-a", 248}, {"sink-b", 250}, {"sink-c", 252}, {"sink-d", 254}}
+
+// sinkBits is the prefix length of a sink's range; it holds maxServices
+// endpoints.
+const sinkBits = 15
+
+// maxServices is the most Services the address plan holds: one endpoint
+// per Service in each sink's /15.
+const maxServices = 1<<(32-sinkBits) - 2
 
 // endpointIP is the address of Service i's endpoint in the range of the sink
-// whose /16 starts 10.block.
+// whose /15 starts 10.block.
 func endpointIP(block byte, i int) netip.Addr {
 	v := i + 1
-	return netip.AddrFrom4([4]byte{10, block, byte(v >> 8), byte(v)})
+	return netip.AddrFrom4([4]byte{10, block + byte(v>>16), byte(v >> 8), byte(v)})
 }
 
 const (
@@ -254,7 +264,7 @@ func (bl *benchLab) newNode(ctx context.Context) (*node, error) {
 		return nil, err
 	}
 	for i, s := range sinks {
-		block := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, s.block, 0, 0}), 16)
+		block := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, s.block, 0, 0}), sinkBits)
 		ip := netip.AddrFrom4([4]byte{10, 244, 1, byte(20 + i)})
 		if _, err := n.addPod(ctx, fmt.Sprintf("%ss%c", n.short, 'a'+i), ip, s.name, block); err != nil {
 			return nil, err

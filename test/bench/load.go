@@ -28,6 +28,35 @@ type loader struct {
 	svcs  []service
 	dirty map[int]bool
 	logf  func(string, ...any)
+	// local puts every endpoint on the measured node (placementLocal);
+	// otherwise they are spread over 97 other nodes.
+	local bool
+}
+
+// The two placements of endpoints the benchmark knows. With all endpoints
+// on the measured node every one of them is local to it, which the rules
+// treat differently (hairpin masquerade; upstream's per-endpoint chains);
+// spread over other nodes is what most Services of a large cluster look
+// like from one node.
+const (
+	placementOther = "other"
+	placementLocal = "local"
+)
+
+// placementText says where a placement puts the endpoints.
+func placementText(p string) string {
+	if p == placementLocal {
+		return "all endpoints on the measured node"
+	}
+	return "endpoints spread over 97 other nodes"
+}
+
+// placement is the placement of the slices as written now.
+func (l *loader) placement() string {
+	if l.local {
+		return placementLocal
+	}
+	return placementOther
 }
 
 const managedBy = "bench.miniproxy.test"
@@ -36,7 +65,7 @@ func svcName(i int) string { return fmt.Sprintf("svc-%05d", i) }
 
 // slice returns Service i's EndpointSlice with its two endpoints in the
 // ranges of the sinks whose blocks are given.
-func slice(i int, blockA, blockB byte) *discoveryv1.EndpointSlice {
+func slice(i int, blockA, blockB byte, local bool) *discoveryv1.EndpointSlice {
 	s := &discoveryv1.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{
 			Namespace: benchNS,
@@ -49,19 +78,23 @@ func slice(i int, blockA, blockB byte) *discoveryv1.EndpointSlice {
 		AddressType: discoveryv1.AddressTypeIPv4,
 		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To(""), Protocol: ptr.To(v1.ProtocolTCP), Port: ptr.To(int32(endpointPort))}},
 	}
-	setEndpoints(s, i, blockA, blockB)
+	setEndpoints(s, i, blockA, blockB, local)
 	return s
 }
 
-// setEndpoints gives s two ready endpoints, on nodes other than the one
-// under test (as nearly all endpoints are in a large cluster).
-func setEndpoints(s *discoveryv1.EndpointSlice, i int, blockA, blockB byte) {
+// setEndpoints gives s two ready endpoints, on the node under test when
+// local is set, else on other nodes.
+func setEndpoints(s *discoveryv1.EndpointSlice, i int, blockA, blockB byte, local bool) {
 	s.Endpoints = nil
 	for k, b := range []byte{blockA, blockB} {
+		node := fmt.Sprintf("worker-%03d", (2*i+k)%97)
+		if local {
+			node = nodeName
+		}
 		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
 			Addresses:  []string{endpointIP(b, i).String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true), Terminating: ptr.To(false)},
-			NodeName:   ptr.To(fmt.Sprintf("worker-%03d", (2*i+k)%97)),
+			NodeName:   ptr.To(node),
 		})
 	}
 }
@@ -76,6 +109,20 @@ func (l *loader) grow(ctx context.Context, n int) error {
 	}
 	start := time.Now()
 	l.svcs = append(l.svcs, make([]service, n-from)...)
+	if err := l.parallel(ctx, from, n-1, "Services written", l.create); err != nil {
+		return err
+	}
+	if err := l.create(ctx, n-1); err != nil {
+		return err
+	}
+	l.logf("%d Services x 2 endpoints in the API server (%d written in %s)", n, n-from, time.Since(start).Round(time.Second))
+	return l.waitCache(ctx, n)
+}
+
+// parallel runs do for every index in [from, to) on 24 workers, logging
+// every 5,000 done, and returns the first error once all workers stopped.
+func (l *loader) parallel(ctx context.Context, from, to int, what string, do func(context.Context, int) error) error {
+	start := time.Now()
 	jobs := make(chan int)
 	errs := make(chan error, 1)
 	var wg sync.WaitGroup
@@ -86,7 +133,7 @@ func (l *loader) grow(ctx context.Context, n int) error {
 		go func() {
 			defer wg.Done()
 			for i := range jobs {
-				if err := l.create(ctx, i); err != nil {
+				if err := do(ctx, i); err != nil {
 					select {
 					case errs <- err:
 					default:
@@ -96,14 +143,14 @@ func (l *loader) grow(ctx context.Context, n int) error {
 				mu.Lock()
 				done++
 				if done%5000 == 0 {
-					l.logf("  %d/%d Services written (%s)", from+done, n, time.Since(start).Round(time.Second))
+					l.logf("  %d/%d %s (%s)", from+done, to, what, time.Since(start).Round(time.Second))
 				}
 				mu.Unlock()
 			}
 		}()
 	}
 feed:
-	for i := from; i < n-1; i++ {
+	for i := from; i < to; i++ {
 		select {
 		case jobs <- i:
 		case err := <-errs:
@@ -120,14 +167,65 @@ feed:
 		return err
 	default:
 	}
-	if err := ctx.Err(); err != nil {
+	return ctx.Err()
+}
+
+// place rewrites every slice with its endpoints where placement says, and
+// waits for the watch cache to show them all, so that every proxy of the
+// next runs lists the same state.
+func (l *loader) place(ctx context.Context, placement string) error {
+	local := placement == placementLocal
+	if local == l.local {
+		return nil
+	}
+	start := time.Now()
+	l.local = local
+	err := l.parallel(ctx, 0, len(l.svcs), "slices rewritten", func(ctx context.Context, i int) error {
+		s := slice(i, sinks[0].block, sinks[1].block, local)
+		cur, err := l.bl.kube.DiscoveryV1().EndpointSlices(benchNS).Get(ctx, s.Name, metav1.GetOptions{})
+		if err != nil {
+			return fmt.Errorf("get endpointslice %s: %w", s.Name, err)
+		}
+		s.ResourceVersion = cur.ResourceVersion
+		if _, err := l.bl.kube.DiscoveryV1().EndpointSlices(benchNS).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+			return fmt.Errorf("update endpointslice %s: %w", s.Name, err)
+		}
+		return nil
+	})
+	if err != nil {
 		return err
 	}
-	if err := l.create(ctx, n-1); err != nil {
-		return err
+	l.dirty = nil // every slice is in its original state again
+	l.logf("%d slices now with %s (%s)", len(l.svcs), placementText(placement), time.Since(start).Round(time.Second))
+	return l.waitPlaced(ctx)
+}
+
+// waitPlaced waits until the watch cache (what a proxy's first list reads)
+// shows every slice with the loader's placement.
+func (l *loader) waitPlaced(ctx context.Context) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		slices, err := l.bl.kube.DiscoveryV1().EndpointSlices(benchNS).List(ctx, metav1.ListOptions{ResourceVersion: "0"})
+		placed := 0
+		if err == nil {
+			for _, s := range slices.Items {
+				if len(s.Endpoints) > 0 && s.Endpoints[0].NodeName != nil && (*s.Endpoints[0].NodeName == nodeName) == l.local {
+					placed++
+				}
+			}
+			if placed == len(l.svcs) {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("watch cache shows %d of %d slices placed (%v)", placed, len(l.svcs), err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
 	}
-	l.logf("%d Services x 2 endpoints in the API server (%d written in %s)", n, n-from, time.Since(start).Round(time.Second))
-	return l.waitCache(ctx, n)
 }
 
 func (l *loader) create(ctx context.Context, i int) error {
@@ -155,7 +253,7 @@ func (l *loader) create(ctx context.Context, i int) error {
 		return fmt.Errorf("service %s: cluster IP %q: %w", svc.Name, created.Spec.ClusterIP, err)
 	}
 	l.svcs[i] = service{name: svc.Name, clusterIP: ip}
-	s := slice(i, sinks[0].block, sinks[1].block)
+	s := slice(i, sinks[0].block, sinks[1].block, l.local)
 	for attempt := 0; ; attempt++ {
 		_, err = l.bl.kube.DiscoveryV1().EndpointSlices(benchNS).Create(ctx, s, metav1.CreateOptions{})
 		if err == nil || attempt == 4 || ctx.Err() != nil {
@@ -198,7 +296,7 @@ func (l *loader) move(ctx context.Context, i int, blockA, blockB byte) (time.Tim
 	if err != nil {
 		return time.Time{}, err
 	}
-	setEndpoints(s, i, blockA, blockB)
+	setEndpoints(s, i, blockA, blockB, l.local)
 	if l.dirty == nil {
 		l.dirty = map[int]bool{}
 	}

@@ -18,6 +18,7 @@ type machineInfo struct {
 	Kernel     string `json:"kernel"`
 	OS         string `json:"os"`
 	Iptables   string `json:"iptables"`
+	NFT        string `json:"nft,omitempty"`
 	Commit     string `json:"miniproxy_commit"`
 	KubeProxy  string `json:"kube_proxy"`
 	APIServer  string `json:"kube_apiserver"`
@@ -64,6 +65,7 @@ func collectMachine(ctx context.Context, bl *benchLab) machineInfo {
 	}
 	// iptables --version only prints; it is still run inside the lab.
 	m.Iptables = runOutput(ctx, bl.router, "iptables", "--version")
+	m.NFT = runOutput(ctx, bl.router, "nft", "--version")
 	m.KubeProxy = firstLine(command(bl.bins.kubeProxy, "--version"))
 	m.APIServer = firstLine(command(bl.bins.apiserver, "--version"))
 	m.Etcd = firstLine(command("/usr/bin/etcd", "--version"))

@@ -1,13 +1,16 @@
-// Command bench measures miniproxy against upstream kube-proxy (iptables
-// mode, built from the same k8s.io/kubernetes release as the lab's API
-// server) in the namespace lab, and writes docs/performance.md and
-// docs/performance.svg. `make bench` runs it, as root.
+// Command bench measures miniproxy against upstream kube-proxy in its
+// iptables and nftables modes (built from the same k8s.io/kubernetes release
+// as the lab's API server) in the namespace lab, and writes
+// docs/performance.md and docs/performance.svg. `make bench` runs it, as
+// root.
 //
 // For each size N it loads N ClusterIP Services with 2 endpoints each
-// through the real API server, then runs each proxy in turn on a fresh node
-// namespace (clean tables) against that same state, and measures from
-// outside the proxy: start-up until every Service carries traffic, one
-// EndpointSlice change until traffic reaches the new endpoints, resident
+// through the real API server (on other nodes, on the measured node, or
+// both in turn), then runs each proxy in turn on a fresh node namespace
+// (clean tables) against that same state, and measures from outside the
+// proxy: how long the API server's state takes to reach the node alone,
+// start-up until every Service carries traffic, 20 EndpointSlice changes
+// until traffic reaches the new endpoints, resident
 // memory and CPU, the latency of a first packet through the Service deepest
 // in the proxy's rules, and the size of every iptables-restore input (with a
 // logging shim on the proxy's PATH). The generated report says exactly how.
@@ -21,18 +24,23 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 type options struct {
 	sizes          []int
 	proxies        []string
+	placements     []string
 	changes        int
 	connects       int
 	startupTimeout time.Duration
@@ -44,8 +52,9 @@ type options struct {
 }
 
 type pick struct {
-	proxy string
-	n     int
+	proxy     string
+	n         int
+	placement string
 }
 
 type bench struct {
@@ -65,9 +74,11 @@ type bench struct {
 
 func main() {
 	var o options
-	sizes := flag.String("sizes", "100,1000,10000,30000", "numbers of Services (each with 2 endpoints) to measure at, ascending; 100 is the first-packet baseline")
-	proxies := flag.String("proxies", kubeProxy+","+miniproxy, "proxies to run at each size, in this order")
-	flag.IntVar(&o.changes, "changes", 5, "EndpointSlice changes measured per proxy and size (the median is reported)")
+	sizes := flag.String("sizes", "100,1000,10000,30000", "numbers of Services (each with 2 endpoints) to measure at, ascending; a first size below 1,000 is the first-packet baseline")
+	huge := flag.Bool("huge", false, "also measure at 100,000 Services (writing them takes about an hour more)")
+	placements := flag.String("placement", placementOther, "where the endpoints are: "+placementOther+" (spread over other nodes), "+placementLocal+" (all on the measured node), or both, comma-separated (every size is then run with each)")
+	proxies := flag.String("proxies", strings.Join(allProxies, ","), "proxies to run at each size, in this order ("+strings.Join(allProxies, ", ")+")")
+	flag.IntVar(&o.changes, "changes", 20, "EndpointSlice changes measured per proxy and size (p50 and p99 are reported)")
 	flag.IntVar(&o.connects, "connects", 1000, "TCP connections per first-packet measurement, in 5 rounds (the median is reported)")
 	flag.DurationVar(&o.startupTimeout, "startup-timeout", 20*time.Minute, "give up on a proxy that has not programmed every Service by then (reported as did not finish)")
 	flag.DurationVar(&o.changeTimeout, "change-timeout", 5*time.Minute, "give up on one change after this long")
@@ -81,17 +92,29 @@ func main() {
 	flag.Parse()
 	for _, f := range strings.Split(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 2 || n > 60000 {
-			fmt.Fprintf(os.Stderr, "bench: bad size %q (2 to 60000)\n", f)
+		if err != nil || n < 2 || n > maxServices {
+			fmt.Fprintf(os.Stderr, "bench: bad size %q (2 to %d)\n", f, maxServices)
 			os.Exit(2)
 		}
 		o.sizes = append(o.sizes, n)
 	}
+	if *huge {
+		o.sizes = append(o.sizes, 100000)
+	}
 	sort.Ints(o.sizes)
+	o.sizes = slices.Compact(o.sizes)
+	for _, pl := range strings.Split(*placements, ",") {
+		pl = strings.TrimSpace(pl)
+		if pl != placementOther && pl != placementLocal || slices.Contains(o.placements, pl) {
+			fmt.Fprintf(os.Stderr, "bench: bad placement %q (%s, %s or both)\n", pl, placementOther, placementLocal)
+			os.Exit(2)
+		}
+		o.placements = append(o.placements, pl)
+	}
 	for _, p := range strings.Split(*proxies, ",") {
 		p = strings.TrimSpace(p)
-		if p != kubeProxy && p != miniproxy {
-			fmt.Fprintf(os.Stderr, "bench: unknown proxy %q (%s or %s)\n", p, kubeProxy, miniproxy)
+		if !slices.Contains(allProxies, p) {
+			fmt.Fprintf(os.Stderr, "bench: unknown proxy %q (one of %s)\n", p, strings.Join(allProxies, ", "))
 			os.Exit(2)
 		}
 		o.proxies = append(o.proxies, p)
@@ -111,6 +134,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench: run as root (it builds network namespaces)")
 		os.Exit(1)
 	}
+	// client-go logs through klog; the only thing it says here is that the
+	// informers timed in apilist.go were stopped, once per run.
+	klog.LogToStderr(false)
+	klog.SetOutput(io.Discard)
 	// The lab tears itself down on SIGINT/SIGTERM; this context stops the
 	// measurements meanwhile.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -149,17 +176,22 @@ func run(ctx context.Context, o options) error {
 			return fmt.Errorf("load %d services: %w", n, err)
 		}
 		b.loadDur[n] = time.Since(start)
-		for _, p := range o.proxies {
-			if ctx.Err() != nil {
-				return ctx.Err()
+		for _, pl := range b.placementOrder() {
+			if err := b.load.place(ctx, pl); err != nil {
+				return fmt.Errorf("place endpoints (%s) at %d services: %w", pl, n, err)
 			}
-			r := b.run(ctx, p, n)
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			b.results = append(b.results, r)
-			if err := b.write(); err != nil {
-				return err
+			for _, p := range o.proxies {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				r := b.run(ctx, p, n, pl)
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				b.results = append(b.results, r)
+				if err := b.write(); err != nil {
+					return err
+				}
 			}
 		}
 	}
@@ -169,6 +201,22 @@ func run(ctx context.Context, o options) error {
 	}
 	b.logf("wrote %s and %s in %s", o.out, o.svg, time.Since(b.started).Round(time.Second))
 	return nil
+}
+
+// placementOrder is the order of the placements at the next size: the one
+// the slices have now first, so that a size rewrites them at most once.
+func (b *bench) placementOrder() []string {
+	cur := b.load.placement()
+	out := []string{}
+	if slices.Contains(b.opts.placements, cur) {
+		out = append(out, cur)
+	}
+	for _, pl := range b.opts.placements {
+		if pl != cur {
+			out = append(out, pl)
+		}
+	}
+	return out
 }
 
 // saved is what -json writes and -render reads.
@@ -184,6 +232,7 @@ type runInfo struct {
 	Done            bool            `json:"done"`
 	Sizes           []int           `json:"sizes"`
 	Proxies         []string        `json:"proxies"`
+	Placements      []string        `json:"placements,omitempty"`
 	Changes         int             `json:"changes"`
 	Connects        int             `json:"connects"`
 	StartupTimeoutS float64         `json:"startup_timeout_s"`
@@ -193,7 +242,7 @@ type runInfo struct {
 // write renders the report and plot from the results so far.
 func (b *bench) write() error {
 	b.duration = time.Since(b.started)
-	if err := os.WriteFile(b.opts.svg, []byte(plotSVG(b.results, b.opts.sizes)), 0o644); err != nil {
+	if err := os.WriteFile(b.opts.svg, []byte(plotSVG(b.results, b.opts.sizes, b.opts.placements[0])), 0o644); err != nil {
 		return err
 	}
 	if err := os.WriteFile(b.opts.out, []byte(b.report()), 0o644); err != nil {
@@ -203,7 +252,7 @@ func (b *bench) write() error {
 		return nil
 	}
 	ri := runInfo{Started: b.started, DurationS: b.duration.Seconds(), Done: b.done, Sizes: b.opts.sizes,
-		Proxies: b.opts.proxies, Changes: b.opts.changes, Connects: b.opts.connects,
+		Proxies: b.opts.proxies, Placements: b.opts.placements, Changes: b.opts.changes, Connects: b.opts.connects,
 		StartupTimeoutS: b.opts.startupTimeout.Seconds(), LoadS: map[int]float64{}}
 	for n, d := range b.loadDur {
 		ri.LoadS[n] = d.Seconds()
@@ -230,13 +279,17 @@ func renderSaved(path string, o options) error {
 		return fmt.Errorf("%s: no run information", path)
 	}
 	o.sizes, o.proxies, o.changes, o.connects = sv.Run.Sizes, sv.Run.Proxies, sv.Run.Changes, sv.Run.Connects
+	o.placements = sv.Run.Placements
+	if len(o.placements) == 0 {
+		o.placements = []string{placementOther} // saved before placements existed
+	}
 	o.startupTimeout = time.Duration(sv.Run.StartupTimeoutS * float64(time.Second))
 	b := &bench{opts: o, machine: sv.Machine, results: sv.Results, started: sv.Run.Started, done: sv.Run.Done,
 		duration: time.Duration(sv.Run.DurationS * float64(time.Second)), loadDur: map[int]time.Duration{}}
 	for n, s := range sv.Run.LoadS {
 		b.loadDur[n] = time.Duration(s * float64(time.Second))
 	}
-	if err := os.WriteFile(o.svg, []byte(plotSVG(b.results, o.sizes)), 0o644); err != nil {
+	if err := os.WriteFile(o.svg, []byte(plotSVG(b.results, o.sizes, o.placements[0])), 0o644); err != nil {
 		return err
 	}
 	return os.WriteFile(o.out, []byte(b.report()), 0o644)

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -198,8 +199,11 @@ func connectOnce(fd int, dst netip.AddrPort, timeout time.Duration) (time.Durati
 
 // Latency summarises a set of durations, in microseconds.
 type Latency struct {
-	Target  string  `json:"target,omitempty"`
-	Depth   int     `json:"depth,omitempty"` // nat rules a first packet walks to its DNAT
+	Target string `json:"target,omitempty"`
+	Depth  int    `json:"depth,omitempty"` // nat rules a first packet walks to its DNAT
+	// Map says the Service is found by a verdict map lookup (upstream's
+	// nftables mode), so Depth does not apply.
+	Map     bool    `json:"verdict_map,omitempty"`
 	N       int     `json:"n"`
 	Failed  int     `json:"failed,omitempty"`
 	P10     float64 `json:"p10_us"`
@@ -319,26 +323,30 @@ func statCPU(pid int) (procSample, error) {
 
 // restoreRecord is a line of the restore shim's log (test/bench/restoreshim).
 type restoreRecord struct {
-	Command string   `json:"command"`
-	Args    []string `json:"args"`
-	Start   int64    `json:"start"`
-	Exec    int64    `json:"exec"`
-	End     int64    `json:"end"`
-	Exit    int      `json:"exit"`
-	Bytes   int      `json:"bytes"`
-	Lines   int      `json:"lines"`
-	Rules   int      `json:"rules"`
-	Chains  int      `json:"chains"`
-	Deletes int      `json:"deletes"`
-	DNAT    int      `json:"dnat"`
-	Tables  []string `json:"tables"`
+	Command  string   `json:"command"`
+	Args     []string `json:"args"`
+	Start    int64    `json:"start"`
+	Exec     int64    `json:"exec"`
+	End      int64    `json:"end"`
+	Exit     int      `json:"exit"`
+	Bytes    int      `json:"bytes"`
+	Lines    int      `json:"lines"`
+	Rules    int      `json:"rules"`
+	Chains   int      `json:"chains"`
+	Deletes  int      `json:"deletes"`
+	DNAT     int      `json:"dnat"`
+	Elements int      `json:"elements"`
+	Tables   []string `json:"tables"`
 }
 
 func (r restoreRecord) start() time.Time { return time.Unix(0, r.Start) }
 func (r restoreRecord) end() time.Time   { return time.Unix(0, r.End) }
 
-// isSync says whether the restore carried rules (not a --version probe).
-func (r restoreRecord) isSync() bool { return len(r.Tables) > 0 }
+// isSync says whether the restore carried rules: not a --version probe, a
+// listing, or an `nft --check` dry run.
+func (r restoreRecord) isSync() bool {
+	return len(r.Tables) > 0 && !slices.Contains(r.Args, "--check") && !slices.Contains(r.Args, "-c")
+}
 
 func readRestores(path string) []restoreRecord {
 	f, err := os.Open(path)
@@ -359,14 +367,16 @@ func readRestores(path string) []restoreRecord {
 
 // RestoreSize sums restore inputs.
 type RestoreSize struct {
-	Count   int     `json:"count"`
-	Bytes   int     `json:"bytes"`
-	Lines   int     `json:"lines"`
-	Rules   int     `json:"rules"`
-	Chains  int     `json:"chains"`
-	DNAT    int     `json:"dnat"`
-	Seconds float64 `json:"seconds"` // time the real iptables-restore ran
-	IPv6    int     `json:"ipv6_bytes,omitempty"`
+	Count  int `json:"count"`
+	Bytes  int `json:"bytes"`
+	Lines  int `json:"lines"`
+	Rules  int `json:"rules"`
+	Chains int `json:"chains"`
+	DNAT   int `json:"dnat"`
+	// Elements are nft map and set elements (upstream's nftables mode).
+	Elements int     `json:"elements,omitempty"`
+	Seconds  float64 `json:"seconds"` // time the real iptables-restore or nft ran
+	IPv6     int     `json:"ipv6_bytes,omitempty"`
 }
 
 func sumRestores(rs []restoreRecord, keep func(restoreRecord) bool) RestoreSize {
@@ -381,6 +391,7 @@ func sumRestores(rs []restoreRecord, keep func(restoreRecord) bool) RestoreSize 
 		s.Rules += r.Rules
 		s.Chains += r.Chains
 		s.DNAT += r.DNAT
+		s.Elements += r.Elements
 		s.Seconds += float64(r.End-r.Exec) / 1e9
 		if strings.HasPrefix(r.Command, "ip6") {
 			s.IPv6 += r.Bytes

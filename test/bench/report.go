@@ -4,45 +4,19 @@ import (
 	"fmt"
 	"math"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 )
 
-func (b *bench) get(proxy string, n int) *RunResult {
+func (b *bench) get(proxy string, n int, placement string) *RunResult {
 	for _, r := range b.results {
-		if r.Proxy == proxy && r.N == n {
+		if r.Proxy == proxy && r.N == n && r.placement() == placement {
 			return r
 		}
 	}
 	return nil
-}
-
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return math.NaN()
-	}
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-// changeStats returns the medians over a run's successful changes.
-func changeStats(r *RunResult) (latMS, cpuS, lines, bytes float64, ok int) {
-	var l, c, li, by []float64
-	for _, ch := range r.Changes {
-		if ch.Err != "" {
-			continue
-		}
-		l = append(l, ch.LatencyMS)
-		c = append(c, ch.CPUS)
-		li = append(li, float64(ch.Restore.Lines))
-		by = append(by, float64(ch.Restore.Bytes))
-	}
-	return median(l), median(c), median(li), median(by), len(l)
 }
 
 func usable(r *RunResult) bool { return r != nil && r.Err == "" && !r.StartupDNF }
@@ -138,140 +112,200 @@ func (b *bench) report() string {
 	} else {
 		p("**Incomplete**: the run was still going (or was interrupted) when this was written, %s after it started.\n\n", b.duration.Round(time.Second))
 	}
-	p("Both proxies ran one after the other, each on a fresh node namespace (empty tables), against the same API server\n")
-	p("state: N ClusterIP Services (one TCP port each) with 2 ready endpoints each, on the iptables **%s** backend.\n", backend(m.Iptables))
-	p("Ratios are miniproxy / kube-proxy. How each figure was measured is below the tables.\n\n")
-	if b.opts.profileDir != "" {
-		p("**Diagnosis run**: both proxies ran with `--profiling` and their heap profiles were fetched after settling.\n\n")
+	var labels []string
+	for _, k := range b.opts.proxies {
+		labels = append(labels, proxyLabel(k))
 	}
-
+	p("The proxies (%s) ran one after the other, each on a fresh node namespace (empty\n", strings.Join(labels, ", "))
+	p("tables), against the same API server state: N ClusterIP Services (one TCP port each) with 2 ready endpoints each,\n")
+	p("on %s, Linux %s, %d CPUs, iptables' **%s** backend (details at the end). Ratios are miniproxy / each upstream\n", m.OS, m.Kernel, m.CPUs, backend(m.Iptables))
+	p("mode. How each figure was measured is below the tables.\n\n")
+	if b.opts.profileDir != "" {
+		p("**Diagnosis run**: the proxies ran with `--profiling` and their heap profiles were fetched after settling.\n\n")
+	}
 	b.targets(&w)
+	b.targets17(&w)
 
 	p("![start-up and one change against N](%s)\n\n", filepath.Base(b.opts.svg))
 
 	p("## Results\n\n")
 	for _, n := range b.opts.sizes {
-		kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
-		if kp == nil && mp == nil {
-			continue
+		for _, pl := range b.opts.placements {
+			b.results1(&w, n, pl)
 		}
-		p("### %s Services x 2 endpoints\n\n", fmtN(n))
-		p("| | kube-proxy | miniproxy | miniproxy / kube-proxy |\n|---|---|---|---|\n")
-		// row prints a metric; the ratio needs both runs complete, except
-		// for start-up, where a kube-proxy that did not finish bounds it.
-		row := func(name string, f func(r *RunResult) (string, float64)) {
-			ks, kv := cell(kp, f)
-			ms, mv := cell(mp, f)
-			ratio := "-"
-			switch {
-			case usable(kp) && usable(mp):
-				ratio = fmtRatio(mv / kv)
-			case kp != nil && kp.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
-				ratio = "< " + fmtRatio(mp.StartupS/kp.StartupS)
-			}
-			p("| %s | %s | %s | %s |\n", name, ks, ms, ratio)
-		}
-		rowNoRatio := func(name string, f func(r *RunResult) (string, float64)) {
-			ks, _ := cell(kp, f)
-			ms, _ := cell(mp, f)
-			p("| %s | %s | %s | |\n", name, ks, ms)
-		}
-		row("start-up: process start until every Service answers", func(r *RunResult) (string, float64) {
-			if r.StartupDNF {
-				return startup(r), math.NaN()
-			}
-			return startup(r), r.StartupS
-		})
-		row("one EndpointSlice change until traffic reaches the new endpoints (median)", func(r *RunResult) (string, float64) {
-			lat, _, _, _, ok := changeStats(r)
-			if len(r.Changes) == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s (%d of %d)", fmtMS(lat), ok, len(r.Changes)), lat
-		})
-		row("resident memory after the first sync (VmRSS; peak VmHWM)", func(r *RunResult) (string, float64) {
-			if r.RSSMB == 0 {
-				return "-", math.NaN()
-			}
-			s := fmt.Sprintf("%.0f MiB (peak %.0f)", r.RSSMB, r.HWMMB)
-			if r.StartupDNF {
-				s += " at the time-out"
-			}
-			return s, r.RSSMB
-		})
-		row("Go heap then: allocated / heap goal (≈ 2 × live) / idle, not returned to the OS", func(r *RunResult) (string, float64) {
-			g := r.GoHeap
-			if g.SysMB == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.0f / %.0f / %.0f MiB", g.AllocMB, g.NextGCMB, g.IdleMB-g.ReleasedMB), g.AllocMB
-		})
-		row("CPU from start until settled (of which iptables-restore)", func(r *RunResult) (string, float64) {
-			if r.CPUStartupS == 0 {
-				return "-", math.NaN()
-			}
-			if r.StartupDNF {
-				return fmt.Sprintf("%.0f s at the time-out", r.CPUStartupS), math.NaN()
-			}
-			return fmt.Sprintf("%.2f s (%.2f s)", r.CPUStartupS, r.CPUStartupChildS), r.CPUStartupS
-		})
-		row("CPU per change (median)", func(r *RunResult) (string, float64) {
-			_, cpu, _, _, ok := changeStats(r)
-			if ok == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.3f s", cpu), cpu
-		})
-		row("first packet: TCP connect via the deepest Service, median (p10-p90) [nat rules walked]", func(r *RunResult) (string, float64) {
-			l := r.FirstPacket
-			if l.N == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, fmtN(l.Depth)), l.Median
-		})
-		rowNoRatio(fmt.Sprintf("the same, through the %s-Service node's deepest Service, measured in turn with the above", fmtN(b.opts.sizes[0])), func(r *RunResult) (string, float64) {
-			l := r.Baseline
-			if l.N == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, fmtN(l.Depth)), l.Median
-		})
-		row("restore input of the first sync: lines / bytes", func(r *RunResult) (string, float64) {
-			if r.FirstSync.Count == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s / %s", fmtN(r.FirstSync.Lines), fmtBytes(float64(r.FirstSync.Bytes))), float64(r.FirstSync.Lines)
-		})
-		row("restore input of one change (median): lines / bytes", func(r *RunResult) (string, float64) {
-			_, _, lines, bytes, ok := changeStats(r)
-			if ok == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s / %s", fmtN(int(lines)), fmtBytes(bytes)), lines
-		})
-		row("nat rules / chains after the first sync (iptables-save)", func(r *RunResult) (string, float64) {
-			if r.NATRules == 0 {
-				return "-", math.NaN()
-			}
-			return fmt.Sprintf("%s / %s", fmtN(r.NATRules), fmtN(r.NATChains)), float64(r.NATRules)
-		})
-		p("\n")
 	}
-
 	b.method(&w)
 	b.details(&w)
+	b.machineTable(&w)
+	return w.String()
+}
 
+// results1 writes the table of one size and placement.
+func (b *bench) results1(w *strings.Builder, n int, pl string) {
+	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
+	var runs []*RunResult
+	ran := false
+	for _, k := range b.opts.proxies {
+		r := b.get(k, n, pl)
+		runs = append(runs, r)
+		ran = ran || r != nil
+	}
+	if !ran {
+		return
+	}
+	p("### %s Services x 2 endpoints, %s\n\n", fmtN(n), placementText(pl))
+	p("|")
+	for _, k := range b.opts.proxies {
+		p(" | %s", proxyLabel(k))
+	}
+	cmp := b.comparisons()
+	for _, u := range cmp {
+		p(" | miniproxy / %s", strings.TrimPrefix(proxyLabel(u), "kube-proxy "))
+	}
+	p(" |\n|---|%s\n", strings.Repeat("---|", len(runs)+len(cmp)))
+	mp := b.get(miniproxy, n, pl)
+	// row prints a metric; a ratio needs both runs complete, except
+	// for start-up, where an upstream mode that did not finish bounds it.
+	row := func(name string, f func(r *RunResult) (string, float64)) {
+		p("| %s |", name)
+		for _, r := range runs {
+			s, _ := cell(r, f)
+			p(" %s |", s)
+		}
+		for _, u := range cmp {
+			up := b.get(u, n, pl)
+			ratio := "-"
+			_, uv := cell(up, f)
+			_, mv := cell(mp, f)
+			switch {
+			case u == kubeProxyNFT && strings.HasPrefix(name, "nat rules"):
+				// nft rules and chains are not iptables rules and chains
+			case usable(up) && usable(mp):
+				ratio = fmtRatio(mv / uv)
+			case up != nil && up.StartupDNF && usable(mp) && strings.HasPrefix(name, "start-up"):
+				ratio = "< " + fmtRatio(mp.StartupS/up.StartupS)
+			}
+			p(" %s |", ratio)
+		}
+		p("\n")
+	}
+	rowNoRatio := func(name string, f func(r *RunResult) (string, float64)) {
+		p("| %s |", name)
+		for _, r := range runs {
+			s, _ := cell(r, f)
+			p(" %s |", s)
+		}
+		p("%s\n", strings.Repeat(" |", len(cmp)))
+	}
+	row("start-up: process start until every Service answers", func(r *RunResult) (string, float64) {
+		if r.StartupDNF {
+			return startup(r), math.NaN()
+		}
+		return startup(r), r.StartupS
+	})
+	rowNoRatio("the API server's part of it: Services + EndpointSlices through informers on the node, timed alone just before", func(r *RunResult) (string, float64) {
+		a := r.APIList
+		switch {
+		case a.Error != "":
+			return "failed: " + oneLine(a.Error), math.NaN()
+		case a.Seconds == 0:
+			return "-", math.NaN()
+		}
+		return fmtS(a.Seconds), a.Seconds
+	})
+	row("one EndpointSlice change until traffic reaches the new endpoints: p50 (p99)", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.Of == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s (%s; %d of %d)", fmtMS(cs.P50MS), fmtMS(cs.P99MS), cs.OK, cs.Of), cs.P50MS
+	})
+	row("resident memory after the first sync (VmRSS; peak VmHWM)", func(r *RunResult) (string, float64) {
+		if r.RSSMB == 0 {
+			return "-", math.NaN()
+		}
+		s := fmt.Sprintf("%.0f MiB (peak %.0f)", r.RSSMB, r.HWMMB)
+		if r.StartupDNF {
+			s += " at the time-out"
+		}
+		return s, r.RSSMB
+	})
+	row("Go heap then: allocated / heap goal (≈ 2 × live) / idle, not returned to the OS", func(r *RunResult) (string, float64) {
+		g := r.GoHeap
+		if g.SysMB == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.0f / %.0f / %.0f MiB", g.AllocMB, g.NextGCMB, g.IdleMB-g.ReleasedMB), g.AllocMB
+	})
+	row("CPU from start until settled (of which iptables-restore or nft)", func(r *RunResult) (string, float64) {
+		if r.CPUStartupS == 0 {
+			return "-", math.NaN()
+		}
+		if r.StartupDNF {
+			return fmt.Sprintf("%.0f s at the time-out", r.CPUStartupS), math.NaN()
+		}
+		return fmt.Sprintf("%.2f s (%.2f s)", r.CPUStartupS, r.CPUStartupChildS), r.CPUStartupS
+	})
+	row("CPU per change (median)", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.OK == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.3f s", cs.CPUS), cs.CPUS
+	})
+	row("first packet: TCP connect via the deepest Service, median (p10-p90) [nat rules walked]", func(r *RunResult) (string, float64) {
+		l := r.FirstPacket
+		if l.N == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
+	})
+	rowNoRatio(fmt.Sprintf("the same, through the %s-Service node's deepest Service, measured in turn with the above", fmtN(b.opts.sizes[0])), func(r *RunResult) (string, float64) {
+		l := r.Baseline
+		if l.N == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%.0f µs (%.0f-%.0f) [%s]", l.Median, l.P10, l.P90, depthText(l)), l.Median
+	})
+	row("restore input of the first sync: lines / bytes (ratio of bytes)", func(r *RunResult) (string, float64) {
+		if r.FirstSync.Count == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s / %s", fmtN(r.FirstSync.Lines), fmtBytes(float64(r.FirstSync.Bytes))), float64(r.FirstSync.Bytes)
+	})
+	row("restore input of one change (median): lines / bytes (ratio of bytes)", func(r *RunResult) (string, float64) {
+		cs := changeStats(r)
+		if cs.OK == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s / %s", fmtN(int(cs.Lines)), fmtBytes(cs.Bytes)), cs.Bytes
+	})
+	row("nat rules / chains after the first sync (iptables-save; nftables mode: rules / chains of its ip table)", func(r *RunResult) (string, float64) {
+		if r.NATRules == 0 {
+			return "-", math.NaN()
+		}
+		return fmt.Sprintf("%s / %s", fmtN(r.NATRules), fmtN(r.NATChains)), float64(r.NATRules)
+	})
+	p("\n")
+}
+
+// machineTable says where the run was measured.
+func (b *bench) machineTable(w *strings.Builder) {
+	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
+	m := b.machine
 	p("## Machine and versions\n\n")
 	p("| | |\n|---|---|\n")
 	p("| CPU | %d × %s |\n", m.CPUs, m.CPUModel)
 	p("| memory | %s GiB |\n", m.MemGiB)
 	p("| OS, kernel | %s, Linux %s |\n", m.OS, m.Kernel)
 	p("| iptables | %s |\n", m.Iptables)
+	if m.NFT != "" {
+		p("| nft | %s |\n", m.NFT)
+	}
 	p("| miniproxy | %s; benchmark built with %s |\n", m.Commit, m.Go)
 	p("| kube-proxy | %s (`%s`, built from the `k8s.io/kubernetes` module by `scripts/build-k8s.sh`) |\n", m.KubeProxy, m.KubeProxyP)
 	p("| API server | %s, %s |\n", m.APIServer, m.Etcd)
 	p("\n")
-	return w.String()
 }
 
 // fpRatio compares a run's first packet with the baseline size's: with the
@@ -290,6 +324,29 @@ func fpRatio(r, base *RunResult) (float64, string) {
 	}
 	x := r.FirstPacket.Median / base.FirstPacket.Median
 	return x, fmtRatio(x) + " (separate runs)"
+}
+
+// comparisons are the upstream modes of this run that miniproxy is
+// compared with, when miniproxy ran.
+func (b *bench) comparisons() []string {
+	if !slices.Contains(b.opts.proxies, miniproxy) {
+		return nil
+	}
+	var out []string
+	for _, u := range upstreamModes {
+		if slices.Contains(b.opts.proxies, u) {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// depthText is the walk of a first packet: nat rules, or a map lookup.
+func depthText(l Latency) string {
+	if l.Map {
+		return "map lookup"
+	}
+	return fmtN(l.Depth)
 }
 
 func cell(r *RunResult, f func(*RunResult) (string, float64)) (string, float64) {
@@ -325,8 +382,10 @@ func (b *bench) targets(w *strings.Builder) {
 	if len(b.opts.sizes) > 0 && b.opts.sizes[0] < 1000 {
 		base = b.opts.sizes[0]
 	}
+	pl := b.opts.placements[0]
 	p("## Targets of issue 6\n\n")
-	p("The targets are set at 10,000 Services; the other sizes are shown for the trend.\n\n")
+	p("The targets are set at 10,000 Services, against kube-proxy's iptables mode, with %s; the other sizes are\n", placementText(pl))
+	p("shown for the trend.\n\n")
 	p("| target | required |")
 	for _, n := range sizes {
 		p(" %s |", fmtN(n))
@@ -344,7 +403,7 @@ func (b *bench) targets(w *strings.Builder) {
 	}
 	ts := []target{
 		{"start-up", "≤ 0.1× kube-proxy", func(n int) (float64, string) {
-			kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
+			kp, mp := b.get(kubeProxy, n, pl), b.get(miniproxy, n, pl)
 			if !usable(mp) || kp == nil {
 				return math.NaN(), "-"
 			}
@@ -359,34 +418,33 @@ func (b *bench) targets(w *strings.Builder) {
 			return x, fmtRatio(x)
 		}, 0.1},
 		{"one change", "≤ 0.2× kube-proxy", func(n int) (float64, string) {
-			kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
+			kp, mp := b.get(kubeProxy, n, pl), b.get(miniproxy, n, pl)
 			if !usable(kp) || !usable(mp) {
 				return math.NaN(), "-"
 			}
-			k, _, _, _, _ := changeStats(kp)
-			m, _, _, _, _ := changeStats(mp)
+			k, m := changeStats(kp).P50MS, changeStats(mp).P50MS
 			return m / k, fmtRatio(m / k)
 		}, 0.2},
 		{"memory after the first sync", "≤ 0.5× kube-proxy", func(n int) (float64, string) {
-			kp, mp := b.get(kubeProxy, n), b.get(miniproxy, n)
+			kp, mp := b.get(kubeProxy, n, pl), b.get(miniproxy, n, pl)
 			if !usable(kp) || !usable(mp) {
 				return math.NaN(), "-"
 			}
 			return mp.RSSMB / kp.RSSMB, fmtRatio(mp.RSSMB / kp.RSSMB)
 		}, 0.5},
 		{fmt.Sprintf("first packet, deepest Service, vs. %s Services", fmtN(base)), "≤ 1.3×", func(n int) (float64, string) {
-			mp, m0 := b.get(miniproxy, n), b.get(miniproxy, base)
+			mp, m0 := b.get(miniproxy, n, pl), b.get(miniproxy, base, pl)
 			x, s := fpRatio(mp, m0)
 			if math.IsNaN(x) {
 				return x, "-"
 			}
-			if kx, _ := fpRatio(b.get(kubeProxy, n), b.get(kubeProxy, base)); !math.IsNaN(kx) {
+			if kx, _ := fpRatio(b.get(kubeProxy, n, pl), b.get(kubeProxy, base, pl)); !math.IsNaN(kx) {
 				s += fmt.Sprintf(" (kube-proxy %s)", fmtRatio(kx))
 			}
 			return x, s
 		}, 1.3},
 		{"restore input of one change", fmt.Sprintf("a few hundred lines (we check ≤ %d)", maxRestoreLines), func(n int) (float64, string) {
-			mp := b.get(miniproxy, n)
+			mp := b.get(miniproxy, n, pl)
 			if !usable(mp) {
 				return math.NaN(), "-"
 			}
@@ -429,26 +487,40 @@ root namespace: API calls start inside the control-plane namespace, measured tra
 `+"`iptables-save`"+` and the metrics scrape run inside the node namespace.
 
 - **State.** The benchmark writes N Services (`+"`svc-00000`"+`...; ClusterIPs allocated by the API server, so spread at
-  random over 10.96.0.0/16) and one EndpointSlice per Service with 2 ready endpoints on other nodes, directly
-  through the API server (no controller runs). Sizes grow in place: the Services of a smaller size are kept. Each
-  endpoint has its own address, and every address answers: sink-a owns 10.248.0.0/16 and sink-b 10.249.0.0/16
+  random over `+serviceCIDR.String()+`) and one EndpointSlice per Service with 2 ready endpoints, directly
+  through the API server (no controller runs). The endpoints are either spread over 97 other nodes (`+"`-placement other`"+`,
+  what most Services of a large cluster look like from one node) or all on the measured node (`+"`-placement local`"+`:
+  every endpoint is then local to it, and miniproxy writes a hairpin masquerade rule for each); each
+  table says which, and with both every size is run with each (the slices rewritten in between, and the watch cache
+  waited for). Sizes grow in place: the Services of a smaller size are kept. Each
+  endpoint has its own address, and every address answers: sink-a owns 10.248.0.0/15 and sink-b 10.250.0.0/15
   through a local route (`+"`ip route add local ... dev lo`"+`), and their echo servers accept connections to any
   address in them, so any Service can carry real traffic. Changed slices are put back before the next proxy runs,
   so both proxies start from the same state. The last Service is written after all others.
-- **The proxies.** miniproxy: `+"`%s`"+`. kube-proxy:
-  `+"`%s`"+`. Everything else is left at its default for both,
-  among them `+"`--iptables-min-sync-period`"+` 1 s and `+"`--iptables-sync-period`"+` 30 s. Both use the identity `+"`system:kube-proxy`"+`. kube-proxy also
+- **The proxies.** miniproxy: `+"`%s`"+`. kube-proxy in iptables mode:
+  `+"`%s`"+`; in nftables mode the same with `+"`--proxy-mode=nftables`"+`. Everything else is left at
+  its default for all, among them the minimum and the full sync period, 1 s and 30 s (`+"`--iptables-min-sync-period`"+`,
+  `+"`--iptables-sync-period`"+`; the same defaults in nftables mode). All use the identity `+"`system:kube-proxy`"+`. kube-proxy also
   programs an IPv6 table (the node namespace has IPv6), which holds no Service; miniproxy programs IPv4 only
-  because the node has no IPv6 address. Both run as children of the benchmark, with the same environment.
+  because the node has no IPv6 address. All run as children of the benchmark, with the same environment.
 - **Start-up** is from just before the process is started until a TCP connection from the client pod through the
   ClusterIP of the **last-written** Service succeeds. Attempts start every 10 ms (later every 0.5%% of the elapsed
   time, at most every 200 ms), each with a 300 ms time-out; the send time of the first successful attempt counts.
   An attempt sent before the rule is in cannot succeed later (its conntrack entry was made without NAT), so the
   figure is when the rule was there, within the polling interval. Then 20 Services spread over the whole list must
   answer too (if one does not at once, start-up is when the last one did), and after the proxy settled,
-  `+"`iptables-save -t nat`"+` must hold a DNAT to every one of the 2N endpoints (shown as "endpoints in rules" below).
-  Both proxies write all rules of a sync in one `+"`iptables-restore`"+`, which the kernel commits atomically. A proxy
+  `+"`iptables-save -t nat`"+` (nftables mode: `+"`nft list table ip kube-proxy`"+`) must hold a DNAT to every one of the 2N endpoints
+  (shown as "endpoints in rules" below). Every proxy writes all rules of a sync in one `+"`iptables-restore`"+` or `+"`nft -f`"+`
+  transaction, which the kernel commits atomically. A proxy
   that has not made it after %s is stopped and reported as "did not finish" with the time waited.
+- **The API server's part of start-up**: just before each proxy starts, on a calm machine, the benchmark syncs a
+  Service and an EndpointSlice informer (client-go, as both proxies use) from inside the fresh node namespace, with
+  the proxies' identity, content type (protobuf) and label selector, times it from start until both caches synced
+  (polled every millisecond),
+  and throws them away. Every proxy has to receive this state before it can write a rule, so it is part of each
+  start-up; the rest is the proxy's own work (decoding into its own structures, building and loading the rules).
+  client-go streams the initial state as a watch (its WatchListClient gate, on by default since 1.35) when the API
+  server supports it, else it lists; either way the same for every proxy and for this timing.
 - **Memory** is VmRSS of the proxy process (iptables-restore children not included) once it has **settled**: the
   first moment after start-up at which it used at most 20 ms of CPU in one second. VmHWM is its peak so far. The
   Go heap figures are the proxy's own `+"`go_memstats_*`"+` metrics (both export them), scraped right after.
@@ -461,13 +533,17 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   delay it), the endpoints of one Service are moved from sink-a/sink-b to new addresses of sink-c/sink-d with one
   EndpointSlice update. From just before the update, the client pod sends an HTTP request through the ClusterIP
   every 10 ms, each on a new connection; the figure is the send time of the first request answered by sink-c or
-  sink-d. %d changes per run, on Services spread over the list, one after the other; the median is reported.
+  sink-d. %d changes per run, on Services spread over the list, one after the other; the report gives p50 and
+  p99 of their times (nearest rank: each a time that was measured; of 20 changes p99 is the slowest).
 - **First packet**: the latency of a TCP connect (SYN to SYN-ACK: the node walks its nat rules for the first packet
   of a connection only) from the client pod through the ClusterIP of the **deepest** Service, the one whose first
   packet passes the most nat rules before its DNAT, computed by walking the saved nat table as the kernel would.
   For kube-proxy that is the last Service of its linear `+"`KUBE-SERVICES`"+` chain (whose order is a Go map order,
   drawn again at every sync: the pick is checked again after measuring and measured again if a sync moved it); for
-  miniproxy it is the last entry of its fullest leaf behind the last dispatch rules. %d connections in 5 rounds,
+  miniproxy it is the last entry of its fullest leaf behind the last dispatch rules. Upstream's nftables mode has no
+  deepest Service: a ClusterIP is found by one lookup in its `+"`service-ips`"+` verdict map (a hash keyed by address,
+  protocol and port), whatever the number of Services, so it is measured through the last-written Service, and its
+  depth is shown as "map lookup"; the details also give it through another proxy's deepest pick. %d connections in 5 rounds,
   each round started once the machine was calm (at most 20%% busy over a second) and preceded by 20 warm-up
   connections; the connections of a round follow each other without a pause (a pause lets the CPU idle, and waking
   it costs these virtual machines more, and more erratically, than a 30,000-rule walk), from one thread pinned to
@@ -485,71 +561,106 @@ root namespace: API calls start inside the control-plane namespace, measured tra
   the details: for start-up over the start-up, for a change from the update until traffic
   moved, for the first packet over its five rounds. Start-up, every change and every first-packet round begin only
   once the whole machine is calm (at most 20%% busy over a second, waiting up to a minute or two).
-- **Restore input**: `+"`iptables-restore`"+` and `+"`ip6tables-restore`"+` on each proxy's PATH are a small shim
+- **Restore input**: `+"`iptables-restore`"+`, `+"`ip6tables-restore`"+` and `+"`nft`"+` on each proxy's PATH are a small shim
   (`+"`test/bench/restoreshim`"+`) that reads the input, runs the real command with it, and logs its size in bytes and
-  lines (and rules, chains, DNAT rules) after the real command exited. The same shim is used for both proxies; it
-  costs each restore one process start and one copy of the input. The first sync counts every restore started
+  lines (and rules, chains, DNAT rules) after the real command exited. The same shim is used for every proxy; it
+  costs each restore one process start and one copy of the input. For nftables mode it is the `+"`nft -f -`"+` of each
+  transaction (one line per command: `+"`add rule`"+`, `+"`add element`"+`, `+"`flush chain`"+`...); its `+"`nft --check`"+` dry runs,
+  listings of its own table and `+"`--version`"+` calls are not counted (nor seen at all when it lists over netlink).
+  A line of nft input is not a line of iptables-restore input (one map element replaces one dispatch rule), so
+  compare sizes within a mode, and bytes rather than lines across modes. The first sync counts every restore started
   before the start-up point; one change counts the restores started between the update and the end of the first
   restore after it.
 `, "miniproxy "+strings.Join(miniproxyArgs("<kube-proxy kubeconfig>"), " "),
-		"kube-proxy "+strings.Join(kubeProxyArgs("<kube-proxy kubeconfig>"), " "),
+		"kube-proxy "+strings.Join(kubeProxyArgs("iptables", "<kube-proxy kubeconfig>"), " "),
 		o.startupTimeout, o.changes, o.connects)
 	fmt.Fprintln(w)
 }
 
-// details writes what explains the headline figures.
+// changeRange sums up a run's changes for the details: the fastest and the
+// slowest, the fewest and the most restore lines, and the failures with the
+// first one's reason (every change is in the JSON results).
+func changeRange(cs []ChangeResult) string {
+	var lat, lines []float64
+	failed, why := 0, ""
+	for _, c := range cs {
+		if c.Err != "" {
+			if failed == 0 {
+				why = oneLine(c.Err)
+			}
+			failed++
+			continue
+		}
+		lat = append(lat, c.LatencyMS)
+		lines = append(lines, float64(c.Restore.Lines))
+	}
+	out := "-"
+	if len(lat) > 0 {
+		out = fmt.Sprintf("%s-%s (%s-%s lines)", fmtMS(slices.Min(lat)), fmtMS(slices.Max(lat)), fmtN(int(slices.Min(lines))), fmtN(int(slices.Max(lines))))
+	}
+	if failed > 0 {
+		out += fmt.Sprintf("; %d failed: %s", failed, why)
+	}
+	return out
+}
+
+// placementShort names a placement in a table cell.
+func placementShort(p string) string {
+	if p == placementLocal {
+		return "this node"
+	}
+	return "other nodes"
+}
+
+// details writes what explains the headline figures, run by run in the
+// order they were measured.
 func (b *bench) details(w *strings.Builder) {
 	p := func(f string, a ...any) { fmt.Fprintf(w, f, a...) }
 	p("## Details per run\n\n")
-	p("| N | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via the other proxy's deepest Service [depth] | changes: ms (restore lines, CPU s) | outside load: start-up / first packet / changes (highest) |\n")
+	p("| N (endpoints on) | proxy | endpoints in rules | sample at once | settled after | first-sync restores (count, restore time) | mean nat depth | connect without rules / to an endpoint with rules / via another proxy's deepest Service [depth] | changes: fastest-slowest (restore lines fewest-most), failures | outside load: start-up / first packet / changes (highest) |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|\n")
-	for _, n := range b.opts.sizes {
-		for _, proxy := range b.opts.proxies {
-			r := b.get(proxy, n)
-			if r == nil {
-				continue
+	for _, r := range b.results {
+		n, proxy := r.N, r.Proxy
+		size := fmt.Sprintf("%s (%s)", fmtN(n), placementShort(r.placement()))
+		if r.Err != "" && r.StartupS == 0 {
+			p("| %s | %s | failed: %s | | | | | | | |\n", size, proxyLabel(proxy), oneLine(r.Err))
+			continue
+		}
+		chLoad := 0.0
+		for _, c := range r.Changes {
+			chLoad = max(chLoad, c.Outside)
+		}
+		ch := []string{changeRange(r.Changes)}
+		conn := fmt.Sprintf("%.0f / %.0f µs [%s]", r.NoProxy.Median, r.Direct.Median, depthText(r.Direct))
+		if r.OtherTarget.N > 0 {
+			conn += fmt.Sprintf(" / %.0f µs [%s]", r.OtherTarget.Median, depthText(r.OtherTarget))
+		}
+		mean := fmt.Sprintf("%.0f", r.MeanDepth)
+		if r.FirstPacket.Map {
+			mean = "map lookup"
+		}
+		load := fmt.Sprintf("%.0f%% / %.0f%% / %.0f%%", 100*r.OutsideStartup, 100*r.FirstPacket.Outside, 100*chLoad)
+		if r.StartupDNF {
+			state := fmt.Sprintf("%d restores finished", r.FirstSync.Count)
+			if r.RestoreRunning {
+				state += ", one still running"
 			}
-			if r.Err != "" && r.StartupS == 0 {
-				p("| %s | %s | failed: %s | | | | | | | |\n", fmtN(n), proxy, oneLine(r.Err))
-				continue
-			}
-			var ch []string
-			chLoad := 0.0
-			for _, c := range r.Changes {
-				chLoad = max(chLoad, c.Outside)
-				if c.Err != "" {
-					ch = append(ch, "failed: "+oneLine(c.Err))
-					continue
-				}
-				ch = append(ch, fmt.Sprintf("%s (%d, %.3f)", fmtMS(c.LatencyMS), c.Restore.Lines, c.CPUS))
-			}
-			conn := fmt.Sprintf("%.0f / %.0f µs [%d]", r.NoProxy.Median, r.Direct.Median, r.Direct.Depth)
-			if r.OtherTarget.N > 0 {
-				conn += fmt.Sprintf(" / %.0f µs [%d]", r.OtherTarget.Median, r.OtherTarget.Depth)
-			}
-			load := fmt.Sprintf("%.0f%% / %.0f%% / %.0f%%", 100*r.OutsideStartup, 100*r.FirstPacket.Outside, 100*chLoad)
-			if r.StartupDNF {
-				state := fmt.Sprintf("%d restores finished", r.FirstSync.Count)
-				if r.RestoreRunning {
-					state += ", one still running"
-				}
-				p("| %s | %s | did not finish after %s | | | %s | | | | %.0f%% |\n",
-					fmtN(n), proxy, fmtS(r.StartupS), state, 100*r.OutsideStartup)
-				continue
-			}
-			p("| %s | %s | %s of %s | %d of %d | %.1f s | %d (%.2f s) | %.0f | %s | %s | %s |\n",
-				fmtN(n), proxy, fmtN(r.EndpointsInRules), fmtN(r.EndpointsExpected), r.SampleFirst, r.SampleTotal,
-				r.SettleS, r.FirstSync.Count, r.FirstSync.Seconds, r.MeanDepth, conn, strings.Join(ch, "; "), load)
-			if r.Err != "" {
-				p("| | | error: %s | | | | | | | |\n", oneLine(r.Err))
-			}
+			p("| %s | %s | did not finish after %s | | | %s | | | | %.0f%% |\n",
+				size, proxyLabel(proxy), fmtS(r.StartupS), state, 100*r.OutsideStartup)
+			continue
+		}
+		p("| %s | %s | %s of %s | %d of %d | %.1f s | %d (%.2f s) | %s | %s | %s | %s |\n",
+			size, proxyLabel(proxy), fmtN(r.EndpointsInRules), fmtN(r.EndpointsExpected), r.SampleFirst, r.SampleTotal,
+			r.SettleS, r.FirstSync.Count, r.FirstSync.Seconds, mean, conn, strings.Join(ch, "; "), load)
+		if r.Err != "" {
+			p("| | | error: %s | | | | | | | |\n", oneLine(r.Err))
 		}
 	}
 	p("\n")
 	var notes []string
 	for _, r := range b.results {
 		if r.Proxy == miniproxy && r.MetricRestoreBytes > 0 && r.FirstSync.Count > 0 {
-			notes = append(notes, fmt.Sprintf("%s: %s bytes", fmtN(r.N), fmtN(int(r.MetricRestoreBytes))))
+			notes = append(notes, fmt.Sprintf("%s (%s): %s bytes", fmtN(r.N), placementShort(r.placement()), fmtN(int(r.MetricRestoreBytes))))
 		}
 	}
 	if len(notes) > 0 {
@@ -569,39 +680,53 @@ func oneLine(s string) string {
 
 // plotSVG draws start-up and one-change time against N, both axes
 // logarithmic, by hand.
-func plotSVG(results []*RunResult, sizes []int) string {
-	const W, H = 760, 460
-	const left, right, top, bottom = 80, 200, 40, 60
+func plotSVG(all []*RunResult, sizes []int, placement string) string {
+	var results []*RunResult
+	for _, r := range all {
+		if r.placement() == placement {
+			results = append(results, r)
+		}
+	}
+	const W, H = 880, 460
+	const left, right, top, bottom = 80, 310, 40, 60
 	pw, ph := float64(W-left-right), float64(H-top-bottom)
 	type pt struct {
 		n   int
 		v   float64 // seconds
 		dnf bool
 	}
-	series := []struct {
+	type serie struct {
 		name, color, dash, marker string
+		above                     bool // labels above the points, else below
 		pts                       []pt
-	}{
-		{"kube-proxy start-up", "#c0392b", "", "circle", nil},
-		{"miniproxy start-up", "#2471a3", "", "circle", nil},
-		{"kube-proxy one change", "#c0392b", "6,4", "square", nil},
-		{"miniproxy one change", "#2471a3", "6,4", "square", nil},
 	}
-	for _, r := range results {
-		if r.N < 1000 && len(sizes) > 1 && sizes[len(sizes)-1] >= 1000 {
-			continue // the plot shows the sizes of the targets
-		}
-		base := 0
-		if r.Proxy == miniproxy {
-			base = 1
-		}
-		if r.StartupDNF {
-			series[base].pts = append(series[base].pts, pt{r.N, r.StartupS, true})
-		} else if r.StartupS > 0 {
-			series[base].pts = append(series[base].pts, pt{r.N, r.StartupS, false})
-		}
-		if lat, _, _, _, ok := changeStats(r); ok > 0 {
-			series[base+2].pts = append(series[base+2].pts, pt{r.N, lat / 1000, false})
+	colors := map[string]string{kubeProxy: "#c0392b", kubeProxyNFT: "#b9770e", miniproxy: "#2471a3"}
+	var series []serie
+	// Start-up series first, then one change, each in column order.
+	for _, what := range []string{"start-up", "one change (p50)"} {
+		for _, k := range allProxies {
+			s := serie{name: proxyLabel(k) + " " + what, color: colors[k], marker: "circle", above: k != miniproxy}
+			if what != "start-up" {
+				s.dash, s.marker = "6,4", "square"
+			}
+			for _, r := range results {
+				if r.Proxy != k || (r.N < 1000 && len(sizes) > 1 && sizes[len(sizes)-1] >= 1000) {
+					continue // the plot shows the sizes of the targets
+				}
+				switch {
+				case what != "start-up":
+					if cs := changeStats(r); cs.OK > 0 {
+						s.pts = append(s.pts, pt{r.N, cs.P50MS / 1000, false})
+					}
+				case r.StartupDNF:
+					s.pts = append(s.pts, pt{r.N, r.StartupS, true})
+				case r.StartupS > 0:
+					s.pts = append(s.pts, pt{r.N, r.StartupS, false})
+				}
+			}
+			if len(s.pts) > 0 {
+				series = append(series, s)
+			}
 		}
 	}
 	xmin, xmax := math.Inf(1), math.Inf(-1)
@@ -616,7 +741,7 @@ func plotSVG(results []*RunResult, sizes []int) string {
 	p := func(f string, a ...any) { fmt.Fprintf(&w, f, a...) }
 	p(`<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="12">`+"\n", W, H, W, H)
 	p(`<rect width="100%%" height="100%%" fill="white"/>` + "\n")
-	p(`<text x="%d" y="22" font-size="14" font-weight="bold">Start-up and one change against the number of Services (2 endpoints each)</text>`+"\n", left-40)
+	p(`<text x="%d" y="22" font-size="14" font-weight="bold">Start-up and one change against the number of Services (2 endpoints each, %s)</text>`+"\n", left-40, placementShort(placement))
 	if math.IsInf(xmin, 0) {
 		p(`<text x="%d" y="%d">no results yet</text></svg>`+"\n", W/2-40, H/2)
 		return w.String()
@@ -662,7 +787,7 @@ func plotSVG(results []*RunResult, sizes []int) string {
 	p(`<text x="%.1f" y="%d" text-anchor="middle">Services (log scale)</text>`+"\n", float64(left)+pw/2, H-18)
 	p(`<text transform="translate(20 %.1f) rotate(-90)" text-anchor="middle">time (log scale)</text>`+"\n", float64(top)+ph/2)
 	// Series.
-	for i, s := range series {
+	for _, s := range series {
 		sort.Slice(s.pts, func(a, b int) bool { return s.pts[a].n < s.pts[b].n })
 		if len(s.pts) > 1 {
 			var pts []string
@@ -695,15 +820,12 @@ func plotSVG(results []*RunResult, sizes []int) string {
 			// Start-up labels right of their points, one-change labels
 			// left; kube-proxy's above, miniproxy's below.
 			anchor, dx := "start", 8.0
-			if i >= 2 {
+			if s.dash != "" || q.dnf {
 				anchor, dx = "end", -8
 			}
-			if q.dnf {
-				anchor, dx = "end", -8
-			}
-			dy := -9.0
-			if i%2 == 1 {
-				dy = 17
+			dy := 17.0
+			if s.above {
+				dy = -9
 			}
 			p(`<text x="%.1f" y="%.1f" text-anchor="%s" fill="%s" font-size="11">%s</text>`+"\n", x+dx, y+dy, anchor, s.color, label)
 		}
@@ -724,7 +846,7 @@ func plotSVG(results []*RunResult, sizes []int) string {
 		}
 		p(`<text x="%.1f" y="%.1f" dominant-baseline="middle">%s</text>`+"\n", lx+38, y, s.name)
 	}
-	p(`<text x="%.1f" y="%.1f" font-size="11" fill="#555">hollow marker: did not finish</text>`+"\n", lx, float64(top)+14+4*24)
+	p(`<text x="%.1f" y="%.1f" font-size="11" fill="#555">hollow marker: did not finish</text>`+"\n", lx, float64(top)+14+float64(len(series))*24)
 	p("</svg>\n")
 	return w.String()
 }

@@ -8,22 +8,48 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"time"
 
 	"github.com/miniproxy/miniproxy/test/netns"
 )
 
+// The proxies the benchmark runs. kube-proxy without a suffix is its
+// iptables mode (the name the saved results of earlier runs use);
+// kube-proxy-nftables is the same binary with --proxy-mode nftables.
 const (
-	kubeProxy = "kube-proxy"
-	miniproxy = "miniproxy"
+	kubeProxy    = "kube-proxy"
+	kubeProxyNFT = "kube-proxy-nftables"
+	miniproxy    = "miniproxy"
 )
+
+// allProxies is every proxy the benchmark knows, in the order of the
+// report's columns.
+var allProxies = []string{kubeProxy, kubeProxyNFT, miniproxy}
+
+// upstreamModes are the proxies miniproxy is compared with.
+var upstreamModes = []string{kubeProxy, kubeProxyNFT}
+
+// proxyLabel is a proxy's name in the report.
+func proxyLabel(kind string) string {
+	switch kind {
+	case kubeProxy:
+		return "kube-proxy iptables"
+	case kubeProxyNFT:
+		return "kube-proxy nftables"
+	}
+	return kind
+}
 
 // RunResult is what one proxy measured at one size.
 type RunResult struct {
 	Proxy string `json:"proxy"`
 	N     int    `json:"n"`
-	Err   string `json:"error,omitempty"`
+	// Placement is where the endpoints were (placementOther when empty:
+	// saved before there was a choice).
+	Placement string `json:"placement,omitempty"`
+	Err       string `json:"error,omitempty"`
 
 	StartupS   float64 `json:"startup_s"`
 	StartupDNF bool    `json:"startup_dnf,omitempty"`
@@ -52,6 +78,9 @@ type RunResult struct {
 	MetricRulesWritten float64     `json:"metric_rules_written,omitempty"`
 
 	OutsideStartup float64 `json:"outside_load_startup"`
+	// APIList is the API server's initial state reaching the node,
+	// timed on the fresh node just before the proxy started.
+	APIList APIList `json:"api_list"`
 
 	NoProxy     Latency `json:"connect_no_proxy"`
 	Direct      Latency `json:"connect_direct_with_rules"`
@@ -60,6 +89,13 @@ type RunResult struct {
 	OtherTarget Latency `json:"first_packet_other_target"`
 
 	Changes []ChangeResult `json:"changes"`
+}
+
+func (r *RunResult) placement() string {
+	if r.Placement == "" {
+		return placementOther
+	}
+	return r.Placement
 }
 
 // GoHeap is the Go runtime's view of a proxy's memory once settled, from
@@ -86,8 +122,8 @@ type ChangeResult struct {
 
 // run starts one proxy on a fresh node against the current API state of n
 // Services and measures everything.
-func (b *bench) run(ctx context.Context, kind string, n int) *RunResult {
-	r := &RunResult{Proxy: kind, N: n}
+func (b *bench) run(ctx context.Context, kind string, n int, placement string) *RunResult {
+	r := &RunResult{Proxy: kind, N: n, Placement: placement}
 	if err := b.runInto(ctx, kind, n, r); err != nil {
 		r.Err = err.Error()
 		b.logf("  %s at %d: %v", kind, n, err)
@@ -117,10 +153,17 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 	} else {
 		return fmt.Errorf("the node does not reach its pods: %w", err)
 	}
+	// The part of start-up that is the API server's: its initial state
+	// through informers, from this node, on a calm machine.
+	waitQuiet(ctx, 2*time.Minute)
+	r.APIList = timeAPIList(ctx, b.bl.cp, nd.ns)
+	b.logf("  API list from %s: %d Services, %d slices in %.2fs %s", nd.short, r.APIList.Services, r.APIList.Slices, r.APIList.Seconds, r.APIList.Error)
+	runtime.GC()
 	// Start on a calm machine, and note how calm it stayed.
 	waitQuiet(ctx, 2*time.Minute)
 
-	logPath := filepath.Join(b.bl.tmp, fmt.Sprintf("restores-%s-%d.jsonl", kind, n))
+	// One log per run: a run reads every record in it.
+	logPath := filepath.Join(b.bl.tmp, fmt.Sprintf("restores-%s-%d-%s.jsonl", kind, n, r.placement()))
 	cmd, err := b.proxyCmd(kind, logPath)
 	if err != nil {
 		return err
@@ -207,15 +250,24 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 		r.SettleS, r.RSSMB, r.CPUStartupS, r.FirstSync.Lines, r.FirstSync.Bytes)
 
 	// The rules as saved: every endpoint there, and the first packet.
-	nat, err := saveNAT(ctx, nd.ns)
-	if err != nil {
-		return err
-	}
-	r.NATRules, r.NATChains = nat.rules, len(nat.chains)
 	r.EndpointsExpected = 2 * n
+	var nat *natTable
+	var dnats map[string]bool
+	if kind == kubeProxyNFT {
+		t, err := saveNFT(ctx, nd.ns)
+		if err != nil {
+			return err
+		}
+		r.NATRules, r.NATChains, dnats = t.rules, t.chains, t.dnats
+	} else {
+		if nat, err = saveNAT(ctx, nd.ns); err != nil {
+			return err
+		}
+		r.NATRules, r.NATChains, dnats = nat.rules, len(nat.chains), nat.dnats
+	}
 	for i := range n {
 		for _, blk := range []byte{sinks[0].block, sinks[1].block} {
-			if nat.dnats[fmt.Sprintf("%s:%d", endpointIP(blk, i), endpointPort)] {
+			if dnats[fmt.Sprintf("%s:%d", endpointIP(blk, i), endpointPort)] {
 				r.EndpointsInRules++
 			}
 		}
@@ -251,10 +303,10 @@ func (b *bench) runInto(ctx context.Context, kind string, n int, r *RunResult) e
 	// stay when the proxy stops (neither proxy removes them on exit), and
 	// its pods keep answering, so larger sizes can measure it again,
 	// interleaved with their own first packets.
-	if n == b.opts.sizes[0] && n < 1000 && r.FirstPacket.N > 0 {
+	if n == b.opts.sizes[0] && n < 1000 && r.FirstPacket.N > 0 && b.baseline[kind] == nil {
 		proc.Stop()
 		keep = true
-		b.baseline[kind] = &baselineRef{nd: nd, target: b.deepest[pick{kind, n}], depth: r.FirstPacket.Depth, n: n}
+		b.baseline[kind] = &baselineRef{nd: nd, target: b.deepest[pick{kind, n, r.placement()}], depth: r.FirstPacket.Depth, n: n}
 	}
 	return nil
 }
@@ -274,7 +326,7 @@ func (b *bench) proxyCmd(kind, logPath string) (*exec.Cmd, error) {
 	if err := os.MkdirAll(shimDir, 0o755); err != nil {
 		return nil, err
 	}
-	for _, name := range []string{"iptables-restore", "ip6tables-restore"} {
+	for _, name := range []string{"iptables-restore", "ip6tables-restore", "nft"} {
 		link := filepath.Join(shimDir, name)
 		if _, err := os.Lstat(link); err != nil {
 			if err := os.Symlink(b.bl.bins.shim, link); err != nil {
@@ -288,7 +340,9 @@ func (b *bench) proxyCmd(kind, logPath string) (*exec.Cmd, error) {
 	case miniproxy:
 		cmd = exec.Command(b.bl.bins.miniproxy, miniproxyArgs(kc)...)
 	case kubeProxy:
-		cmd = exec.Command(b.bl.bins.kubeProxy, kubeProxyArgs(kc)...)
+		cmd = exec.Command(b.bl.bins.kubeProxy, kubeProxyArgs("iptables", kc)...)
+	case kubeProxyNFT:
+		cmd = exec.Command(b.bl.bins.kubeProxy, kubeProxyArgs("nftables", kc)...)
 	default:
 		return nil, fmt.Errorf("unknown proxy %q", kind)
 	}
@@ -316,9 +370,9 @@ func miniproxyArgs(kubeconfig string) []string {
 	}, netns.LeaveConntrackAlone...)
 }
 
-func kubeProxyArgs(kubeconfig string) []string {
+func kubeProxyArgs(mode, kubeconfig string) []string {
 	return append([]string{
-		"--proxy-mode=iptables",
+		"--proxy-mode=" + mode,
 		"--kubeconfig=" + kubeconfig,
 		"--hostname-override=" + nodeName,
 		"--cluster-cidr=" + clusterCIDR.String(),
@@ -482,14 +536,19 @@ func deepest(nat *natTable, svcs []service) (service, int, float64) {
 // kube-proxy: the last one of its KUBE-SERVICES list, whose order is
 // random and redrawn at every sync, so the pick is checked again after
 // measuring and the measurement repeated if a sync moved it), then through
-// the other proxy's pick at the same size when there is one, then to an
-// endpoint directly (no Service, but with the rules loaded).
+// the other proxies' picks at the same size when there are any, then to an
+// endpoint directly (no Service, but with the rules loaded). For upstream's
+// nftables mode (nat nil) no Service is deeper than another: each is one
+// lookup in a verdict map, so the last-written Service is measured.
 func (b *bench) firstPacket(ctx context.Context, nd *node, kind string, n int, nat *natTable, r *RunResult) error {
 	svcs := b.load.svcs[:n]
 	for attempt := 1; ; attempt++ {
-		target, depth, mean := deepest(nat, svcs)
-		if depth < 0 {
-			return errors.New("no Service reaches a DNAT in the saved rules")
+		target, depth, mean := svcs[n-1], 0, 0.0
+		if nat != nil {
+			target, depth, mean = deepest(nat, svcs)
+			if depth < 0 {
+				return errors.New("no Service reaches a DNAT in the saved rules")
+			}
 		}
 		r.MeanDepth = mean
 		probes := []probe{{nd, netip.AddrPortFrom(target.clusterIP, servicePort)}}
@@ -504,44 +563,58 @@ func (b *bench) firstPacket(ctx context.Context, nd *node, kind string, n int, n
 		fp := lats[0]
 		if len(lats) > 1 {
 			r.Baseline = lats[1]
-			r.Baseline.Target, r.Baseline.Depth = fmt.Sprintf("%s on the %d-Service node", base.target.name, base.n), base.depth
+			r.Baseline.Target, r.Baseline.Depth, r.Baseline.Map = fmt.Sprintf("%s on the %d-Service node", base.target.name, base.n), base.depth, nat == nil
 		}
-		after, err := saveNAT(ctx, nd.ns)
-		if err != nil {
-			return err
-		}
-		d2, _ := after.depth(clientPodIP, target.clusterIP, servicePort)
-		if d2*100 < depth*95 && attempt < 3 {
-			b.logf("  %s: a sync moved %s from depth %d to %d while measuring; again", kind, target.name, depth, d2)
-			nat = after
-			continue
+		d2 := depth
+		if nat != nil {
+			after, err := saveNAT(ctx, nd.ns)
+			if err != nil {
+				return err
+			}
+			d2, _ = after.depth(clientPodIP, target.clusterIP, servicePort)
+			if d2*100 < depth*95 && attempt < 3 {
+				b.logf("  %s: a sync moved %s from depth %d to %d while measuring; again", kind, target.name, depth, d2)
+				nat = after
+				continue
+			}
 		}
 		r.FirstPacket = fp
-		r.FirstPacket.Target, r.FirstPacket.Depth = target.name, depth
+		r.FirstPacket.Target, r.FirstPacket.Depth, r.FirstPacket.Map = target.name, depth, nat == nil
 		if d2 != depth {
 			r.FirstPacket.Comment = fmt.Sprintf("depth %d after measuring", d2)
 		}
-		b.deepest[pick{kind, n}] = target
+		b.deepest[pick{kind, n, r.placement()}] = target
 		break
 	}
 	b.logf("  %s: first packet via %s (depth %d, mean %.0f): median %.0f µs (p10 %.0f, p90 %.0f; outside load %.0f%%)", kind,
 		r.FirstPacket.Target, r.FirstPacket.Depth, r.MeanDepth, r.FirstPacket.Median, r.FirstPacket.P10, r.FirstPacket.P90, 100*r.FirstPacket.Outside)
-	other := kubeProxy
-	if kind == kubeProxy {
-		other = miniproxy
-	}
-	if s, ok := b.deepest[pick{other, n}]; ok && s.name != r.FirstPacket.Target {
+	// The first other proxy (in column order) whose pick at this size is a
+	// different Service: does this proxy's time depend on where a Service is?
+	for _, other := range allProxies {
+		s, ok := b.deepest[pick{other, n, r.placement()}]
+		if other == kind || !ok || s.name == r.FirstPacket.Target {
+			continue
+		}
 		if l, err := b.measureConnects(ctx, probe{nd, netip.AddrPortFrom(s.clusterIP, servicePort)}); err == nil {
 			r.OtherTarget = l[0]
-			r.OtherTarget.Target = s.name
-			r.OtherTarget.Depth, _ = nat.depth(clientPodIP, s.clusterIP, servicePort)
+			r.OtherTarget.Target = s.name + " (" + proxyLabel(other) + "'s pick)"
+			if nat != nil {
+				r.OtherTarget.Depth, _ = nat.depth(clientPodIP, s.clusterIP, servicePort)
+			} else {
+				r.OtherTarget.Map = true
+			}
 		}
+		break
 	}
 	ep := netip.AddrPortFrom(endpointIP(sinks[0].block, 0), endpointPort)
 	if l, err := b.measureConnects(ctx, probe{nd, ep}); err == nil {
 		r.Direct = l[0]
 		r.Direct.Target = ep.String()
-		r.Direct.Depth, _ = nat.depth(clientPodIP, ep.Addr(), int(ep.Port()))
+		if nat != nil {
+			r.Direct.Depth, _ = nat.depth(clientPodIP, ep.Addr(), int(ep.Port()))
+		} else {
+			r.Direct.Map = true
+		}
 	}
 	return nil
 }
@@ -696,8 +769,8 @@ func (b *bench) saveHeapProfile(ctx context.Context, nd *node, kind string, n in
 	b.logf("  %s: heap profile in %s", kind, path)
 }
 
-// restoreRunning says whether an iptables-restore (or its shim) child of
-// pid is running.
+// restoreRunning says whether an iptables-restore or nft (or the shim
+// standing in for them) child of pid is running.
 func restoreRunning(pid int) bool {
 	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	for _, t := range tasks {
@@ -707,7 +780,7 @@ func restoreRunning(pid int) bool {
 		}
 		for _, c := range strings.Fields(string(b)) {
 			comm, _ := os.ReadFile("/proc/" + c + "/comm")
-			if strings.Contains(string(comm), "restor") {
+			if c := strings.TrimSpace(string(comm)); strings.Contains(c, "restor") || c == "nft" {
 				return true
 			}
 		}

@@ -1,7 +1,8 @@
-// Command restoreshim stands in for iptables-restore and ip6tables-restore on
-// the PATH of a proxy under benchmark (test/bench), so that the size of every
-// restore input can be measured the same way for miniproxy and for upstream
-// kube-proxy, which does not export it.
+// Command restoreshim stands in for iptables-restore, ip6tables-restore and
+// nft on the PATH of a proxy under benchmark (test/bench), so that the size
+// of every restore input can be measured the same way for miniproxy and for
+// upstream kube-proxy in either mode, which does not export it (its
+// nftables mode writes each transaction with `nft -f -`).
 //
 // It reads its whole standard input, runs the real command (named like
 // itself, from the directory in $BENCH_REAL_DIR) with the same arguments and
@@ -42,7 +43,10 @@ type Record struct {
 	Chains  int      `json:"chains"` // ":" lines (chains declared, so flushed or created)
 	Deletes int      `json:"deletes"`
 	DNAT    int      `json:"dnat"`
-	Tables  []string `json:"tables"`
+	// Elements are nft "add element" lines: in upstream's nftables mode
+	// the Services live in verdict maps, one element per Service port.
+	Elements int      `json:"elements,omitempty"`
+	Tables   []string `json:"tables"`
 }
 
 func main() {
@@ -77,6 +81,24 @@ func main() {
 	}
 	rec := Record{Command: name, Args: os.Args[1:], Start: start.UnixNano(), Exec: execAt.UnixNano(),
 		End: end.UnixNano(), Exit: code, Bytes: len(input)}
+	if name == "nft" {
+		countNFT(&rec, input)
+	} else {
+		countRestore(&rec, input)
+	}
+	if path := os.Getenv("BENCH_RESTORE_LOG"); path != "" {
+		if b, err := json.Marshal(rec); err == nil {
+			if f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644); err == nil {
+				f.Write(append(b, '\n'))
+				f.Close()
+			}
+		}
+	}
+	os.Exit(code)
+}
+
+// countRestore counts the lines of an iptables-restore input.
+func countRestore(rec *Record, input []byte) {
 	sc := bufio.NewScanner(bytes.NewReader(input))
 	sc.Buffer(make([]byte, 1<<20), 1<<26)
 	for sc.Scan() {
@@ -96,13 +118,45 @@ func main() {
 			rec.Tables = append(rec.Tables, strings.TrimPrefix(l, "*"))
 		}
 	}
-	if path := os.Getenv("BENCH_RESTORE_LOG"); path != "" {
-		if b, err := json.Marshal(rec); err == nil {
-			if f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644); err == nil {
-				f.Write(append(b, '\n'))
-				f.Close()
+}
+
+// countNFT counts the commands of an `nft -f` input ("add rule ip
+// kube-proxy <chain> ..."); Tables names each table written to, as
+// "<family> <name>". A call without input (`nft --version`, a listing)
+// names none.
+func countNFT(rec *Record, input []byte) {
+	seen := map[string]bool{}
+	sc := bufio.NewScanner(bytes.NewReader(input))
+	sc.Buffer(make([]byte, 1<<20), 1<<26)
+	for sc.Scan() {
+		l := sc.Text()
+		rec.Lines++
+		f := strings.Fields(l)
+		if len(f) < 4 {
+			continue
+		}
+		verb, object := f[0], f[1]
+		switch verb {
+		case "add", "create", "insert", "replace", "delete", "destroy", "flush":
+		default:
+			continue
+		}
+		if t := f[2] + " " + f[3]; !seen[t] {
+			seen[t] = true
+			rec.Tables = append(rec.Tables, t)
+		}
+		switch {
+		case verb == "delete" || verb == "destroy" || verb == "flush":
+			rec.Deletes++
+		case object == "rule":
+			rec.Rules++
+			if strings.Contains(l, " dnat ") {
+				rec.DNAT++
 			}
+		case object == "chain":
+			rec.Chains++
+		case object == "element":
+			rec.Elements++
 		}
 	}
-	os.Exit(code)
 }
