@@ -109,7 +109,7 @@ func (d *debugServer) trace(w http.ResponseWriter, r *http.Request) {
 	if _, ok := d.current(w); !ok {
 		return
 	}
-	x, err := settledExplainer(func() (explain.View, explain.Kernel, error) {
+	x, err := settledExplainer(settleAttempts, func() (explain.View, explain.Kernel, error) {
 		v, _, err := d.view()
 		if err != nil {
 			return v, nil, err
@@ -188,19 +188,20 @@ var (
 	settleInterval = 200 * time.Millisecond
 )
 
-// settledExplainer reads the daemon's view and the kernel's rules with read
-// until they agree, or the drift stays: a sync writes the kernel's rules a
-// moment before the daemon's view follows (its listeners run once the sync
-// is done), so a drift seen once is read again, every settleInterval, and
-// only one still there after settleAttempts readings is reported.
-func settledExplainer(read func() (explain.View, explain.Kernel, error)) (*explain.Explainer, error) {
+// settledExplainer reads a view and the kernel's rules with read until they
+// agree, or the drift stays: a sync writes the kernel's rules a moment
+// before the daemon's view follows (its listeners run once the sync is
+// done), so a drift seen once is read again, every settleInterval, and only
+// one still there after attempts readings (settleAttempts for the daemon's
+// view, 1 for the API server's) is reported.
+func settledExplainer(attempts int, read func() (explain.View, explain.Kernel, error)) (*explain.Explainer, error) {
 	for attempt := 1; ; attempt++ {
 		v, k, err := read()
 		if err != nil {
 			return nil, err
 		}
 		x, err := explain.New(v, k)
-		if err != nil || len(x.Drift()) == 0 || attempt >= settleAttempts {
+		if err != nil || len(x.Drift()) == 0 || attempt >= attempts {
 			return x, err
 		}
 		time.Sleep(settleInterval)

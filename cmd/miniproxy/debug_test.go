@@ -138,7 +138,7 @@ func TestAnExplanationWaitsOutASyncInProgress(t *testing.T) {
 
 	// The first reading pairs the new rules with the old view.
 	readings := 0
-	x, err := settledExplainer(func() (explain.View, explain.Kernel, error) {
+	x, err := settledExplainer(settleAttempts, func() (explain.View, explain.Kernel, error) {
 		readings++
 		if readings == 1 {
 			return before, kernel, nil
@@ -151,7 +151,7 @@ func TestAnExplanationWaitsOutASyncInProgress(t *testing.T) {
 
 	// The old view never catches up: the drift is reported.
 	readings = 0
-	x, err = settledExplainer(func() (explain.View, explain.Kernel, error) {
+	x, err = settledExplainer(settleAttempts, func() (explain.View, explain.Kernel, error) {
 		readings++
 		return before, kernel, nil
 	})

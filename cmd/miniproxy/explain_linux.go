@@ -60,33 +60,24 @@ func runExplain(args []string, out io.Writer) error {
 		}
 	}
 	runner := dataplane.NewRunner()
-	var x *explain.Explainer
+	readView := func() (explain.View, error) { return daemonView(eo.daemon) }
+	attempts := settleAttempts
 	if fs.Changed("kubeconfig") || fs.Changed("master") || fs.Changed("config") {
 		// The API server's view is ahead of the rules until the next
 		// sync; that drift is the answer, not something to wait out.
-		view, err := apiServerView(opts, fs, runner)
+		readView = func() (explain.View, error) { return apiServerView(opts, fs, runner) }
+		attempts = 1
+	}
+	x, err := settledExplainer(attempts, func() (explain.View, explain.Kernel, error) {
+		view, err := readView()
 		if err != nil {
-			return err
+			return view, nil, err
 		}
 		k, err := readKernel(runner, view)
-		if err != nil {
-			return err
-		}
-		if x, err = explain.New(view, k); err != nil {
-			return err
-		}
-	} else {
-		x, err = settledExplainer(func() (explain.View, explain.Kernel, error) {
-			view, err := daemonView(eo.daemon)
-			if err != nil {
-				return view, nil, err
-			}
-			k, err := readKernel(runner, view)
-			return view, k, err
-		})
-		if err != nil {
-			return err
-		}
+		return view, k, err
+	})
+	if err != nil {
+		return err
 	}
 	e, err := x.Explain(q)
 	if err != nil {
